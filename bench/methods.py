@@ -1,0 +1,109 @@
+"""The methods compared: each takes a workload and a generator of items and writes them all.
+
+A method returns None, or a dict of facts worth checking (``bulkpool.run``'s Report).
+"""
+
+import functools
+import itertools
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.db import connections, transaction
+from tqdm import tqdm
+
+from bench import jobs
+from bench.jobs import Workload
+
+Items = Iterable[dict[str, str]]
+
+
+def loop(workload: Workload, items: Items) -> None:
+    """The baseline: one create per item, each its own autocommit transaction."""
+    for item in items:
+        workload.job(item)
+
+
+def loop_atomic500(workload: Workload, items: Items) -> None:
+    """The same loop, one transaction per 500 items."""
+    for chunk in _chunks(items, 500):
+        with transaction.atomic():
+            for item in chunk:
+                workload.job(item)
+
+
+def ppe_script(workload: Workload, items: Items) -> None:
+    """The script in SPEC.md: a ProcessPoolExecutor(4), one future per item, a tqdm bar."""
+    connections.close_all()
+    with (
+        open(os.devnull, "w") as devnull,
+        ProcessPoolExecutor(max_workers=4) as executor,
+    ):
+        futures = [executor.submit(workload.job, item) for item in items]
+        for future in tqdm(futures, file=devnull):
+            future.result()
+
+
+def pool_atomic500(workload: Workload, items: Items) -> None:
+    """The best hand-written design in FINDINGS.md: 2 processes, one atomic() per 500 items."""
+    connections.close_all()
+    run_chunk = functools.partial(jobs.run_atomically, workload.job)
+    with multiprocessing.Pool(2) as pool:
+        for _ in pool.imap_unordered(run_chunk, _chunks(items, 500)):
+            pass
+
+
+def bulkpool_serial(workload: Workload, items: Items) -> dict[str, Any]:
+    return _bulkpool(workload, items, backend="serial")
+
+
+def bulkpool_thread(workload: Workload, items: Items) -> dict[str, Any]:
+    return _bulkpool(workload, items, backend="thread", workers=2)
+
+
+def bulkpool_process(workload: Workload, items: Items) -> dict[str, Any]:
+    return _bulkpool(workload, items, backend="process", workers=2)
+
+
+def bulk_create(workload: Workload, items: Items) -> None:
+    """For reference: one INSERT per 1,000 rows; no save(), no signals."""
+    user = get_user_model()
+    for chunk in _chunks(items, 1000):
+        objects = []
+        for item in chunk:
+            workload.work()
+            objects.append(user(**item))
+        user.objects.bulk_create(objects)
+
+
+def _bulkpool(workload: Workload, items: Items, **options: Any) -> dict[str, Any]:
+    import bulkpool  # here, so the other methods run while the library cannot be imported
+
+    report = bulkpool.run(workload.job, items, progress=False, **options)
+    first = report.failures[0] if report.failures else None
+    return {
+        "report_ok": report.ok,
+        "report_failed": report.failed,
+        "first_failure": f"{first.exc_type}: {first.message}" if first else None,
+    }
+
+
+def _chunks(items: Items, size: int) -> Iterator[list[dict[str, str]]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+METHODS: dict[str, Callable[[Workload, Items], dict[str, Any] | None]] = {
+    "loop": loop,
+    "loop_atomic500": loop_atomic500,
+    "ppe_script": ppe_script,
+    "pool_atomic500": pool_atomic500,
+    "bulkpool_serial": bulkpool_serial,
+    "bulkpool_thread": bulkpool_thread,
+    "bulkpool_process": bulkpool_process,
+    "bulk_create": bulk_create,
+}

@@ -1,0 +1,59 @@
+"""django-bulkpool: per-object Django ORM work with full model semantics, run concurrently.
+
+Entry points:
+
+    bulkpool.run(func, items, **options) -> Report
+    bulkpool.imap(func, items, *, ordered=True, **options) -> Iterator[Outcome]
+    bulkpool.create(model, rows, *, validate=False, **options) -> Report
+    bulkpool.update(queryset, func=None, *, values=None, update_fields=None, **options) -> Report
+    bulkpool.delete(queryset, **options) -> Report
+
+``items`` may be a QuerySet: it is split by primary key and each worker loads its own rows.
+
+Executors: ``backend="serial" | "thread" | "process"``, or an instance such as
+``ProcessExecutor(start_method="spawn")``. Errors derive from ``BulkpoolError``.
+"""
+
+import importlib.metadata as _metadata
+
+from bulkpool.api import imap, run
+from bulkpool.errors import (
+    BulkpoolError,
+    ConfigurationError,
+    InputError,
+    ItemFailed,
+    RunAborted,
+    TooManyFailures,
+    WorkerStartupError,
+)
+from bulkpool.executors import ProcessExecutor, SerialExecutor, ThreadExecutor
+from bulkpool.operations import create, delete, update
+from bulkpool.options import Options
+from bulkpool.outcomes import Failure, Outcome, Report
+
+try:
+    __version__ = _metadata.version("django-bulkpool")
+except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "BulkpoolError",
+    "ConfigurationError",
+    "Failure",
+    "InputError",
+    "ItemFailed",
+    "Options",
+    "Outcome",
+    "ProcessExecutor",
+    "Report",
+    "RunAborted",
+    "SerialExecutor",
+    "ThreadExecutor",
+    "TooManyFailures",
+    "WorkerStartupError",
+    "create",
+    "delete",
+    "imap",
+    "run",
+    "update",
+]

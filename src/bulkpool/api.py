@@ -1,0 +1,79 @@
+"""The entry points: turn arguments into an ``Engine`` and hand it on.
+
+``create`` / ``update`` / ``delete`` live in ``operations``; a QuerySet given as ``items``
+is split by ``querysets``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import fields
+from typing import Any
+
+from django.db.models import QuerySet
+
+from bulkpool import querysets
+from bulkpool.engine import Engine
+from bulkpool.errors import ConfigurationError
+from bulkpool.options import Options
+from bulkpool.outcomes import Failure, Outcome, Report
+
+
+def run(func: Callable[..., Any], items: Iterable[Any], **options: Any) -> Report:
+    """Call ``func(item)`` -- or ``func(item, state)`` with ``setup`` -- for every item.
+
+    Runs on a pool of workers whose Django ORM is ready and returns a ``Report`` once all
+    items are done. A failing item is reported, not raised (unless ``on_error="raise"``).
+    """
+    return build_engine(func, items, options).run()
+
+
+def imap(
+    func: Callable[..., Any], items: Iterable[Any], *, ordered: bool = True, **options: Any
+) -> Generator[Outcome, None, None]:
+    """Like ``run``, but yield an ``Outcome`` per item as work completes.
+
+    With ``ordered`` (the default) outcomes come in input order. Options are checked now;
+    the workers start at the first ``next()``.
+    """
+    engine = build_engine(func, items, options, keep_values=True)
+    return _outcomes(engine, ordered)
+
+
+def build_engine(
+    func: Callable[..., Any],
+    items: Iterable[Any],
+    given: dict[str, Any],
+    *,
+    keep_values: bool = False,
+    missing_ok: bool = False,
+) -> Engine:
+    """An ``Engine`` for ``func`` over ``items``. A QuerySet becomes its primary keys, and
+    a loader with which each worker turns them into rows (see ``querysets``)."""
+    if not isinstance(items, QuerySet):
+        return Engine(func, items, make_options(given), keep_values=keep_values)
+    options = make_options({"database": querysets.database_of(items), **given})
+    keys, load = querysets.split(items, options.database, missing_ok=missing_ok)
+    return Engine(func, keys, options, keep_values=keep_values, load=load)
+
+
+def _outcomes(engine: Engine, ordered: bool) -> Generator[Outcome, None, None]:
+    for chunk, result in engine.chunks(ordered=ordered):
+        if result.skipped:  # done in an earlier attempt of this run_id
+            continue
+        values = result.values or [None] * len(chunk)
+        for offset, (index, item) in enumerate(chunk.indexed()):
+            error = result.errors.get(offset)
+            failure = Failure.of(index, item, error) if error is not None else None
+            yield Outcome(index, item, values[offset], failure)
+
+
+def make_options(given: dict[str, Any]) -> Options:
+    """``Options`` from keyword arguments, naming any unknown one."""
+    known = {f.name for f in fields(Options)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigurationError(
+            f"Unknown option(s): {', '.join(unknown)}. Options are: {', '.join(sorted(known))}."
+        )
+    return Options(**given)

@@ -1,0 +1,316 @@
+"""The process executor: a pool of worker processes that the parent feeds chunk by chunk.
+
+Data flow: every worker has one duplex pipe to the parent (see ``process_worker`` for the
+messages). The parent keeps at most ``PREFETCH`` chunks in each worker's pipe, so a worker
+never waits for work and the parent never holds more than a few chunks. ``events`` waits
+on every pipe at once; end-of-file on a pipe means its worker died: the chunks it held
+come back as ``ChunkLost`` and a new worker takes its place. A worker says "committing"
+just before it commits a chunk, so a chunk whose worker died during COMMIT comes back
+``in_doubt``.
+
+Why not ``concurrent.futures.ProcessPoolExecutor``: one dead worker breaks the whole pool,
+and under spawn/forkserver its workers re-run the caller's ``__main__``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+from django.db import connections
+
+import bulkpool
+from bulkpool.chunking import Chunk
+from bulkpool.errors import ConfigurationError, WorkerStartupError
+from bulkpool.executors.base import ChunkDone, ChunkLost, Event, Executor
+from bulkpool.executors.environment import DjangoEnvironment
+from bulkpool.executors.process_worker import serve_forked
+from bulkpool.outcomes import ErrorInfo
+from bulkpool.work import ChunkResult, Task
+
+START_METHODS = ("fork", "forkserver", "spawn")
+START_TIMEOUT = 120.0  # seconds for a worker to import Django and run setup
+STOP_TIMEOUT = 30.0  # seconds for a worker to close its connections and exit
+PREFETCH = 2  # chunks per worker: one running, one waiting in the pipe
+_LAUNCH_CODE = "from bulkpool.executors.process_worker import main; main()"
+
+
+@dataclass(eq=False)
+class _WorkerHandle:
+    conn: Connection
+    reap: Callable[[float], str]  # wait for the process to end; says how it ended
+    pid: int = 0
+    in_flight: deque[Chunk] = field(default_factory=deque)
+    committing: bool = False  # the first chunk in flight is being committed
+
+    def kill(self) -> None:
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class ProcessExecutor(Executor):
+    """Worker processes started with ``start_method`` (default: multiprocessing's)."""
+
+    name = "process"
+
+    def __init__(self, workers: int | None = None, *, start_method: str | None = None) -> None:
+        super().__init__(workers)
+        available = multiprocessing.get_all_start_methods()
+        method = start_method or multiprocessing.get_start_method(allow_none=True) or available[0]
+        if method not in START_METHODS or method not in available:
+            raise ConfigurationError(
+                f"start_method={method!r} is not available here; use one of {', '.join(available)}."
+            )
+        self.start_method = method
+
+    def __repr__(self) -> str:
+        return f"ProcessExecutor(workers={self.workers!r}, start_method={self.start_method!r})"
+
+    def check(self, task: Task) -> None:
+        self._bootstrap_for(task)
+
+    def _bootstrap_for(self, task: Task) -> bytes:
+        """The first message every worker gets: the caller's Django, and the task."""
+        try:
+            task_bytes = cloudpickle.dumps(task)
+        except Exception as error:
+            raise ConfigurationError(
+                f"The function {_name(task.func)} (or its setup) cannot be sent to worker "
+                f"processes: {type(error).__name__}: {error}. Define it at module level, or "
+                "make it use only picklable values; backend='thread' runs any callable."
+            ) from error
+        # A forked worker inherits the settings; only fresh interpreters need them shipped.
+        environment = DjangoEnvironment.capture(ship_settings=self.start_method != "fork")
+        return pickle.dumps((environment, task_bytes))
+
+    def start(self, task: Task, workers: int) -> None:
+        self._bootstrap = self._bootstrap_for(task)
+        self._stopping = False
+        self._local_events: list[Event] = []
+        self._zygote: tuple[subprocess.Popen[bytes], Connection, socket.socket] | None = None
+        if self.start_method == "fork":
+            connections.close_all()  # a forked child must not share the parent's sockets
+        elif self.start_method == "forkserver":
+            self._zygote = self._start_zygote()
+        self._handles: list[_WorkerHandle] = []
+        launched: list[_WorkerHandle] = []
+        try:
+            launched.extend(self._launch() for _ in range(workers))
+            for handle in launched:
+                self._await_ready(handle)
+                self._handles.append(handle)
+        except BaseException:
+            self._handles = launched  # those still starting too: Ctrl-C during a long setup
+            self.stop(cancel=True)
+            raise
+
+    def capacity(self) -> int:
+        return PREFETCH * len(self._handles)
+
+    def submit(self, chunk: Chunk) -> None:
+        handle = min(self._handles, key=lambda h: len(h.in_flight))
+        try:
+            payload = pickle.dumps(chunk)
+        except Exception as error:
+            self._local_events.append(ChunkDone(chunk, _unpicklable_chunk(chunk, error)))
+            return
+        handle.in_flight.append(chunk)
+        try:
+            handle.conn.send_bytes(payload)
+        except OSError:
+            pass  # the worker is dead; events() notices and hands the chunk back as lost
+
+    def events(self, timeout: float | None = None) -> list[Event]:
+        found, self._local_events = self._local_events, []
+        if found:
+            timeout = 0
+        by_conn = {handle.conn: handle for handle in self._handles}
+        for conn in wait(list(by_conn), timeout):
+            handle = by_conn[conn]  # type: ignore[index]
+            try:
+                kind, result = handle.conn.recv()
+            except (EOFError, OSError):
+                found.extend(self._replace(handle))
+                continue
+            handle.committing = kind == "committing"
+            if kind == "done":
+                found.append(ChunkDone(handle.in_flight.popleft(), result))
+        return found
+
+    def stop(self, *, cancel: bool = False) -> None:
+        self._stopping = True
+        for handle in self._handles:
+            if cancel:
+                handle.kill()
+                if not handle.pid:  # a forkserver worker still starting: it exits on the hang-up
+                    handle.conn.close()
+            else:
+                try:
+                    handle.conn.send(None)
+                except OSError:
+                    pass
+        for handle in self._handles:
+            if handle.reap(STOP_TIMEOUT) == "still running":
+                handle.kill()
+                handle.reap(STOP_TIMEOUT)
+            handle.conn.close()
+        self._handles = []
+        if self._zygote is not None:
+            process, conn, fd_socket = self._zygote
+            fd_socket.close()  # tells the zygote to exit
+            conn.close()
+            _reap_popen(process, STOP_TIMEOUT)
+            self._zygote = None
+
+    # -- starting and replacing workers ---------------------------------------------------
+
+    def _launch(self) -> _WorkerHandle:
+        parent_end, child_end = multiprocessing.Pipe()
+        if self.start_method == "fork":
+            process = multiprocessing.get_context("fork").Process(
+                target=serve_forked, args=(child_end,), name="bulkpool-worker", daemon=True
+            )
+            process.start()
+            pid = process.pid or 0
+            reap = _reaper_of_process(process)
+        elif self.start_method == "spawn":
+            popen = _spawn_interpreter(["serve", str(child_end.fileno())], [child_end.fileno()])
+            pid = popen.pid
+            reap = lambda timeout: _reap_popen(popen, timeout)  # noqa: E731
+        else:  # the zygote was bootstrapped once; its children start ready to work
+            assert self._zygote is not None
+            socket.send_fds(self._zygote[2], [b"F"], [child_end.fileno()])
+            pid = 0  # known once it says it is ready
+            reap = _reaper_of_forked_by_zygote(parent_end)
+        child_end.close()
+        if self.start_method != "forkserver":
+            parent_end.send_bytes(self._bootstrap)
+        return _WorkerHandle(parent_end, reap, pid)
+
+    def _await_ready(self, handle: _WorkerHandle) -> None:
+        kind, detail = _first_message(handle.conn, lambda: handle.reap(0))
+        if kind == "failed":
+            raise WorkerStartupError("A worker process failed to start.", detail)
+        handle.pid = detail
+
+    def _replace(self, dead: _WorkerHandle) -> list[Event]:
+        """Bury a dead worker, start another in its place, and hand back its chunks."""
+        ended = dead.reap(STOP_TIMEOUT)
+        dead.conn.close()
+        self._handles.remove(dead)
+        if not self._stopping:
+            handle = self._launch()
+            self._await_ready(handle)
+            self._handles.append(handle)
+        reason = f"the worker process (pid {dead.pid}) died: {ended}"
+        return [
+            ChunkLost(chunk, reason, in_doubt=dead.committing and n == 0)
+            for n, chunk in enumerate(dead.in_flight)
+        ]
+
+    def _start_zygote(self) -> tuple[subprocess.Popen[bytes], Connection, socket.socket]:
+        parent_end, child_end = multiprocessing.Pipe()
+        our_socket, its_socket = socket.socketpair()
+        fds = [child_end.fileno(), its_socket.fileno()]
+        popen = _spawn_interpreter(["zygote", *map(str, fds)], fds)
+        child_end.close()
+        its_socket.close()
+        parent_end.send_bytes(self._bootstrap)
+        kind, detail = _first_message(parent_end, lambda: _reap_popen(popen, 0))
+        if kind == "failed":
+            raise WorkerStartupError("The forkserver process failed to start.", detail)
+        return popen, parent_end, our_socket
+
+
+def _first_message(conn: Connection, ended: Callable[[], str]) -> tuple[str, Any]:
+    if not conn.poll(START_TIMEOUT):
+        raise WorkerStartupError(f"A worker process did not start within {START_TIMEOUT:.0f}s.")
+    try:
+        message: tuple[str, Any] = conn.recv()
+    except (EOFError, OSError):
+        raise WorkerStartupError(
+            f"A worker process exited before it was ready ({ended()}); its error output, if any, is above."
+        ) from None
+    return message
+
+
+def _spawn_interpreter(args: list[str], fds: list[int]) -> subprocess.Popen[bytes]:
+    """A fresh Python that can import bulkpool; it never imports the caller's ``__main__``."""
+    package_root = str(Path(bulkpool.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        [sys.executable, "-c", _LAUNCH_CODE, *args],
+        pass_fds=fds,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,  # Ctrl-C at the terminal reaches the parent only
+    )
+
+
+def _reaper_of_process(process: Any) -> Callable[[float], str]:
+    def reap(timeout: float) -> str:
+        process.join(timeout)
+        return _describe_exit(process.exitcode)
+
+    return reap
+
+
+def _reap_popen(popen: subprocess.Popen[bytes], timeout: float) -> str:
+    try:
+        return _describe_exit(popen.wait(timeout))
+    except subprocess.TimeoutExpired:
+        return "still running"
+
+
+def _reaper_of_forked_by_zygote(conn: Connection) -> Callable[[float], str]:
+    # The zygote reaps its own children; the parent only sees the pipe close.
+    def reap(timeout: float) -> str:
+        try:
+            if conn.closed or not conn.poll(timeout):
+                return "still running" if not conn.closed else "exited"
+            while conn.poll(0):
+                conn.recv_bytes()
+        except (EOFError, OSError):
+            return "exited"
+        return "still running"
+
+    return reap
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _unpicklable_chunk(chunk: Chunk, error: Exception) -> ChunkResult:
+    """Fail, without running it, a chunk that cannot be sent to a worker; the message says why."""
+    problem = ErrorInfo(
+        "bulkpool.NotRun",
+        f"not run: this item's chunk cannot be sent to a worker process "
+        f"({type(error).__name__}: {error}); items must be picklable",
+        "",
+    )
+    return ChunkResult(chunk.number, None, dict.fromkeys(range(len(chunk)), problem))
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__qualname__", None) or repr(func)

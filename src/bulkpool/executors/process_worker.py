@@ -1,0 +1,155 @@
+"""The worker side of the process executor: what runs inside each worker process.
+
+Data flow over the worker's duplex pipe (``multiprocessing.connection.Connection``):
+
+    parent -> worker   the bootstrap, once: pickled (DjangoEnvironment, cloudpickled Task)
+    worker -> parent   ("ready", pid) once setup ran, or ("failed", traceback text)
+    parent -> worker   a Chunk, any number of times; None to finish
+    worker -> parent   ("committing", None) just before a chunk's COMMIT, if it gets there
+    worker -> parent   ("done", ChunkResult) per chunk
+
+A worker never imports the caller's ``__main__``: functions defined there travel by value
+(cloudpickle), so scripts without an ``if __name__ == "__main__":`` guard are safe.
+
+Started three ways (``ProcessExecutor(start_method=...)``):
+
+    fork        the parent forks; the child calls ``serve`` directly.
+    spawn       ``python -c "...main()" serve FD``: a fresh interpreter per worker.
+    forkserver  ``python -c "...main()" zygote FD SOCK``: one fresh interpreter sets Django
+                up once, then forks a worker for every pipe end the parent passes it
+                over SOCK (``socket.send_fds``).
+
+Workers ignore SIGINT (the parent decides what Ctrl-C means), die of SIGTERM like any
+process (their chunk rolls back), exit quietly when the parent hangs up on them, and exit
+on their own when the parent dies, so no worker outlives the run with a connection open.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+ORPHAN_CHECK_INTERVAL = 0.5
+
+
+def serve(conn: Connection) -> None:
+    """Bootstrap from the first message, then run chunks until told to stop."""
+    try:
+        task = _bootstrap(conn)
+    except (BrokenPipeError, ConnectionResetError):  # the parent gave up on us: nobody to tell
+        return
+    if task is not None:
+        run_worker(conn, task)
+
+
+def run_worker(conn: Connection, task: Any) -> None:
+    from bulkpool.work import Worker
+
+    worker = Worker(task, before_commit=lambda: conn.send(("committing", None)))
+    try:
+        try:
+            worker.start()
+        except BaseException:
+            conn.send(("failed", traceback.format_exc()))
+            return
+        conn.send(("ready", os.getpid()))
+        while True:
+            try:
+                chunk = conn.recv()
+            except EOFError:  # the parent is gone
+                return
+            if chunk is None:
+                return
+            conn.send(("done", worker.run(chunk)))
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the parent is gone, or gave up on this worker while it started
+    finally:
+        worker.close()
+
+
+def _bootstrap(conn: Connection) -> Any:
+    """Set Django up from the parent's bootstrap; report a failure instead of dying silently."""
+    try:
+        import cloudpickle
+
+        environment, task_bytes = pickle.loads(conn.recv_bytes())
+        environment.apply()
+        return cloudpickle.loads(task_bytes)
+    except EOFError:
+        return None
+    except BaseException:
+        conn.send(("failed", traceback.format_exc()))
+        return None
+
+
+def _serve_zygote(conn: Connection, fd_socket: socket.socket) -> None:
+    """Set Django up once, then fork a worker for every pipe end received on ``fd_socket``."""
+    task = _bootstrap(conn)
+    if task is None:
+        return
+    conn.send(("ready", os.getpid()))
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our workers
+    while True:
+        try:
+            _, fds, _, _ = socket.recv_fds(fd_socket, 16, 1)
+        except OSError:
+            return
+        if not fds:  # the parent closed the socket: no more workers wanted
+            return
+        if os.fork() == 0:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            fd_socket.close()
+            conn.close()
+            _watch_parent()
+            run_worker(Connection(fds[0]), task)
+            os._exit(0)
+        os.close(fds[0])
+
+
+def _watch_parent() -> None:
+    """Exit when the parent dies (we get re-parented), even in the middle of a chunk."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(ORPHAN_CHECK_INTERVAL)
+            if os.getppid() != parent:
+                os._exit(70)
+
+    threading.Thread(target=watch, name="bulkpool-orphan-watch", daemon=True).start()
+
+
+def _ignore_interrupts() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A forked worker inherits the engine's SIGTERM-as-Ctrl-C handler: when SIGTERM reaches
+    # the whole group (systemd stopping a service), it raised KeyboardInterrupt in the
+    # middle of the user's function and died with a traceback. Not ignored either, or
+    # multiprocessing's exit-time terminate() and join() of a worker left running would hang.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def serve_forked(conn: Connection) -> None:
+    """Entry point of a worker forked from the parent."""
+    _ignore_interrupts()
+    _watch_parent()
+    serve(conn)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of a fresh interpreter: ``serve FD`` or ``zygote FD SOCK``."""
+    argv = sys.argv[1:] if argv is None else argv
+    _ignore_interrupts()
+    _watch_parent()
+    conn = Connection(int(argv[1]))
+    if argv[0] == "zygote":
+        _serve_zygote(conn, socket.socket(fileno=int(argv[2])))
+    else:
+        serve(conn)

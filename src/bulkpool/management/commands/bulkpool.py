@@ -1,0 +1,475 @@
+"""``manage.py bulkpool``: run a function over the items of a file; list and show journaled runs.
+
+Thin: it parses the command line, calls ``bulkpool.run`` and maps the outcome to an exit
+status. The work lives in the library (``bulkpool.run``, ``bulkpool.inputs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DEFAULT_DB_ALIAS, DatabaseError
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+import bulkpool
+from bulkpool.errors import ConfigurationError, InputError, RunAborted, WorkerStartupError
+from bulkpool.inputs import FORMATS, STDIN, UntilBadInput, open_input
+from bulkpool.options import BACKEND_NAMES, DEFAULT_CHUNK_SIZE
+
+OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
+
+HELP = """\
+Run a function over the items of a file, concurrently, and look at journaled runs.
+
+  bulkpool run myapp.jobs.import_user --input users.csv --workers 4 --run-id users-2024
+  bulkpool runs [--unfinished]
+  bulkpool show RUN_ID
+
+Exit status: 0 all done, 1 some items failed, 2 usage error (bad flags, bad input,
+unknown function), 130 interrupted. Needs "bulkpool" in INSTALLED_APPS (that is how Django
+finds this command), and its migration for --run-id, runs and show.
+"""
+
+RUN_HELP = """\
+Call FUNC(item) -- FUNC(item, state) with --setup -- for every item of --input,
+concurrently, and print the report. CSV rows come as dicts of strings; JSON Lines and
+JSON arrays as their values. A rejects file (--rejects) given back as --input runs just
+the items that failed.
+"""
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, minimum=1)
+
+
+def non_negative_int(text: str) -> int:
+    return _whole_number(text, minimum=0)
+
+
+def _whole_number(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, {minimum} or more")
+    return value
+
+
+class Command(BaseCommand):
+    help = HELP
+
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        return super().create_parser(prog_name, subcommand, **kwargs)
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        commands = parser.add_subparsers(dest="subcommand", required=True, metavar="{run,runs,show}")
+        run = commands.add_parser(
+            "run",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            help="Call a function for every item of a file.",
+            description=RUN_HELP,
+        )
+        run.add_argument(
+            "func", metavar="FUNC", help="Dotted path of the function, e.g. myapp.jobs.import_user."
+        )
+        run.add_argument(
+            "--input",
+            required=True,
+            metavar="FILE",
+            help=f"CSV, JSON Lines or JSON array file, or {STDIN} for standard input. Read lazily.",
+        )
+        run.add_argument(
+            "--format", choices=FORMATS, help="Format of --input (default: from its extension; needed for -)."
+        )
+        run.add_argument("--backend", choices=BACKEND_NAMES, help="Where calls run (default: process).")
+        run.add_argument(
+            "--workers", type=positive_int, metavar="N", help="Pool size (default: one per CPU)."
+        )
+        run.add_argument(
+            "--chunk-size",
+            type=positive_int,
+            metavar="N",
+            help=f"Items per unit of work (default: {DEFAULT_CHUNK_SIZE}).",
+        )
+        run.add_argument(
+            "--atomic",
+            choices=("chunk", "item", "none"),
+            help="A transaction per chunk (default), item, or none.",
+        )
+        run.add_argument(
+            "--on-error",
+            choices=("collect", "raise"),
+            help="Report failures and go on (default), or stop at the first.",
+        )
+        run.add_argument("--max-failures", type=positive_int, metavar="N", help="Stop once N items failed.")
+        run.add_argument(
+            "--retries",
+            type=non_negative_int,
+            metavar="N",
+            help="Attempts for transient database errors and worker deaths (default: 3).",
+        )
+        run.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            help="Show a progress bar (default: when stderr is a terminal).",
+        )
+        run.add_argument(
+            "--run-id",
+            metavar="ID",
+            help="Journal the run under this name: running the same command again resumes it.",
+        )
+        run.add_argument(
+            "--restart", action="store_true", help="With --run-id: forget what an earlier run did."
+        )
+        run.add_argument("--dry-run", action="store_true", help="Do everything, then roll it all back.")
+        run.add_argument(
+            "--rejects", metavar="PATH", help="Write each failed item, with its error, as a JSON line."
+        )
+        run.add_argument("--database", metavar="ALIAS", help="The database whose transactions are managed.")
+        run.add_argument(
+            "--setup", metavar="DOTTED_PATH", help="Run once per worker; its return value is FUNC's state."
+        )
+
+        runs = commands.add_parser("runs", help="List journaled runs, newest first.")
+        runs.add_argument("--unfinished", action="store_true", help="Only runs that did not finish.")
+        runs.add_argument(
+            "--database", default=DEFAULT_DB_ALIAS, metavar="ALIAS", help="Where the journal is."
+        )
+
+        show = commands.add_parser("show", help="Show one journaled run, with its failures.")
+        show.add_argument("run_id", metavar="RUN_ID")
+        show.add_argument(
+            "--limit", type=non_negative_int, default=20, metavar="N", help="Failures to show (0: all)."
+        )
+        show.add_argument(
+            "--database", default=DEFAULT_DB_ALIAS, metavar="ALIAS", help="Where the journal is."
+        )
+
+        for sub in (run, runs, show):
+            _accept_base_options(sub)
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        with _debug_logging(options["verbosity"], self.stderr):
+            subcommand = options["subcommand"]
+            if subcommand == "run":
+                self.run(options)
+            elif subcommand == "runs":
+                self.runs(options)
+            else:
+                self.show(options)
+
+    # -- run -------------------------------------------------------------------------------
+
+    def run(self, options: dict[str, Any]) -> None:
+        func = _import("FUNC", options["func"])
+        given = _run_options(options)
+        if options["setup"]:
+            given["setup"] = _import("--setup", options["setup"])
+        _check_rejects_path(options["input"], options["rejects"])
+        try:
+            source = open_input(options["input"], options["format"])
+        except InputError as error:
+            raise CommandError(str(error), returncode=USAGE) from None
+        with source:
+            items = UntilBadInput(source, options["chunk_size"] or DEFAULT_CHUNK_SIZE)
+            try:
+                report = bulkpool.run(func, items, **given)
+            except ConfigurationError as error:
+                raise CommandError(str(error), returncode=USAGE) from None
+            except WorkerStartupError as error:
+                raise CommandError(self._startup_message(error, options), returncode=USAGE) from None
+            except RunAborted as aborted:  # on_error="raise" or max_failures: the report says what ran
+                self._write_report(aborted.report, options)
+                raise SystemExit(FAILED) from None
+            except KeyboardInterrupt:  # the library has printed the report
+                self.stderr.write(_resume_hint(options))
+                raise SystemExit(INTERRUPTED) from None
+        if items.error is not None:
+            report.stopped_early = f"bad input at line {items.error.line or '?'} of {items.error.path}"
+            if options["run_id"]:
+                _mark_stopped(options["run_id"], options["database"] or DEFAULT_DB_ALIAS)
+        self._write_report(report, options)
+        if items.error is not None:
+            raise CommandError(_input_stopped(items.error, report.total, options), returncode=USAGE)
+        if report.failed:
+            raise SystemExit(FAILED)
+
+    def _write_report(self, report: bulkpool.Report, options: dict[str, Any]) -> None:
+        style = self.style.SUCCESS if not report.failed and not report.stopped_early else self.style.WARNING
+        self.stdout.write(str(report), style)
+        if options["dry_run"]:
+            self.stdout.write("Dry run: every transaction was rolled back; nothing was written.")
+        if report.failed and options["rejects"]:
+            self.stdout.write(
+                f"The failed items are in {options['rejects']}: fix the cause, then run them again "
+                f"with --input {shlex.quote(options['rejects'])}."
+            )
+
+    def _startup_message(self, error: WorkerStartupError, options: dict[str, Any]) -> str:
+        if options["verbosity"] >= 2:
+            return str(error)
+        return f"{str(error).splitlines()[0]} (run with -v 2 to see the worker's traceback)"
+
+    # -- runs and show -----------------------------------------------------------------------
+
+    def runs(self, options: dict[str, Any]) -> None:
+        from bulkpool.models import Run
+
+        runs = Run.objects.using(options["database"]).all()
+        if options["unfinished"]:
+            runs = runs.unfinished()
+        rows = [
+            [
+                run.run_id,
+                run.status,
+                f"{run.ok:,}",
+                f"{run.failed:,}",
+                f"{run.skipped:,}",
+                _when(run.started_at),
+                run.func,
+            ]
+            for run in _journal(runs, options["database"])
+        ]
+        if not rows:
+            self.stdout.write("No unfinished runs." if options["unfinished"] else "No journaled runs.")
+            return
+        header = ["RUN ID", "STATUS", "OK", "FAILED", "SKIPPED", "STARTED", "FUNCTION"]
+        for line in _table(header, rows, right={2, 3, 4}):
+            self.stdout.write(line)
+
+    def show(self, options: dict[str, Any]) -> None:
+        from bulkpool.models import Run, RunChunk, RunFailure
+
+        alias = options["database"]
+        run = next(_journal(Run.objects.using(alias).filter(run_id=options["run_id"]), alias), None)
+        if run is None:
+            raise CommandError(
+                f"No journaled run {options['run_id']!r} in database {alias!r}: "
+                "`bulkpool runs` lists the runs there are.",
+                returncode=USAGE,
+            )
+        chunks = RunChunk.objects.using(alias).filter(run=run)
+        chunk_count = chunks.count()
+        chunk_items = sum(chunks.values_list("size", flat=True))
+        failures = RunFailure.objects.using(alias).filter(chunk__run=run).order_by("index")
+        failure_count = failures.count()
+        status_style = self.style.SUCCESS if run.status == Run.Status.FINISHED else self.style.WARNING
+        self.stdout.write(f"Run {run.run_id}: {run.status}", status_style)
+        for label, value in [
+            ("function", run.func),
+            ("attempts", f"{run.attempts}"),
+            (
+                "last attempt",
+                f"{run.total:,} items: {run.ok:,} ok, {run.failed:,} failed, {run.skipped:,} skipped",
+            ),
+            ("chunks done", f"{chunk_count:,} ({chunk_items:,} items; chunk size {run.chunk_size})"),
+            ("started", _when(run.started_at)),
+            ("updated", _when(run.updated_at)),
+            ("finished", _when(run.finished_at)),
+        ]:
+            self.stdout.write(f"  {label + ':':<14}{value}")
+        if not failure_count:
+            self.stdout.write("No failures.")
+            return
+        self.stdout.write(f"Failures ({failure_count:,}):", self.style.WARNING)
+        shown = failures if not options["limit"] else failures[: options["limit"]]
+        for failure in shown:
+            self.stdout.write(f"  item {failure.index}: {failure.exc_type}: {failure.message}")
+            self.stdout.write(f"      {_cut(failure.item)}")
+        hidden = failure_count - len(shown)
+        if hidden > 0:
+            self.stdout.write(f"  ... and {hidden:,} more (--limit 0 shows all)")
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _accept_base_options(parser: CommandParser) -> None:
+    """Accept Django's common options after the subcommand too (``run f --input x -v 2``).
+
+    argparse hands every argument after the subcommand's name to the subcommand's parser;
+    SUPPRESS keeps the top-level values when they are not repeated there.
+    """
+    suppress = argparse.SUPPRESS
+    parser.add_argument("-v", "--verbosity", type=int, choices=[0, 1, 2, 3], default=suppress, help=suppress)
+    parser.add_argument("--settings", default=suppress, help=suppress)
+    parser.add_argument("--pythonpath", default=suppress, help=suppress)
+    for flag in ("--traceback", "--no-color", "--force-color", "--skip-checks"):
+        parser.add_argument(flag, action="store_true", default=suppress, help=suppress)
+
+
+def _import(what: str, path: str) -> Callable[..., Any]:
+    try:
+        value = import_string(path)
+    except ImportError as error:
+        raise CommandError(
+            f"{what} {path!r} cannot be imported: {error}. Give a dotted path such as "
+            "myapp.jobs.import_user, importable from this project.",
+            returncode=USAGE,
+        ) from None
+    if not callable(value):
+        raise CommandError(
+            f"{what} {path!r} is not a function (its type is {type(value).__name__}).", returncode=USAGE
+        )
+    return value
+
+
+def _run_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``bulkpool.run`` options from the flags given; the library's defaults for the rest."""
+    names = [
+        "backend",
+        "workers",
+        "chunk_size",
+        "on_error",
+        "max_failures",
+        "retries",
+        "progress",
+        "run_id",
+        "rejects",
+        "database",
+    ]
+    given = {name: options[name] for name in names if options[name] is not None}
+    if options["atomic"] is not None:
+        given["atomic"] = False if options["atomic"] == "none" else options["atomic"]
+    for flag in ("restart", "dry_run"):
+        if options[flag]:
+            given[flag] = True
+    return given
+
+
+def _check_rejects_path(input_path: str, rejects: str | None) -> None:
+    """The rejects file is truncated when the run starts: it must not be the input."""
+    if rejects is None or input_path == STDIN:
+        return
+    same = Path(rejects).resolve() == Path(input_path).resolve()
+    if not same and Path(rejects).exists() and Path(input_path).exists():
+        same = Path(rejects).samefile(input_path)
+    if same:
+        raise CommandError(
+            f"--rejects {rejects} is the --input file, which the run would overwrite as it reads "
+            "it: write the rejects to another file (e.g. rejects-2.jsonl).",
+            returncode=USAGE,
+        )
+
+
+def _input_stopped(error: InputError, ran: int, options: dict[str, Any]) -> str:
+    if options["run_id"]:
+        then = (
+            "Once it is fixed, run the same command again: with the same --run-id, what is done is skipped."
+        )
+    else:
+        then = (
+            f"Once it is fixed, run only the items after the first {ran:,}, since this run was not "
+            "journaled (with --run-id, running the same command again would skip what is done)."
+        )
+    return f"{error} The run stopped there, after the {ran:,} items before it (report above). {then}"
+
+
+def _mark_stopped(run_id: str, database: str) -> None:
+    """The journal closed the run as finished, since its input ended; say it stopped instead."""
+    from bulkpool.models import Run
+
+    Run.objects.using(database).filter(run_id=run_id).update(status=Run.Status.STOPPED, finished_at=None)
+
+
+def _resume_hint(options: dict[str, Any]) -> str:
+    if not options["run_id"]:
+        return (
+            "This run was not journaled, so it cannot be resumed. Next time pass --run-id NAME: "
+            "an interrupted run then resumes by running the same command again."
+        )
+    return f"To resume, run:\n  {_command_line(options)}"
+
+
+def _command_line(options: dict[str, Any]) -> str:
+    """The ``run`` command for these options, without --restart (a resume must keep what is done)."""
+    words = ["python", "manage.py", "bulkpool", "run", options["func"], "--input", options["input"]]
+    flags = [
+        "format",
+        "backend",
+        "workers",
+        "chunk_size",
+        "atomic",
+        "on_error",
+        "max_failures",
+        "retries",
+        "run_id",
+        "rejects",
+        "database",
+        "setup",
+    ]
+    for name in flags:
+        if options[name] is not None:
+            words += ["--" + name.replace("_", "-"), str(options[name])]
+    if options["progress"] is not None:
+        words.append("--progress" if options["progress"] else "--no-progress")
+    if options["dry_run"]:
+        words.append("--dry-run")
+    if options.get("settings"):
+        words.append(f"--settings={options['settings']}")
+    return shlex.join(words)
+
+
+def _journal(queryset: Any, alias: str) -> Iterator[Any]:
+    """Iterate a journal query; a missing table becomes a usage error that says to migrate."""
+    try:
+        rows = list(queryset)
+    except DatabaseError as error:
+        raise CommandError(
+            f"Cannot read the run journal in database {alias!r} ({str(error).strip()}): "
+            f"run `python manage.py migrate bulkpool --database {alias}`.",
+            returncode=USAGE,
+        ) from None
+    return iter(rows)
+
+
+def _when(value: Any) -> str:
+    if value is None:
+        return "-"
+    if timezone.is_aware(value):
+        value = timezone.localtime(value)
+    return str(value.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _cut(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> Iterator[str]:
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    for row in [header, *rows]:
+        cells = [
+            cell.rjust(width) if column in right else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        yield "  ".join(cells).rstrip()
+
+
+@contextmanager
+def _debug_logging(verbosity: int, stream: Any) -> Iterator[None]:
+    """``-v 2`` and up: the "bulkpool" logger at DEBUG, shown on stderr, for this command only."""
+    if verbosity < 2:
+        yield
+        return
+    logger = logging.getLogger("bulkpool")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -1,0 +1,84 @@
+"""The run journal: a journaled run (``run_id=...``) and the chunks it has committed.
+
+A ``RunChunk`` row is written by the worker in the same transaction as the chunk's work,
+so "this chunk is done" and "this chunk's rows are written" are one fact: rerunning the
+same ``run_id`` skips exactly the chunks that committed, and a chunk that runs twice
+(a worker died after its commit, a redelivered task) meets the unique constraint instead
+of writing its rows again.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+
+class RunQuerySet(models.QuerySet["Run"]):
+    def unfinished(self) -> RunQuerySet:
+        return self.exclude(status=Run.Status.FINISHED)
+
+    def finished(self) -> RunQuerySet:
+        return self.filter(status=Run.Status.FINISHED)
+
+
+class Run(models.Model):
+    class Status(models.TextChoices):
+        RUNNING = "running"
+        INTERRUPTED = "interrupted"
+        STOPPED = "stopped"  # on_error="raise" or max_failures
+        FINISHED = "finished"
+
+    run_id = models.CharField(max_length=200, unique=True)
+    func = models.CharField(max_length=500, help_text="The function's module and name.")
+    chunk_size = models.PositiveIntegerField()
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.RUNNING)
+    total = models.BigIntegerField(default=0, help_text="Items read in the last attempt.")
+    ok = models.BigIntegerField(default=0)
+    failed = models.BigIntegerField(default=0)
+    skipped = models.BigIntegerField(default=0, help_text="Items already done, in the last attempt.")
+    attempts = models.PositiveIntegerField(default=1)
+    started_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = RunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        return f"{self.run_id} ({self.status})"
+
+
+class RunChunk(models.Model):
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="chunks")
+    start = models.BigIntegerField(help_text="Input index of the chunk's first item.")
+    size = models.PositiveIntegerField()
+    digest = models.CharField(max_length=64, help_text="Fingerprint of the chunk's items.")
+    ok = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    finished_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["run", "start"]
+        constraints = [models.UniqueConstraint(fields=["run", "start"], name="bulkpool_chunk_once")]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}: items {self.start}..{self.start + self.size - 1}"
+
+
+class RunFailure(models.Model):
+    """A failed item of a journaled chunk, committed with the chunk."""
+
+    chunk = models.ForeignKey(RunChunk, on_delete=models.CASCADE, related_name="failures")
+    index = models.BigIntegerField()
+    item = models.TextField(help_text="The item as JSON, or its repr.")
+    exc_type = models.CharField(max_length=300)
+    message = models.TextField()
+    traceback = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["chunk", "index"]
+
+    def __str__(self) -> str:
+        return f"item {self.index}: {self.exc_type}: {self.message}"

@@ -1,0 +1,247 @@
+"""``create``, ``update`` and ``delete``: per-object ORM work with every model behaviour kept.
+
+Data flow (the engine, executors and transactions are those of ``run``):
+
+    caller                                         worker
+    ------                                         ------
+    create(model, rows)  rows are the items   -->  CreateRow(row): model(**fields), full_clean()
+                                                   if validate, save(force_insert=True),
+                                                   many-to-many .set()  --> the new pk
+         report.results: pks in input order   <--  (chunks are read back in input order)
+    update(queryset, ...) / delete(queryset)
+         queryset -> primary keys (querysets) -->  LoadRows: pks -> instances, one query a chunk
+                                                   UpdateRow(obj): values, func(obj),
+                                                   save(update_fields=...), many-to-many .set()
+                                                   DeleteRow(obj): obj.delete()
+
+The per-row callables are small frozen dataclasses defined here, so every backend can
+ship them; they hold the model's ``"app_label.ModelName"`` label, never the class, and
+look the class up in the worker.
+
+Decisions, where the contract is silent:
+
+- ``create`` saves with ``save(force_insert=True)``, as ``QuerySet.create`` does: a row
+  that names an existing primary key fails (an ``IntegrityError``) instead of silently
+  overwriting that row.
+- A row's keys are field names or attnames (``author`` or ``author_id``), many-to-many
+  names (forward or reverse; the value is a list of pks or instances, set with ``.set()``
+  after the save, in the same savepoint, so ``m2m_changed`` is sent), or properties with
+  a setter, which the model's constructor accepts. Anything else fails that row with a
+  message listing the model's fields. Reverse foreign keys cannot be given: set the
+  foreign key on the other side.
+- ``validate=True`` runs ``full_clean()`` (fields, uniqueness, constraints) before the
+  save; many-to-many values are not validated, as in Django. A ``ValidationError`` is that
+  row's failure; its message is Django's, keyed by field.
+- ``update`` assigns ``values`` first, then calls ``func(obj)`` (``func(obj, state)`` with
+  ``setup``), then ``save(update_fields=update_fields)``. ``update_fields=None`` saves
+  every field, or only the loaded ones for an ``only()``/``defer()`` queryset, as Django
+  does. Names in ``values`` and ``update_fields`` are checked before item one.
+- ``update`` and ``delete`` default the ``database`` option to the queryset's (its
+  ``using()``, else the router's write database). ``create`` defaults it to the router's
+  write database for the model.
+- ``delete`` counts a row deleted before its turn (typically by the cascade of an earlier
+  row) as done; its signals were sent by that cascade.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from django.apps import apps
+from django.core.exceptions import FieldDoesNotExist
+from django.db import router
+from django.db.models import Model, QuerySet
+from django.db.models.query import ModelIterable
+
+from bulkpool import querysets
+from bulkpool.api import build_engine
+from bulkpool.engine import Engine
+from bulkpool.errors import ConfigurationError
+from bulkpool.outcomes import Report
+
+
+def create(
+    model: type[Model] | str, rows: Iterable[Mapping[str, Any]], *, validate: bool = False, **options: Any
+) -> Report:
+    """Create one object per row (a dict of field values) with ``save()``, signals and M2M.
+
+    ``report.results`` holds the new primary keys in input order (None for a failed row).
+    """
+    model = _concrete_model(model)
+    options.setdefault("database", router.db_for_write(model))
+    func = CreateRow(model._meta.label, bool(validate), options["database"])
+    return _run_with_results(build_engine(func, rows, options, keep_values=True))
+
+
+def update(
+    queryset: QuerySet[Any],
+    func: Callable[..., Any] | None = None,
+    *,
+    values: Mapping[str, Any] | None = None,
+    update_fields: Iterable[str] | None = None,
+    **options: Any,
+) -> Report:
+    """For every object of ``queryset``: assign ``values``, call ``func(obj)``, then
+    ``obj.save(update_fields=...)``, so ``save()`` overrides run and signals are sent."""
+    model = _model_of(queryset, "update")
+    if func is not None and not callable(func):
+        raise ConfigurationError(f"func must be callable or None, not {type(func).__name__}.")
+    if values is not None and not isinstance(values, Mapping):
+        raise ConfigurationError(f"values must be a dict of field values, not {type(values).__name__}.")
+    try:
+        plain, m2m = split_values(model, values or {})
+    except (FieldDoesNotExist, ValueError) as error:
+        raise ConfigurationError(f"values: {error}") from error
+    fields = None if update_fields is None else _checked_update_fields(model, update_fields)
+    options.setdefault("database", querysets.database_of(queryset))
+    row = UpdateRow(func, plain, m2m, fields, options["database"])
+    return build_engine(row, queryset, options).run()
+
+
+def delete(queryset: QuerySet[Any], **options: Any) -> Report:
+    """Call every object's own ``delete()``: overrides, ``pre_delete`` / ``post_delete``, cascades."""
+    _model_of(queryset, "delete")
+    options.setdefault("database", querysets.database_of(queryset))
+    return build_engine(DeleteRow(options["database"]), queryset, options, missing_ok=True).run()
+
+
+@dataclass(frozen=True)
+class CreateRow:
+    model: str
+    validate: bool
+    database: str
+
+    def __call__(self, row: Mapping[str, Any], *state: Any) -> Any:
+        model = apps.get_model(self.model)
+        if not isinstance(row, Mapping):
+            raise TypeError(f"a row must be a dict of field values, not {type(row).__name__}")
+        plain, m2m = split_values(model, row)
+        obj = model(**plain)
+        if self.validate:
+            obj.full_clean()
+        obj.save(force_insert=True, using=self.database)
+        for name, value in m2m.items():
+            getattr(obj, name).set(value)
+        return obj.pk
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    func: Callable[..., Any] | None
+    values: dict[str, Any]
+    m2m: dict[str, Any]
+    update_fields: tuple[str, ...] | None
+    database: str
+
+    def __call__(self, obj: Model, *state: Any) -> None:
+        for name, value in self.values.items():
+            setattr(obj, name, value)
+        if self.func is not None:
+            self.func(obj, *state)
+        obj.save(update_fields=self.update_fields, using=self.database)
+        for name, value in self.m2m.items():
+            getattr(obj, name).set(value)
+
+    def __repr__(self) -> str:  # names the user's function in "cannot be sent to workers" errors
+        return f"update({getattr(self.func, '__qualname__', self.func)!r})"
+
+
+@dataclass(frozen=True)
+class DeleteRow:
+    database: str
+
+    def __call__(self, obj: Model | None, *state: Any) -> None:
+        if obj is not None:  # None: already deleted, by an earlier row's cascade
+            obj.delete(using=self.database)
+
+
+def split_values(model: type[Model], values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``values`` as (what to assign before the save, many-to-many values to set after it)."""
+    plain: dict[str, Any] = {}
+    m2m: dict[str, Any] = {}
+    for name, value in values.items():
+        try:
+            field = model._meta.get_field(name)
+        except FieldDoesNotExist:
+            if isinstance(getattr(model, name, None), property):
+                plain[name] = value
+                continue
+            raise FieldDoesNotExist(
+                f"{model.__name__} has no field named {name!r}; its fields are: {_field_names(model)}"
+            ) from None
+        if field.many_to_many:
+            m2m[name] = value
+        elif field.auto_created and not field.concrete:
+            raise ValueError(
+                f"{name!r} is the reverse side of a foreign key from {field.related_model!r}: "
+                "set that foreign key on those rows instead"
+            )
+        else:
+            plain[name] = value
+    return plain, m2m
+
+
+def _run_with_results(engine: Engine) -> Report:
+    """Run, putting each item's value in ``report.results`` in input order (None if it failed)."""
+    results: list[Any] = []
+    engine.report.results = results  # partial results stay visible if the run stops early
+    for chunk, result in engine.chunks(ordered=True):
+        results.extend(result.values if result.values is not None else [None] * len(chunk))
+    return engine.report
+
+
+def _concrete_model(model: type[Model] | str) -> type[Model]:
+    if isinstance(model, str):
+        try:
+            model = apps.get_model(model)
+        except (LookupError, ValueError) as error:
+            raise ConfigurationError(f"model={model!r}: {error}") from error
+    if not (isinstance(model, type) and issubclass(model, Model)):
+        raise ConfigurationError(
+            f"model must be a model class or an 'app_label.ModelName' label, not {model!r}."
+        )
+    if model._meta.abstract or model._meta.swapped:
+        raise ConfigurationError(
+            f"{model.__name__} is abstract or swapped out: objects of it cannot be created."
+        )
+    return model
+
+
+def _model_of(queryset: Any, operation: str) -> type[Model]:
+    if not isinstance(queryset, QuerySet):
+        raise ConfigurationError(
+            f"{operation}() takes a QuerySet (e.g. Model.objects.filter(...)), not {type(queryset).__name__}."
+        )
+    if not issubclass(queryset._iterable_class, ModelIterable):
+        raise ConfigurationError(
+            f"{operation}() needs model instances: pass the queryset without values() / values_list()."
+        )
+    return queryset.model
+
+
+def _checked_update_fields(model: type[Model], names: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(names, str):
+        raise ConfigurationError(f"update_fields must be a list of field names, not the string {names!r}.")
+    names = tuple(names)
+    for name in names:
+        try:
+            field = model._meta.get_field(name)
+        except FieldDoesNotExist:
+            raise ConfigurationError(
+                f"update_fields: {model.__name__} has no field named {name!r}; its fields are: "
+                f"{_field_names(model)}"
+            ) from None
+        if not field.concrete or field.primary_key:
+            raise ConfigurationError(
+                f"update_fields: {name!r} is not a column save() can update "
+                "(many-to-many values go in values=, and are set after the save)."
+            )
+    return names
+
+
+def _field_names(model: type[Model]) -> str:
+    return ", ".join(
+        f.name for f in model._meta.get_fields() if f.concrete or f.many_to_many or not f.auto_created
+    )

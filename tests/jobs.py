@@ -1,0 +1,125 @@
+"""Module-level functions the tests run on workers (process workers import this module)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from django.db import connection
+
+from tests.testapp.models import Marker
+
+
+def write_marker(i: int) -> int:
+    """Write one Marker row keyed by the item, and return the item."""
+    Marker.objects.create(key=str(i), value=i)
+    return i
+
+
+def fail_multiples_of_7(i: int) -> int:
+    """Write a Marker, then fail for multiples of 7 (after writing: the write must roll back)."""
+    Marker.objects.create(key=str(i), value=i)
+    if i % 7 == 0:
+        raise ValueError(f"{i} is a multiple of 7")
+    return i
+
+
+def worker_identity() -> str:
+    """A name for the worker this runs in: process id and thread id."""
+    return f"{os.getpid()}:{threading.get_ident()}"
+
+
+def setup_records_worker() -> str:
+    """Per-worker setup: write one 'setup' row naming this worker, and return the name."""
+    name = worker_identity()
+    Marker.objects.create(key=f"setup:{name}", value=0)
+    return name
+
+
+def write_marker_with_state(i: int, state: str) -> int:
+    """Write a Marker recording which worker's setup state the item saw."""
+    Marker.objects.create(key=str(i), value=i)
+    assert state == worker_identity(), f"state {state!r} came from another worker"
+    Marker.objects.create(key=f"state:{state}", value=i)
+    return i
+
+
+def failing_setup() -> None:
+    raise RuntimeError("setup could not reach the mail server")
+
+
+def database_name(_: object) -> str:
+    """The database the worker's connection points at."""
+    return str(connection.settings_dict["NAME"])
+
+
+def identity(i: int) -> int:
+    return i
+
+
+def read_then_write(i: int) -> int:
+    """A read followed by a write in one item: the pattern that upsets deferred SQLite transactions."""
+    existing = Marker.objects.filter(key=str(i)).count()
+    Marker.objects.create(key=str(i), value=existing)
+    sum(range(20_000))  # a little CPU work while the transaction is open
+    return i
+
+
+def die_once_at(flag_path: str, target: int, i: int) -> int:
+    """Kill the worker process (SIGKILL) the first time item ``target`` runs."""
+    if i == target and not os.path.exists(flag_path):
+        open(flag_path, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write_marker(i)
+
+
+def die_always_at(target: int, i: int) -> int:
+    """Kill the worker process every time item ``target`` runs."""
+    if i == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write_marker(i)
+
+
+def fail_once_at(flag_path: str, target: int, i: int) -> int:
+    """Write a Marker, but fail item ``target`` the first time it runs (then it succeeds)."""
+    if i == target and not os.path.exists(flag_path):
+        open(flag_path, "w").close()
+        raise RuntimeError(f"item {i} fails on its first run")
+    return write_marker(i)
+
+
+def write_marker_on_commit(flag_path: str, i: int) -> int:
+    """Write a Marker and, once the transaction commits, a file: a dry run must never create it."""
+    from django.db import transaction
+
+    Marker.objects.create(key=str(i), value=i)
+    transaction.on_commit(lambda: open(flag_path, "a").close())
+    if i == 3:
+        raise ValueError("item 3 is bad")
+    return i
+
+
+def interrupt_at_25(i: int) -> int:
+    """Behave like a Ctrl-C arriving while item 25 runs."""
+    if i == 25:
+        raise KeyboardInterrupt
+    return write_marker(i)
+
+
+def count_calls_then_fail_multiples_of_7(calls_dir: str, i: int) -> int:
+    """Note each call in a file (outside any transaction), then act as fail_multiples_of_7."""
+    with open(os.path.join(calls_dir, f"{i}.calls"), "a") as calls:
+        calls.write("x")
+    return fail_multiples_of_7(i)
+
+
+def write_then_busy_once(flag_path: str, i: int) -> int:
+    """Write a Marker, then meet "database is locked" the first time item 3 runs."""
+    from django.db import OperationalError
+
+    write_marker(i)
+    if i == 3 and not os.path.exists(flag_path):
+        open(flag_path, "w").close()
+        raise OperationalError("database is locked")
+    return i

@@ -1,0 +1,85 @@
+"""Django settings for the test project.
+
+The database comes from ``DATABASE_URL`` (parsed by dj-database-url), for example::
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/test
+    DATABASE_URL=mysql://root@127.0.0.1:3306/test
+
+Without it, a SQLite file next to this project is used. Worker processes import this
+module too, so everything here must come out the same in every process: no random names,
+no per-process paths.
+
+Test databases are named after the checkout (``test_test_1f2e3d4c``): two checkouts
+testing against one server at once (a developer's tree and a CI clone) would otherwise
+drop and recreate each other's ``test_test`` mid-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEFAULT_SQLITE_PATH = BASE_DIR / "bulkpool-test.sqlite3"
+
+CHECKOUT_ID = hashlib.sha1(str(BASE_DIR).encode()).hexdigest()[:8]
+
+
+def _test_sqlite_path(name: str) -> str:
+    """Where the SQLite *test* database lives: always a file.
+
+    Django's default test database for SQLite is in memory, and an in-memory database
+    cannot be shared with worker processes; a file can.
+    """
+    path = Path(name) if name and name != ":memory:" else DEFAULT_SQLITE_PATH
+    return str(path.with_name(f"{path.stem}-test{path.suffix or '.sqlite3'}"))
+
+
+def _database(url: str) -> dict[str, Any]:
+    database: dict[str, Any] = dict(dj_database_url.parse(url, conn_max_age=0))
+    engine = database["ENGINE"]
+    if engine == "django.db.backends.sqlite3":
+        database["TEST"] = {"NAME": _test_sqlite_path(database["NAME"])}
+        return database
+    database["TEST"] = {"NAME": f"test_{database['NAME']}_{CHECKOUT_ID}"}
+    if engine == "django.db.backends.mysql":
+        database.setdefault("OPTIONS", {}).update(
+            charset="utf8mb4",
+            # Strict mode turns silent truncation into an error, as on the other databases.
+            init_command="SET sql_mode='STRICT_TRANS_TABLES'",
+        )
+        database["TEST"].update(CHARSET="utf8mb4", COLLATION="utf8mb4_unicode_ci")
+    return database
+
+
+DATABASES = {
+    "default": _database(os.environ.get("DATABASE_URL") or f"sqlite:///{DEFAULT_SQLITE_PATH}"),
+}
+
+# Only for the test that checks an in-memory SQLite database is refused to concurrent workers.
+DATABASES["memory"] = {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "bulkpool",
+    "tests.testapp",
+]
+
+SECRET_KEY = "django-bulkpool-tests-not-secret"  # a test-only key
+USE_TZ = True
+TIME_ZONE = "UTC"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Quiet: only warnings and errors reach stderr; pytest's caplog still sees everything.
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "level": "WARNING"}},
+    "root": {"handlers": ["stderr"], "level": "WARNING"},
+}

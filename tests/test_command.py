@@ -1,0 +1,658 @@
+"""``manage.py bulkpool``: run / runs / show, their output and their exit status.
+
+Tests that check rows call the command in-process (``call_command``), so that it uses the
+test database. Tests of exit codes and messages as a user meets them run the command for
+real in a subprocess; the subprocess sees the database named in settings, not the test
+database, so those runs use functions that write nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import timedelta
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.utils import timezone
+
+import bulkpool
+from bulkpool.models import Run, RunChunk, RunFailure
+from tests.testapp.models import Marker
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = "tests.command_jobs"
+
+
+def marker_counts() -> Counter[str]:
+    return Counter(Marker.objects.values_list("key", flat=True))
+
+
+def call(*args: str) -> tuple[int, str, str]:
+    """Run the command in-process: its exit status, stdout and stderr (a CommandError's message too)."""
+    out, err = StringIO(), StringIO()
+    code: Any = 0
+    try:
+        call_command("bulkpool", *args, stdout=out, stderr=err)
+    except SystemExit as exit:
+        code = exit.code
+    except CommandError as error:
+        code = error.returncode
+        err.write(f"CommandError: {error}\n")
+    return code, out.getvalue(), err.getvalue()
+
+
+def manage(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m django bulkpool ARGS`` for real: test settings, this session's DATABASE_URL."""
+    return subprocess.run(
+        [sys.executable, "-m", "django", "bulkpool", *args, "--settings=tests.settings", "--skip-checks"],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=timeout,
+    )
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, items: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+    return path
+
+
+def write_json(path: Path, items: list[Any]) -> Path:
+    path.write_text(json.dumps(items, indent=1), encoding="utf-8")
+    return path
+
+
+WRITERS = {"csv": write_csv, "jsonl": write_jsonl, "json": write_json}
+ROWS = [{"key": f"k{i}"} for i in range(45)]
+
+
+# -- run: rows written (in-process, on the test database) ----------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("format", ["csv", "jsonl", "json"])
+def test_every_row_of_each_format_runs_once(tmp_path, format):
+    """CSV, JSON Lines and JSON array inputs each run every row exactly once; exit status 0."""
+    path = WRITERS[format](tmp_path / f"rows.{format}", ROWS)
+    code, out, _ = call(
+        "run",
+        f"{JOBS}.write_row",
+        "--input",
+        str(path),
+        "--backend",
+        "thread",
+        "--workers",
+        "2",
+        "--chunk-size",
+        "10",
+    )
+    assert code == 0
+    assert "45 items: 45 ok, 0 failed" in out
+    assert marker_counts() == Counter({row["key"]: 1 for row in ROWS})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_process_backend_runs_every_row(tmp_path):
+    """The default process backend's workers, started by the command, write to the test database."""
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    code, _, _ = call("run", f"{JOBS}.write_row", "--input", str(path), "--workers", "2")
+    assert code == 0
+    assert marker_counts() == Counter({row["key"]: 1 for row in ROWS})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_stdin_input_runs_every_row(monkeypatch):
+    """--input - reads standard input in the format given."""
+    data = "".join(json.dumps(row) + "\n" for row in ROWS).encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    code, _, _ = call("run", f"{JOBS}.write_row", "--input", "-", "--format", "jsonl", "--backend", "serial")
+    assert code == 0
+    assert marker_counts() == Counter({row["key"]: 1 for row in ROWS})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_some_failures_exit_1_with_the_report(tmp_path):
+    """Failed items give exit status 1 and a report naming each failure; the others are written."""
+    rows = [{"key": f"k{i}", "bad": "yes" if i % 10 == 3 else ""} for i in range(30)]
+    path = write_csv(tmp_path / "rows.csv", rows)
+    code, out, _ = call("run", f"{JOBS}.write_row_unless_bad", "--input", str(path), "--backend", "thread")
+    assert code == 1
+    assert "30 items: 27 ok, 3 failed" in out
+    assert "item 3 ({'key': 'k3', 'bad': 'yes'}): ValueError: row k3 is marked bad" in out
+    assert set(marker_counts()) == {row["key"] for row in rows if not row["bad"]}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rejects_file_fed_back_retries_only_the_failures(tmp_path):
+    """The rejects of one run, given back as --input, run just the items that failed."""
+    rows = [{"key": f"k{i}", "bad": i in (4, 17)} for i in range(20)]
+    rejects = tmp_path / "rejects.jsonl"
+    code, out, _ = call(
+        "run",
+        f"{JOBS}.write_row_unless_bad",
+        "--input",
+        str(write_jsonl(tmp_path / "rows.jsonl", rows)),
+        "--backend",
+        "thread",
+        "--rejects",
+        str(rejects),
+    )
+    assert code == 1
+    assert f"The failed items are in {rejects}" in out
+    code, out, _ = call("run", f"{JOBS}.write_row", "--input", str(rejects), "--backend", "thread")
+    assert code == 0
+    assert "2 items: 2 ok, 0 failed" in out
+    assert marker_counts() == Counter({f"k{i}": 1 for i in range(20)})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_max_failures_stops_with_exit_1(tmp_path):
+    """--max-failures stops the run; the report says so and the exit status is 1."""
+    rows = [{"key": f"k{i}", "bad": True} for i in range(50)]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    code, out, _ = call(
+        "run",
+        f"{JOBS}.write_row_unless_bad",
+        "--input",
+        str(path),
+        "--backend",
+        "serial",
+        "--chunk-size",
+        "5",
+        "--max-failures",
+        "5",
+    )
+    assert code == 1
+    assert "Stopped early: 5 items failed (max_failures=5)" in out
+    assert Marker.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_on_error_raise_stops_with_exit_1(tmp_path):
+    """--on-error raise stops at the first failure, prints the report, exit status 1."""
+    rows = [{"key": f"k{i}", "bad": i == 2} for i in range(50)]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    code, out, _ = call(
+        "run",
+        f"{JOBS}.write_row_unless_bad",
+        "--input",
+        str(path),
+        "--backend",
+        "serial",
+        "--chunk-size",
+        "5",
+        "--on-error",
+        "raise",
+    )
+    assert code == 1
+    assert "Stopped early: an item failed (on_error='raise')" in out
+    assert Marker.objects.count() == 4  # the failing item's chunk-mates
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dry_run_writes_nothing(tmp_path):
+    """--dry-run runs every item, reports it, and writes nothing."""
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    code, out, _ = call("run", f"{JOBS}.write_row", "--input", str(path), "--backend", "thread", "--dry-run")
+    assert code == 0
+    assert "45 ok" in out and "Dry run: every transaction was rolled back" in out
+    assert Marker.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_setup_gives_each_worker_its_state(tmp_path):
+    """--setup names a function whose return value reaches FUNC as its state."""
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS[:5])
+    code, _, _ = call(
+        "run",
+        f"{JOBS}.write_row_with_state",
+        "--input",
+        str(path),
+        "--backend",
+        "thread",
+        "--setup",
+        f"{JOBS}.setup_state",
+    )
+    assert code == 0
+    assert set(marker_counts()) == {f"ready:k{i}" for i in range(5)}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_verbosity_2_sets_the_bulkpool_logger_to_debug(tmp_path):
+    """-v 2 (after the subcommand too) puts the "bulkpool" logger at DEBUG for the run, then restores it."""
+    path = write_jsonl(tmp_path / "rows.jsonl", [1])
+    level = logging.getLogger("bulkpool").level
+    call("run", f"{JOBS}.record_debug_logging", "--input", str(path), "--backend", "serial")
+    call("run", f"{JOBS}.record_debug_logging", "--input", str(path), "--backend", "serial", "-v", "2")
+    assert marker_counts() == Counter({"debug:False": 1, "debug:True": 1})
+    assert logging.getLogger("bulkpool").level == level
+
+
+@pytest.mark.django_db(transaction=True)
+def test_bad_line_mid_run_stops_cleanly_and_resumes(tmp_path):
+    """A bad line stops the run after the whole chunks before it (exit 2); fixed, the same run_id resumes."""
+    lines = [json.dumps({"key": f"k{i}"}) for i in range(31)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join([*lines[:25], "{oops", *lines[26:]]) + "\n")
+    args = [
+        "run",
+        f"{JOBS}.write_row",
+        "--input",
+        str(path),
+        "--backend",
+        "thread",
+        "--chunk-size",
+        "10",
+        "--run-id",
+        "import",
+    ]
+    code, out, err = call(*args)
+    assert code == 2
+    assert f"{path}: line 26: not valid JSON" in err
+    assert "after the 20 items before it" in err
+    assert "Stopped early: bad input at line 26" in out
+    assert marker_counts() == Counter({f"k{i}": 1 for i in range(20)})
+    assert Run.objects.get(run_id="import").status == Run.Status.STOPPED
+
+    path.write_text("\n".join(lines) + "\n")
+    code, out, _ = call(*args)
+    assert code == 0
+    assert "20 skipped" in out
+    assert marker_counts() == Counter({f"k{i}": 1 for i in range(31)})
+    assert Run.objects.get(run_id="import").status == Run.Status.FINISHED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rejects_must_not_be_the_input(tmp_path):
+    """--rejects naming the --input file is refused: the run would truncate what it reads."""
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    code, _, err = call("run", f"{JOBS}.write_row", "--input", str(path), "--rejects", str(path))
+    assert code == 2
+    assert "is the --input file" in err
+    assert len(path.read_text().splitlines()) == len(ROWS)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_configuration_error_is_a_usage_error(tmp_path):
+    """An option combination the library refuses (--dry-run with --run-id) exits 2 with its message."""
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    code, _, err = call(
+        "run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial", "--run-id", "x", "--dry-run"
+    )
+    assert code == 2
+    assert "nothing to journal" in err
+
+
+@pytest.mark.django_db(transaction=True)
+def test_interrupt_exits_130_with_the_command_that_resumes(tmp_path, monkeypatch):
+    """Ctrl-C: exit 130 and the same command with --run-id to resume, without --restart."""
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bulkpool, "run", interrupted)
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    code, _, err = call(
+        "run",
+        f"{JOBS}.write_row",
+        "--input",
+        str(path),
+        "--workers",
+        "3",
+        "--run-id",
+        "nightly",
+        "--restart",
+        "--no-progress",
+    )
+    assert code == 130
+    assert err == (
+        "To resume, run:\n  python manage.py bulkpool run tests.command_jobs.write_row "
+        f"--input {path} --workers 3 --run-id nightly --no-progress\n"
+    )
+
+
+# -- runs and show -------------------------------------------------------------------------
+
+
+def journal_rows() -> Run:
+    """Two runs written directly: an older finished one, and a newer interrupted one with failures."""
+    now = timezone.now()
+    Run.objects.create(
+        run_id="old-import",
+        func="myapp.jobs.old",
+        chunk_size=100,
+        status=Run.Status.FINISHED,
+        total=300,
+        ok=300,
+        started_at=now - timedelta(days=1),
+        finished_at=now - timedelta(hours=23),
+    )
+    run = Run.objects.create(
+        run_id="users-2024",
+        func="myapp.jobs.import_user",
+        chunk_size=10,
+        status=Run.Status.INTERRUPTED,
+        total=40,
+        ok=27,
+        failed=3,
+        skipped=10,
+        attempts=2,
+        started_at=now,
+    )
+    for start in (0, 10, 20):
+        chunk = RunChunk.objects.create(run=run, start=start, size=10, digest="x" * 64, ok=9, failed=1)
+        RunFailure.objects.create(
+            chunk=chunk,
+            index=start + 4,
+            item=json.dumps({"email": f"bad{start}"}),
+            exc_type="django.core.exceptions.ValidationError",
+            message=f"bad email {start}",
+        )
+    return run
+
+
+@pytest.mark.django_db(transaction=True)
+def test_runs_lists_journaled_runs_newest_first():
+    """`runs` shows run id, status, counts, start and function, newest first."""
+    journal_rows()
+    code, out, _ = call("runs")
+    assert code == 0
+    header, newer, older = out.splitlines()
+    assert header.split() == ["RUN", "ID", "STATUS", "OK", "FAILED", "SKIPPED", "STARTED", "FUNCTION"]
+    assert newer.split()[:5] == ["users-2024", "interrupted", "27", "3", "10"]
+    assert newer.endswith("myapp.jobs.import_user")
+    assert older.split()[:5] == ["old-import", "finished", "300", "0", "0"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_runs_unfinished_leaves_out_finished_runs():
+    """`runs --unfinished` lists only runs that did not finish."""
+    journal_rows()
+    _, out, _ = call("runs", "--unfinished")
+    assert "users-2024" in out and "old-import" not in out
+
+
+@pytest.mark.django_db(transaction=True)
+def test_runs_says_when_there_are_none():
+    """An empty journal says so."""
+    assert call("runs") == (0, "No journaled runs.\n", "")
+    assert call("runs", "--unfinished") == (0, "No unfinished runs.\n", "")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_show_gives_counts_chunks_and_failures():
+    """`show RUN_ID` gives the run's counts, chunks done, and each failure with its item."""
+    journal_rows()
+    code, out, _ = call("show", "users-2024")
+    assert code == 0
+    assert out.startswith("Run users-2024: interrupted\n")
+    assert "last attempt: 40 items: 27 ok, 3 failed, 10 skipped" in out
+    assert "chunks done:  3 (30 items; chunk size 10)" in out
+    assert "Failures (3):" in out
+    assert "item 14: django.core.exceptions.ValidationError: bad email 10" in out
+    assert '{"email": "bad10"}' in out
+
+
+@pytest.mark.django_db(transaction=True)
+def test_show_limits_the_failures_listed():
+    """`show --limit N` lists N failures and says how many more there are."""
+    journal_rows()
+    _, out, _ = call("show", "users-2024", "--limit", "1")
+    assert "item 4:" in out and "item 14:" not in out
+    assert "... and 2 more (--limit 0 shows all)" in out
+
+
+@pytest.mark.django_db(transaction=True)
+def test_show_unknown_run_is_a_usage_error():
+    """An unknown run id exits 2 and points at `bulkpool runs`."""
+    code, _, err = call("show", "nope")
+    assert code == 2
+    assert err == (
+        "CommandError: No journaled run 'nope' in database 'default': "
+        "`bulkpool runs` lists the runs there are.\n"
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_show_a_run_the_command_journaled(tmp_path):
+    """A run made with --run-id shows up in `runs`, and `show` lists its failure from the journal."""
+    rows = [{"key": f"k{i}", "bad": i == 6} for i in range(12)]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    code, _, _ = call(
+        "run",
+        f"{JOBS}.write_row_unless_bad",
+        "--input",
+        str(path),
+        "--backend",
+        "thread",
+        "--chunk-size",
+        "5",
+        "--run-id",
+        "real",
+    )
+    assert code == 1
+    _, out, _ = call("runs")
+    assert out.splitlines()[1].split()[:5] == ["real", "finished", "11", "1", "0"]
+    _, out, _ = call("show", "real")
+    assert "chunks done:  3 (12 items; chunk size 5)" in out
+    assert "item 6: ValueError: row k6 is marked bad" in out
+
+
+# -- as a user meets it: a real process, its exit status and stderr --------------------------
+
+
+def one_error_line(stderr: str) -> str:
+    """The command's single error line; no traceback."""
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_stdin_run_exits_0():
+    """A run fed on stdin exits 0 and prints the report."""
+    result = manage(
+        "run",
+        "tests.jobs.identity",
+        "--input",
+        "-",
+        "--format",
+        "json",
+        "--backend",
+        "thread",
+        stdin="[1, 2, 3, 4, 5]",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "bulkpool: 5 items: 5 ok, 0 failed" in result.stdout
+
+
+def test_failed_items_exit_1():
+    """A run where some items fail exits 1, with the failures in the report."""
+    result = manage(
+        "run",
+        f"{JOBS}.fail_odd",
+        "--input",
+        "-",
+        "--format",
+        "jsonl",
+        "--backend",
+        "thread",
+        stdin="2\n3\n4\n",
+    )
+    assert result.returncode == 1, result.stderr
+    assert "3 items: 2 ok, 1 failed" in result.stdout
+    assert "item 1 (3): ValueError: 3 is odd" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("func", "message"),
+    [
+        (f"{JOBS}.no_such_function", 'Module "tests.command_jobs" does not define a "no_such_function"'),
+        ("no_such_module.func", "No module named 'no_such_module'"),
+        (f"{JOBS}.NOT_A_FUNCTION", "is not a function (its type is int)"),
+    ],
+)
+def test_unknown_function_is_one_line_exit_2(func, message):
+    """A function that cannot be imported or called: exit 2, one line, no traceback."""
+    result = manage("run", func, "--input", "-", "--format", "jsonl", stdin="1\n")
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert line.startswith(f"CommandError: FUNC {func!r}")
+    assert message in line
+
+
+def test_missing_input_file_is_one_line_exit_2(tmp_path):
+    """A missing --input file: exit 2, one line naming it."""
+    missing = tmp_path / "missing.csv"
+    result = manage("run", "tests.jobs.identity", "--input", str(missing))
+    assert result.returncode == 2
+    assert one_error_line(result.stderr) == (
+        f"CommandError: {missing}: no such file (looked for {missing}). Fix: check the path."
+    )
+
+
+def test_bad_line_mid_run_is_one_line_exit_2():
+    """An unparsable line mid-run: the report of what ran, then one line naming it; exit 2."""
+    stdin = "".join(f"{i}\n" for i in range(30)) + "[1,\n" + "".join(f"{i}\n" for i in range(5))
+    result = manage(
+        "run",
+        "tests.jobs.identity",
+        "--input",
+        "-",
+        "--format",
+        "jsonl",
+        "--backend",
+        "thread",
+        "--chunk-size",
+        "7",
+        stdin=stdin,
+    )
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert line.startswith("CommandError: -: line 31: not valid JSON")
+    assert "after the 28 items before it" in line
+    assert "28 items: 28 ok, 0 failed" in result.stdout
+
+
+def test_failing_setup_is_one_line_exit_2():
+    """A --setup that raises: exit 2 with its error on one line, and where to find the traceback."""
+    result = manage(
+        "run",
+        "tests.jobs.identity",
+        "--input",
+        "-",
+        "--format",
+        "jsonl",
+        "--backend",
+        "thread",
+        "--setup",
+        "tests.jobs.failing_setup",
+        stdin="1\n",
+    )
+    assert result.returncode == 2
+    assert one_error_line(result.stderr) == (
+        "CommandError: A worker thread failed in setup: RuntimeError: setup could not reach the mail "
+        "server (run with -v 2 to see the worker's traceback)"
+    )
+
+
+def test_stdin_without_format_is_exit_2():
+    """Reading stdin needs --format."""
+    result = manage("run", "tests.jobs.identity", "--input", "-", stdin="1\n")
+    assert result.returncode == 2
+    assert "needs its format" in one_error_line(result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--workers", "0"], "argument --workers: '0' is not a whole number, 1 or more"),
+        (["--chunk-size", "ten"], "argument --chunk-size: 'ten' is not a whole number, 1 or more"),
+        (["--retries", "-1"], "argument --retries: '-1' is not a whole number, 0 or more"),
+        (["--backend", "celery"], "argument --backend: invalid choice: 'celery'"),
+        (["--atomic", "yes"], "argument --atomic: invalid choice: 'yes'"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ],
+)
+def test_bad_flags_are_usage_errors(flags, message):
+    """Bad flag values are refused by argparse with exit 2 and the usage."""
+    result = manage("run", "tests.jobs.identity", "--input", "-", "--format", "jsonl", *flags, stdin="1\n")
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: ")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_subcommand_is_a_usage_error():
+    """A subcommand other than run, runs or show is refused with exit 2."""
+    result = manage("rerun")
+    assert result.returncode == 2
+    assert "invalid choice: 'rerun'" in result.stderr
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_ctrl_c_exits_130_with_a_hint(tmp_path, backend):
+    """SIGINT mid-run: the report, how to make the next run resumable, and exit status 130."""
+    flag = tmp_path / "started"
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"flag": str(flag)}] * 2000)
+    command = [
+        sys.executable,
+        "-m",
+        "django",
+        "bulkpool",
+        "run",
+        f"{JOBS}.nap_and_flag",
+        "--input",
+        str(path),
+        "--backend",
+        backend,
+        "--workers",
+        "2",
+        "--chunk-size",
+        "5",
+        "--settings=tests.settings",
+        "--skip-checks",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        deadline = time.monotonic() + 60
+        while not flag.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        try:
+            _, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, err = process.communicate()
+    assert process.returncode == 130, err
+    assert "Stopped early: interrupted (Ctrl-C)" in err
+    assert err.rstrip().endswith(
+        "This run was not journaled, so it cannot be resumed. Next time pass --run-id NAME: "
+        "an interrupted run then resumes by running the same command again."
+    )
+    assert "Traceback" not in err

@@ -1,0 +1,307 @@
+"""bulkpool.inputs: lazy CSV, JSON Lines and JSON array readers, and their error messages."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from bulkpool import inputs
+from bulkpool.errors import BulkpoolError, InputError
+from bulkpool.inputs import UntilBadInput, guess_format, open_input
+
+
+def read(path: Path, format: str | None = None) -> list[object]:
+    with open_input(path, format) as source:
+        return list(source)
+
+
+def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(path: Path, format: str | None = None) -> InputError:
+    with pytest.raises(InputError) as caught:
+        read(path, format)
+    return caught.value
+
+
+# -- choosing the format -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "format"),
+    [("a.csv", "csv"), ("a.CSV", "csv"), ("a.jsonl", "jsonl"), ("a.ndjson", "jsonl"), ("a.json", "json")],
+)
+def test_format_comes_from_the_extension(name, format):
+    """.csv, .jsonl/.ndjson and .json name their format, whatever the case."""
+    assert guess_format(name) == format
+
+
+def test_unknown_extension_asks_for_the_format():
+    """A file whose extension says nothing is refused with the formats and extensions known."""
+    with pytest.raises(InputError, match=r"data\.txt.*'\.txt'.*csv, jsonl, json"):
+        guess_format("data.txt")
+
+
+def test_stdin_needs_a_format():
+    """'-' (stdin) has no extension: the format must be given."""
+    with pytest.raises(InputError, match=r"standard input.*needs its format"):
+        open_input("-")
+
+
+def test_given_format_wins_over_the_extension(tmp_path):
+    """An explicit format reads a file whatever its name."""
+    path = write(tmp_path, "rows.txt", '{"a": 1}\n')
+    assert read(path, "jsonl") == [{"a": 1}]
+
+
+def test_input_error_is_a_bulkpool_error():
+    """InputError is part of the BulkpoolError tree."""
+    assert issubclass(InputError, BulkpoolError)
+
+
+# -- opening -------------------------------------------------------------------------------
+
+
+def test_missing_file_is_named_when_opened(tmp_path):
+    """A missing file fails at once (before any work), naming the path it looked for."""
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(InputError, match=r"nope\.csv: no such file .*Fix: check the path") as caught:
+        open_input(missing)
+    assert caught.value.path == str(missing)
+
+
+def test_folder_is_refused(tmp_path):
+    """A folder given as the input says so."""
+    folder = tmp_path / "rows.csv"
+    folder.mkdir()
+    with pytest.raises(InputError, match="is a folder"):
+        open_input(folder)
+
+
+def test_unknown_format_name_is_refused(tmp_path):
+    """A format that is not csv, jsonl or json is refused."""
+    with pytest.raises(InputError, match="format='xml'"):
+        open_input(write(tmp_path, "a.csv", "a\n"), "xml")
+
+
+def test_an_input_is_read_once(tmp_path):
+    """Iterating an input a second time is refused rather than silently empty."""
+    with open_input(write(tmp_path, "a.jsonl", "1\n")) as source:
+        assert list(source) == [1]
+        with pytest.raises(InputError, match="only once"):
+            iter(source)
+
+
+# -- CSV -------------------------------------------------------------------------------------
+
+
+def test_csv_rows_are_dicts_keyed_by_the_header(tmp_path):
+    """Each row is a dict of strings keyed by the header; quoted commas and newlines stay in a field."""
+    path = write(tmp_path, "a.csv", 'name,note\nada,"hello, world"\nbob,"two\nlines"\n\ncy,\n')
+    assert read(path) == [
+        {"name": "ada", "note": "hello, world"},
+        {"name": "bob", "note": "two\nlines"},
+        {"name": "cy", "note": ""},
+    ]
+
+
+def test_csv_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    """A UTF-8 byte order mark (as Excel writes) does not end up in the first column's name."""
+    path = write(tmp_path, "a.csv", "\ufeffname\nada\n".encode())
+    assert read(path) == [{"name": "ada"}]
+
+
+def test_empty_csv_has_no_header(tmp_path):
+    """An empty CSV file is refused: it has no header row."""
+    error = error_of(write(tmp_path, "a.csv", ""))
+    assert "line 1: the file is empty, with no header row" in str(error)
+    assert error.line == 1
+
+
+@pytest.mark.parametrize(
+    ("header", "problem"),
+    [("name,,note", "column 2 of the header row has no name"), ("a,b,a", "the header names 'a' twice")],
+)
+def test_bad_csv_header_is_refused(tmp_path, header, problem):
+    """A header with an unnamed or repeated column is refused at line 1."""
+    assert problem in str(error_of(write(tmp_path, "a.csv", f"{header}\n1,2,3\n")))
+
+
+def test_csv_row_with_wrong_field_count_names_its_line(tmp_path):
+    """A row with more or fewer fields than the header is refused, naming the file and its line."""
+    path = write(tmp_path, "a.csv", 'name,age\nada,36\n"bob\nsmith",40\ncy,1,extra\n')
+    error = error_of(path)
+    assert str(error).startswith(f"{path}: line 5: 3 fields, but the header row has 2. Fix:")
+    assert error.line == 5
+
+
+def test_malformed_csv_quoting_names_its_line(tmp_path):
+    """Text after a closing quote is an error, not a silently mangled field."""
+    error = error_of(write(tmp_path, "a.csv", 'a,b\n1,2\n"x"y,3\n'))
+    assert "line 3: not valid CSV" in str(error)
+
+
+# -- JSON Lines ------------------------------------------------------------------------------
+
+
+def test_jsonl_gives_one_value_per_line(tmp_path):
+    """Each non-blank line is one JSON value of any kind."""
+    path = write(tmp_path, "a.jsonl", '{"a": 1}\n\n[1, 2]\n"text"\n7\r\nnull\n')
+    assert read(path) == [{"a": 1}, [1, 2], "text", 7, None]
+
+
+def test_jsonl_bad_line_names_file_line_and_column(tmp_path):
+    """An unparsable line is named with its file, line and column, and says how to fix it."""
+    path = write(tmp_path, "a.jsonl", '{"a": 1}\n\n{"a": 2,}\n{"a": 3}\n')
+    with open_input(path) as source:
+        items = iter(source)
+        assert next(items) == {"a": 1}  # lazily: the bad line is met only when reached
+        with pytest.raises(InputError) as caught:
+            next(items)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: line 3: not valid JSON (")
+    assert "column 9" in message and "Fix: each line must hold one complete JSON value" in message
+    assert caught.value.line == 3
+
+
+def test_rejects_file_gives_back_the_original_items(tmp_path):
+    """A rejects file (index, item, exc_type, message per line) reads as the failed items."""
+    lines = [
+        {"index": 3, "item": {"key": "c"}, "exc_type": "ValueError", "message": "bad"},
+        {"index": 9, "item": [1, 2], "exc_type": "KeyError", "message": "'x'"},
+    ]
+    path = write(tmp_path, "rejects.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
+    assert read(path) == [{"key": "c"}, [1, 2]]
+
+
+def test_objects_with_other_keys_are_not_unwrapped(tmp_path):
+    """Only objects with exactly the rejects keys are unwrapped; other objects are items."""
+    line = {"index": 1, "item": 2, "exc_type": "E", "message": "m", "extra": True}
+    path = write(tmp_path, "a.jsonl", json.dumps(line) + "\n")
+    assert read(path) == [line]
+
+
+def test_rejects_file_with_a_foreign_line_is_refused(tmp_path):
+    """A line that is not a rejects record, in a file that starts as one, is an error."""
+    first = {"index": 0, "item": 1, "exc_type": "E", "message": "m"}
+    path = write(tmp_path, "rejects.jsonl", json.dumps(first) + '\n{"key": "x"}\n')
+    assert "line 2: not a rejects record" in str(error_of(path))
+
+
+def test_stdin_is_read(monkeypatch):
+    """'-' reads standard input, in the format given, and leaves stdin open."""
+    stdin = io.TextIOWrapper(io.BytesIO(b'{"a": 1}\n{"a": 2}\n'))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    with open_input("-", "jsonl") as source:
+        assert list(source) == [{"a": 1}, {"a": 2}]
+    assert not stdin.buffer.closed
+
+
+def test_text_that_is_not_utf8_names_its_line(tmp_path):
+    """Bytes that are not UTF-8 are reported with the line, and the fix."""
+    path = write(tmp_path, "a.jsonl", b'"ok"\n"caf\xe9"\n')
+    assert "not UTF-8 text" in str(error_of(path))
+
+
+# -- JSON arrays -----------------------------------------------------------------------------
+
+SAMPLE = """[
+  {"name": "ada", "tags": ["x", "y"], "nested": {"a": [1, 2, {"b": null}]}},
+  12345, -12.5e-3, 1E+5, 0, true, false, null,
+  "a string with \\"quotes\\", a \\\\ backslash, \\u00e9 and \\n",
+  [], {}, [[[]]], "caf\u00e9 \u2603"
+]
+"""
+
+
+def test_json_array_gives_its_elements(tmp_path):
+    """Each element of the top-level array is an item, of any JSON type."""
+    assert read(write(tmp_path, "a.json", SAMPLE)) == json.loads(SAMPLE)
+
+
+@pytest.mark.parametrize("read_size", [1, 2, 3, 5, 7, 16])
+def test_json_array_elements_cut_by_any_read_boundary(tmp_path, monkeypatch, read_size):
+    """Elements split across reads at every position (numbers too: '1E+5' read as '1E') parse whole."""
+    monkeypatch.setattr(inputs, "READ_SIZE", read_size)
+    assert read(write(tmp_path, "a.json", SAMPLE)) == json.loads(SAMPLE)
+
+
+def test_json_array_is_read_lazily(tmp_path):
+    """Taking the first element of a large array reads only the start of the file."""
+    path = tmp_path / "big.json"
+    with path.open("w") as file:
+        file.write("[" + ",".join(json.dumps({"n": i, "pad": "x" * 40}) for i in range(100_000)) + "]")
+    size = path.stat().st_size
+    with open_input(path) as source:
+        items = iter(source)
+        assert next(items) == {"n": 0, "pad": "x" * 40}
+        assert source._file.buffer.tell() < size // 10  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "problem"),
+    [
+        ("", 1, "expected a JSON array starting with '[', the file is empty"),
+        ('{"a": 1}', 1, "expected a JSON array starting with '[', found '{'"),
+        ('[1,\n 2,\n {"a" 3}]', 3, "column 7: Expecting ':' delimiter"),
+        ("[1, 2,]", 1, "column 7: Expecting value"),
+        ("[1, 2 3]", 1, "column 7: expected ',' or ']' after an element, found '3'"),
+        ("[1, 2", 1, "the file ends inside the array (no closing ']')"),
+        ('[1, "abc', 1, "column 5: Unterminated string"),
+        ("[1]\n[2]", 2, "column 1: unexpected '[' after the array's closing ']'"),
+    ],
+)
+def test_bad_json_array_names_line_and_column(tmp_path, text, line, problem):
+    """A broken array is reported with the file, line and column, and the expected shape."""
+    path = write(tmp_path, "a.json", text)
+    error = error_of(path)
+    assert str(error).startswith(f"{path}: line {line}: ")
+    assert problem in str(error)
+    assert "Fix: the file must hold one JSON array of items" in str(error)
+    assert error.line == line
+
+
+def test_bad_element_is_met_after_the_good_ones(tmp_path):
+    """Elements before a broken one are read first: the error comes when the reader reaches it."""
+    path = write(tmp_path, "a.json", "[1, 2, oops, 4]")
+    got = []
+    with pytest.raises(InputError, match="column 8: Expecting value"), open_input(path) as source:
+        for item in source:
+            got.append(item)
+    assert got == [1, 2]
+
+
+def test_empty_array_gives_nothing(tmp_path):
+    """An empty array is a valid input with no items."""
+    assert read(write(tmp_path, "a.json", " [ ]\n")) == []
+
+
+# -- stopping cleanly at a bad input ---------------------------------------------------------
+
+
+def test_until_bad_input_ends_before_the_chunk_that_breaks(tmp_path):
+    """Items come in whole chunks; the chunk holding a bad line is not given, the error is kept."""
+    path = write(tmp_path, "a.jsonl", "".join(f"{i}\n" for i in range(7)) + "{bad\n8\n")
+    with open_input(path) as source:
+        items = UntilBadInput(source, chunk_size=3)
+        assert list(items) == [0, 1, 2, 3, 4, 5]
+    assert items.error is not None and items.error.line == 8
+
+
+def test_until_bad_input_passes_a_good_input_through(tmp_path):
+    """Without a bad line, every item comes through, the last chunk short, and no error."""
+    path = write(tmp_path, "a.jsonl", "".join(f"{i}\n" for i in range(7)))
+    with open_input(path) as source:
+        items = UntilBadInput(source, chunk_size=3)
+        assert list(items) == list(range(7))
+    assert items.error is None
