@@ -157,6 +157,24 @@ def test_sigterm_to_the_whole_process_group():
     assert_nothing_left(workers, sessions)
 
 
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
+def test_sigterm_to_the_group_lets_workers_commit_the_chunks_in_hand(start_method):
+    """Workers that get SIGTERM mid-chunk finish it and report it, rather than die and roll it back."""
+    driver = start_driver(*SLOW, "--start-method", start_method)
+    wait_for_rows(driver, CHUNK)
+    time.sleep(0.5)  # both workers are inside their next 2-second chunk
+    rows_before = len(marker_counts())
+    os.killpg(driver.pid, signal.SIGTERM)
+    code, _, err = finish(driver, within=30)
+    assert "Traceback" not in err, err
+    found = whole_chunks_only()
+    assert code == 130, err
+    assert found.written - rows_before >= 2 * CHUNK, (rows_before, found, err)
+    assert found.written == printed_ok(err)
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
 def test_ctrl_c_while_workers_start(start_method):

@@ -19,13 +19,16 @@ Started three ways (``ProcessExecutor(start_method=...)``):
                 up once, then forks a worker for every pipe end the parent passes it
                 over SOCK (``socket.send_fds``).
 
-Workers ignore SIGINT (the parent decides what Ctrl-C means), die of SIGTERM like any
-process (their chunk rolls back), exit quietly when the parent hangs up on them, and exit
-on their own when the parent dies, so no worker outlives the run with a connection open.
+Workers ignore SIGINT (the parent decides what Ctrl-C means). A SIGTERM (systemd stopping
+a service signals the whole group) lets the chunk in hand commit and be reported, then
+ends the worker; idle, it ends at once; a second SIGTERM ends it at once. Workers exit
+quietly when the parent hangs up on them, and on their own when the parent dies, so no
+worker outlives the run with a connection open.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -34,6 +37,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -61,18 +65,55 @@ def run_worker(conn: Connection, task: Any) -> None:
             conn.send(("failed", traceback.format_exc()))
             return
         conn.send(("ready", os.getpid()))
-        while True:
+        termination = _Termination()
+        while not termination.requested:
             try:
                 chunk = conn.recv()
             except EOFError:  # the parent is gone
                 return
             if chunk is None:
                 return
-            conn.send(("done", worker.run(chunk)))
-    except (BrokenPipeError, ConnectionResetError):
-        return  # the parent is gone, or gave up on this worker while it started
+            with termination.deferred():
+                conn.send(("done", worker.run(chunk)))
+    except (BrokenPipeError, ConnectionResetError, _Terminated):
+        return  # the parent is gone or gave up on this worker, or SIGTERM found us idle
     finally:
         worker.close()
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler of a worker that holds no chunk."""
+
+
+class _Termination:
+    """SIGTERM in a working worker: end at once when idle, after the chunk in hand when busy.
+
+    Dying mid-chunk would roll the chunk back, or leave it in doubt during COMMIT, while the
+    parent (which treats SIGTERM as Ctrl-C) is waiting for exactly those chunks to finish.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.busy = False
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.siginterrupt(signal.SIGTERM, False)  # don't break the database driver's I/O
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.busy:
+            raise _Terminated
+        if self.requested:  # asked twice: end now, as SIGTERM does by default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.requested = True
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold SIGTERM back until the chunk is done and reported."""
+        self.busy = True
+        try:
+            yield
+        finally:
+            self.busy = False
 
 
 def _bootstrap(conn: Connection) -> Any:
@@ -129,10 +170,10 @@ def _watch_parent() -> None:
 
 def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A forked worker inherits the engine's SIGTERM-as-Ctrl-C handler: when SIGTERM reaches
-    # the whole group (systemd stopping a service), it raised KeyboardInterrupt in the
-    # middle of the user's function and died with a traceback. Not ignored either, or
-    # multiprocessing's exit-time terminate() and join() of a worker left running would hang.
+    # A forked worker inherits the engine's SIGTERM-as-Ctrl-C handler, which would raise
+    # KeyboardInterrupt inside the user's function; until ``_Termination`` takes over
+    # (once set up), SIGTERM ends the worker. Never ignored: multiprocessing's exit-time
+    # terminate() and join() of a worker left running would hang.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
