@@ -69,6 +69,10 @@ INSTALLED_APPS = [
     "django.contrib.auth",
     "bulkpool",
     "tests.testapp",
+    # Third-party apps whose signal receivers write rows, as real projects have them.
+    "simple_history",
+    "auditlog",
+    "tests.thirdparty",
 ]
 
 SECRET_KEY = "django-bulkpool-tests-not-secret"  # a test-only key

@@ -10,14 +10,9 @@ from django.db.models.signals import post_save
 
 import bulkpool
 from bulkpool import ConfigurationError
+from tests.params import EXECUTORS
 from tests.testapp.models import AuditLog, Author, Book, Document, Marker, Place, Restaurant, Tag
 
-# Workers other than serial use their own connections, so they need committed rows.
-EXECUTORS = [
-    pytest.param("serial", marks=pytest.mark.django_db),
-    pytest.param("thread", marks=pytest.mark.django_db(transaction=True)),
-    pytest.param("process", marks=pytest.mark.django_db(transaction=True)),
-]
 RUN: dict[str, Any] = {"workers": 2, "chunk_size": 3, "progress": False}
 UPDATE_FIELDS_UID = "tests.test_operations.record_update_fields"
 

@@ -14,14 +14,9 @@ from django.test.utils import CaptureQueriesContext
 import bulkpool
 from bulkpool import ConfigurationError, querysets
 from bulkpool.querysets import LoadRows, primary_keys, split
+from tests.params import EXECUTORS
 from tests.testapp.models import Author, Book, Document, Marker, Tag
 
-# Workers other than serial use their own connections, so they need committed rows.
-EXECUTORS = [
-    pytest.param("serial", marks=pytest.mark.django_db),
-    pytest.param("thread", marks=pytest.mark.django_db(transaction=True)),
-    pytest.param("process", marks=pytest.mark.django_db(transaction=True)),
-]
 RUN: dict[str, Any] = {"workers": 2, "chunk_size": 3, "progress": False}
 
 
