@@ -27,11 +27,22 @@ def configure(database: Path) -> None:
     django.setup()
 
 
-def rows(count: int):
-    """A generator: bulkpool reads it lazily, whatever its length."""
-    for i in range(count):
-        name = f"user{i - 1:05d}" if i % 1000 == 999 else f"user{i:05d}"  # a duplicate now and then
-        yield {"username": name, "email": f"{name}@example.com"}
+class UserRows:
+    """Rows made on demand, as bulkpool reads them; ``len()`` gives the progress bar its total.
+
+    A plain generator works too: the bar then counts without a total.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        for i in range(self.count):
+            name = f"user{i - 1:05d}" if i % 1000 == 999 else f"user{i:05d}"  # a duplicate now and then
+            yield {"username": name, "email": f"{name}@example.com"}
 
 
 def create_user(row):
@@ -59,7 +70,7 @@ def main() -> None:
     User.objects.all().delete()
 
     report = bulkpool.run(
-        create_user, rows(args.items), backend=args.backend, workers=args.workers, progress=True
+        create_user, UserRows(args.items), backend=args.backend, workers=args.workers, progress=True
     )
     print(report)
     print(f"In the database: {User.objects.count():,} users, {Profile.objects.count():,} profiles.")
