@@ -160,19 +160,23 @@ def test_sigterm_to_the_whole_process_group():
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
-def test_sigterm_to_the_group_lets_workers_commit_the_chunks_in_hand(start_method):
-    """Workers that get SIGTERM mid-chunk finish it and report it, rather than die and roll it back."""
+def test_sigterm_to_every_process_lets_workers_commit_the_chunks_in_hand(start_method):
+    """SIGTERM to the caller and all its processes, as systemd stops a service (its whole
+    cgroup): workers finish the chunk in hand and report it, rather than die and roll it back."""
     driver = start_driver(*SLOW, "--start-method", start_method)
     wait_for_rows(driver, CHUNK)
     time.sleep(0.5)  # both workers are inside their next 2-second chunk
     rows_before = len(marker_counts())
-    os.killpg(driver.pid, signal.SIGTERM)
+    tree = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+    for process in tree:
+        process.send_signal(signal.SIGTERM)
     code, _, err = finish(driver, within=30)
     assert "Traceback" not in err, err
     found = whole_chunks_only()
     assert code == 130, err
     assert found.written - rows_before >= 2 * CHUNK, (rows_before, found, err)
     assert found.written == printed_ok(err)
+    assert [p.pid for p in wait_gone(tree[1:], within=5)] == []
 
 
 @pytest.mark.django_db(transaction=True)

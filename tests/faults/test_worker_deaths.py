@@ -6,6 +6,7 @@ import functools
 import random
 import signal
 
+import psutil
 import pytest
 
 import bulkpool
@@ -43,3 +44,29 @@ def test_workers_killed_from_outside(start_method, run_id):
     assert injector.faults == 3
     assert report.retried >= 10  # lost chunks were sent again: the kills came mid-run
     assert_nothing_lost_or_doubled(report, ITEMS, run_id)
+
+
+def kill_the_forkserver() -> int:
+    """SIGKILL the forkserver ("zygote"): its workers notice their parent died and exit."""
+    zygotes = [child for child in psutil.Process().children() if "zygote" in child.cmdline()]
+    for zygote in zygotes:
+        zygote.send_signal(signal.SIGKILL)
+    return len(zygotes)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("run_id", [None, "faults"], ids=["plain", "journaled"])
+def test_forkserver_killed_from_outside(run_id):
+    """The forkserver SIGKILLed twice mid-run: it is started again, and the workers with it."""
+    func = functools.partial(jobs.slow_marker, 0.01)
+    executor = ProcessExecutor(start_method="forkserver")
+    with injecting(kill_the_forkserver, times=2, interval=1.0, workers=2, uses_db=False) as injector:
+        report = bulkpool.run(
+            func, range(ITEMS), backend=executor, workers=2, chunk_size=10, progress=False, run_id=run_id
+        )
+    found = tally(range(ITEMS))
+    record(f"the forkserver SIGKILLed twice ({'journaled' if run_id else 'plain'})", found, report)
+    assert injector.faults == 2
+    assert report.retried >= 10  # its workers' chunks were sent again
+    assert_nothing_lost_or_doubled(report, ITEMS, run_id)
+    assert worker_processes() == []

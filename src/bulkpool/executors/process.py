@@ -100,13 +100,13 @@ class ProcessExecutor(Executor):
 
     def start(self, task: Task, workers: int) -> None:
         self._bootstrap = self._bootstrap_for(task)
-        self._stopping = False
         self._local_events: list[Event] = []
         self._zygote: tuple[subprocess.Popen[bytes], Connection, socket.socket] | None = None
         if self.start_method == "fork":
             connections.close_all()  # a forked child must not share the parent's sockets
         elif self.start_method == "forkserver":
             self._zygote = self._start_zygote()
+        self._size = workers
         self._handles: list[_WorkerHandle] = []
         launched: list[_WorkerHandle] = []
         try:
@@ -120,9 +120,10 @@ class ProcessExecutor(Executor):
             raise
 
     def capacity(self) -> int:
-        return PREFETCH * len(self._handles)
+        return PREFETCH * self._size
 
     def submit(self, chunk: Chunk) -> None:
+        self._replace_the_dead()
         handle = min(self._handles, key=lambda h: len(h.in_flight))
         try:
             payload = pickle.dumps(chunk)
@@ -145,7 +146,7 @@ class ProcessExecutor(Executor):
             try:
                 kind, result = handle.conn.recv()
             except (EOFError, OSError):
-                found.extend(self._replace(handle))
+                found.extend(self._bury(handle))
                 continue
             handle.committing = kind == "committing"
             if kind == "done":
@@ -153,7 +154,6 @@ class ProcessExecutor(Executor):
         return found
 
     def stop(self, *, cancel: bool = False) -> None:
-        self._stopping = True
         for handle in self._handles:
             if cancel:
                 handle.kill()
@@ -174,12 +174,15 @@ class ProcessExecutor(Executor):
             process, conn, fd_socket = self._zygote
             fd_socket.close()  # tells the zygote to exit
             conn.close()
-            _reap_popen(process, STOP_TIMEOUT)
+            if _reap_popen(process, STOP_TIMEOUT) == "still running":
+                process.kill()
+                process.wait()
             self._zygote = None
 
     # -- starting and replacing workers ---------------------------------------------------
 
     def _launch(self) -> _WorkerHandle:
+        """Start a worker; it is ready to work once ``_await_ready`` has returned."""
         parent_end, child_end = multiprocessing.Pipe()
         if self.start_method == "fork":
             process = multiprocessing.get_context("fork").Process(
@@ -193,8 +196,7 @@ class ProcessExecutor(Executor):
             pid = popen.pid
             reap = lambda timeout: _reap_popen(popen, timeout)  # noqa: E731
         else:  # the zygote was bootstrapped once; its children start ready to work
-            assert self._zygote is not None
-            socket.send_fds(self._zygote[2], [b"F"], [child_end.fileno()])
+            self._send_to_zygote(child_end)
             pid = 0  # known once it says it is ready
             reap = _reaper_of_forked_by_zygote(parent_end)
         child_end.close()
@@ -208,15 +210,31 @@ class ProcessExecutor(Executor):
             raise WorkerStartupError("A worker process failed to start.", detail)
         handle.pid = detail
 
-    def _replace(self, dead: _WorkerHandle) -> list[Event]:
-        """Bury a dead worker, start another in its place, and hand back its chunks."""
-        ended = dead.reap(STOP_TIMEOUT)
-        dead.conn.close()
-        self._handles.remove(dead)
-        if not self._stopping:
+    def _send_to_zygote(self, child_end: Connection) -> None:
+        """Have the zygote fork a worker on ``child_end``; start a new zygote if it died."""
+        assert self._zygote is not None
+        try:
+            socket.send_fds(self._zygote[2], [b"F"], [child_end.fileno()])
+        except OSError:
+            popen, conn, fd_socket = self._zygote
+            fd_socket.close()
+            conn.close()
+            _reap_popen(popen, 0)
+            self._zygote = self._start_zygote()
+            socket.send_fds(self._zygote[2], [b"F"], [child_end.fileno()])
+
+    def _replace_the_dead(self) -> None:
+        """Top the pool up to its size: only when work is sent, so none starts while draining."""
+        while len(self._handles) < self._size:
             handle = self._launch()
             self._await_ready(handle)
             self._handles.append(handle)
+
+    def _bury(self, dead: _WorkerHandle) -> list[Event]:
+        """Reap a dead worker and hand back its chunks; ``submit`` starts its replacement."""
+        ended = dead.reap(STOP_TIMEOUT)
+        dead.conn.close()
+        self._handles.remove(dead)
         reason = f"the worker process (pid {dead.pid}) died: {ended}"
         return [
             ChunkLost(chunk, reason, in_doubt=dead.committing and n == 0)

@@ -138,6 +138,9 @@ def _serve_zygote(conn: Connection, fd_socket: socket.socket) -> None:
         return
     conn.send(("ready", os.getpid()))
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our workers
+    # It holds no work, and ends when the parent closes the socket or dies; dying of a
+    # SIGTERM to every process (systemd stopping a service) would take the workers with it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     while True:
         try:
             _, fds, _, _ = socket.recv_fds(fd_socket, 16, 1)
@@ -147,6 +150,7 @@ def _serve_zygote(conn: Connection, fd_socket: socket.socket) -> None:
             return
         if os.fork() == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             fd_socket.close()
             conn.close()
             _watch_parent()
