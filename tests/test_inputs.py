@@ -170,7 +170,8 @@ def test_jsonl_bad_line_names_file_line_and_column(tmp_path):
             next(items)
     message = str(caught.value)
     assert message.startswith(f"{path}: line 3: not valid JSON (")
-    assert "column 9" in message and "Fix: each line must hold one complete JSON value" in message
+    column = _json_error_column('{"a": 2,}')  # 9 before Python 3.13, 8 since
+    assert f"column {column}" in message and "Fix: each line must hold one complete JSON value" in message
     assert caught.value.line == 3
 
 
@@ -305,3 +306,11 @@ def test_until_bad_input_passes_a_good_input_through(tmp_path):
         items = UntilBadInput(source, chunk_size=3)
         assert list(items) == list(range(7))
     assert items.error is None
+
+
+def _json_error_column(text: str) -> int:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as error:
+        return error.colno
+    raise AssertionError(f"{text!r} is valid JSON")
