@@ -99,12 +99,13 @@ class _Termination:
         signal.siginterrupt(signal.SIGTERM, False)  # don't break the database driver's I/O
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if not self.busy:
-            raise _Terminated
-        if self.requested:  # asked twice: end now, as SIGTERM does by default
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if self.busy and not self.requested:
+            self.requested = True
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from now on, SIGTERM just ends us
+        if self.busy:  # asked twice
             os.kill(os.getpid(), signal.SIGTERM)
-        self.requested = True
+        raise _Terminated
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
