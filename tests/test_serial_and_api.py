@@ -66,6 +66,19 @@ def test_bad_options_are_refused_with_the_reason(options, message):
         bulkpool.run(jobs.identity, range(3), **options)
 
 
+@pytest.mark.parametrize(
+    ("func", "items", "message"),
+    [
+        (jobs.identity, None, "items must be iterable .* not NoneType"),
+        (jobs.identity, 42, "items must be iterable .* not int"),
+        (3, range(3), "func must be callable, not int"),
+    ],
+)
+def test_bad_arguments_are_refused_with_the_reason(func, items, message):
+    with pytest.raises(ConfigurationError, match=message):
+        bulkpool.run(func, items, backend="serial")
+
+
 def test_public_names_match_all():
     """bulkpool's __all__ lists exactly the public names it exports, sorted."""
     public = {

@@ -51,6 +51,10 @@ def build_engine(
     """An ``Engine`` for ``func`` over ``items``. A QuerySet becomes its primary keys, and
     a loader with which each worker turns them into rows (see ``querysets``)."""
     if not isinstance(items, QuerySet):
+        if not isinstance(items, Iterable):
+            raise ConfigurationError(
+                f"items must be iterable (a list, a generator, a QuerySet...), not {type(items).__name__}."
+            )
         return Engine(func, items, make_options(given), keep_values=keep_values)
     options = make_options({"database": querysets.database_of(items), **given})
     keys, load = querysets.split(items, options.database, missing_ok=missing_ok)
