@@ -68,6 +68,11 @@ def bulkpool_process(workload: Workload, items: Items) -> dict[str, Any]:
     return _bulkpool(workload, items, backend="process", workers=2)
 
 
+def bulkpool_process_500(workload: Workload, items: Items) -> dict[str, Any]:
+    """As ``bulkpool_process``, with the chunk size of ``pool_atomic500``: same commit count."""
+    return _bulkpool(workload, items, backend="process", workers=2, chunk_size=500)
+
+
 def bulk_create(workload: Workload, items: Items) -> None:
     """For reference: one INSERT per 1,000 rows; no save(), no signals."""
     user = get_user_model()
@@ -105,5 +110,6 @@ METHODS: dict[str, Callable[[Workload, Items], dict[str, Any] | None]] = {
     "bulkpool_serial": bulkpool_serial,
     "bulkpool_thread": bulkpool_thread,
     "bulkpool_process": bulkpool_process,
+    "bulkpool_process_500": bulkpool_process_500,
     "bulk_create": bulk_create,
 }

@@ -35,6 +35,7 @@ METHODS = [
     "bulkpool_serial",
     "bulkpool_thread",
     "bulkpool_process",
+    "bulkpool_process_500",
     "bulk_create",
 ]
 WORKLOADS = ["trivial", "setup2ms", "hash2ms"]
