@@ -173,9 +173,14 @@ def test_sigterm_to_every_process_lets_workers_commit_the_chunks_in_hand(start_m
     code, _, err = finish(driver, within=30)
     assert "Traceback" not in err, err
     found = whole_chunks_only()
+    ok = printed_ok(err)
+    record(
+        f"SIGTERM to every process mid-chunk ({start_method})",
+        Tally(ok, found.written, found.duplicated, found.unexpected),
+    )
     assert code == 130, err
     assert found.written - rows_before >= 2 * CHUNK, (rows_before, found, err)
-    assert found.written == printed_ok(err)
+    assert found.written == ok
     assert [p.pid for p in wait_gone(tree[1:], within=5)] == []
 
 
