@@ -19,9 +19,10 @@ Started three ways (``ProcessExecutor(start_method=...)``):
                 up once, then forks a worker for every pipe end the parent passes it
                 over SOCK (``socket.send_fds``).
 
-Workers ignore SIGINT (the parent decides what Ctrl-C means). A SIGTERM (systemd stopping
-a service signals the whole group) lets the chunk in hand commit and be reported, then
-ends the worker; idle, it ends at once; a second SIGTERM ends it at once. Workers exit
+Workers ignore SIGINT (the parent decides what Ctrl-C means). A SIGTERM (systemd stops a
+service by signalling every process of it) lets the chunk in hand commit and be reported,
+then ends the worker; idle, it ends at once; a second SIGTERM ends it at once. The
+forkserver ignores SIGTERM: it holds no work. Workers exit
 quietly when the parent hangs up on them, and on their own when the parent dies, so no
 worker outlives the run with a connection open.
 """
