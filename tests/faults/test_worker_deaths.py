@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import random
 import signal
+import time
 
 import psutil
 import pytest
@@ -47,11 +48,24 @@ def test_workers_killed_from_outside(start_method, run_id):
 
 
 def kill_the_forkserver() -> int:
-    """SIGKILL the forkserver ("zygote"): its workers notice their parent died and exit."""
-    zygotes = [child for child in psutil.Process().children() if "zygote" in child.cmdline()]
-    for zygote in zygotes:
-        zygote.send_signal(signal.SIGKILL)
-    return len(zygotes)
+    """SIGKILL the forkserver ("zygote") once it has forked workers (so it is not still
+    starting, after the previous strike): its workers notice their parent died and exit."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        working = [child for child in psutil.Process().children() if _is_working_zygote(child)]
+        if working:
+            for zygote in working:
+                zygote.send_signal(signal.SIGKILL)
+            return len(working)
+        time.sleep(0.05)
+    return 0
+
+
+def _is_working_zygote(process: psutil.Process) -> bool:
+    try:
+        return "zygote" in process.cmdline() and bool(process.children())
+    except psutil.Error:  # gone, or a zombie: the previous strike's
+        return False
 
 
 @pytest.mark.django_db(transaction=True)
