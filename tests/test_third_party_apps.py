@@ -7,6 +7,7 @@ work: an item that fails leaves no historical row and no log entry behind.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -28,13 +29,10 @@ def create_customer_then_fail_on_7(number: int) -> int:
     return customer.pk
 
 
-def log_entries(action: int) -> dict[str, int]:
+def log_entries(action: int) -> Counter[str]:
     """Object pk -> number of auditlog entries with that action."""
     entries = LogEntry.objects.get_for_model(Customer).filter(action=action)
-    counts: dict[str, int] = {}
-    for object_pk in entries.values_list("object_pk", flat=True):
-        counts[object_pk] = counts.get(object_pk, 0) + 1
-    return counts
+    return Counter(entries.values_list("object_pk", flat=True))
 
 
 def history_pks(history_type: str) -> list[int]:

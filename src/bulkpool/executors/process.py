@@ -171,13 +171,7 @@ class ProcessExecutor(Executor):
             handle.conn.close()
         self._handles = []
         if self._zygote is not None:
-            process, conn, fd_socket = self._zygote
-            fd_socket.close()  # tells the zygote to exit
-            conn.close()
-            if _reap_popen(process, STOP_TIMEOUT) == "still running":
-                process.kill()
-                process.wait()
-            self._zygote = None
+            self._stop_zygote()
 
     # -- starting and replacing workers ---------------------------------------------------
 
@@ -215,11 +209,8 @@ class ProcessExecutor(Executor):
         assert self._zygote is not None
         try:
             socket.send_fds(self._zygote[2], [b"F"], [child_end.fileno()])
-        except OSError:
-            popen, conn, fd_socket = self._zygote
-            fd_socket.close()
-            conn.close()
-            _reap_popen(popen, 0)
+        except OSError:  # it died: bury it, start another
+            self._stop_zygote()
             self._zygote = self._start_zygote()
             socket.send_fds(self._zygote[2], [b"F"], [child_end.fileno()])
 
@@ -240,6 +231,16 @@ class ProcessExecutor(Executor):
             ChunkLost(chunk, reason, in_doubt=dead.committing and n == 0)
             for n, chunk in enumerate(dead.in_flight)
         ]
+
+    def _stop_zygote(self) -> None:
+        assert self._zygote is not None
+        process, conn, fd_socket = self._zygote
+        fd_socket.close()  # tells the zygote to exit
+        conn.close()
+        if _reap_popen(process, STOP_TIMEOUT) == "still running":
+            process.kill()
+            process.wait()
+        self._zygote = None
 
     def _start_zygote(self) -> tuple[subprocess.Popen[bytes], Connection, socket.socket]:
         parent_end, child_end = multiprocessing.Pipe()
