@@ -13,10 +13,10 @@ from django.test import override_settings
 
 import bulkpool
 from bulkpool import ConfigurationError, ItemFailed
-from bulkpool.chunking import Chunk
 from bulkpool.journal import JournalRef
 from bulkpool.models import Run, RunChunk, RunFailure
-from bulkpool.work import Task, Worker
+from bulkpool.protocol import Chunk, Task
+from bulkpool.work import Worker
 from tests import jobs
 from tests.testapp.models import Marker
 

@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
-
-@dataclass(frozen=True)
-class Chunk:
-    """Items ``start`` .. ``start + len(items) - 1`` of the input: the unit of work a worker runs."""
-
-    number: int
-    start: int
-    items: list[Any]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def indexed(self) -> Iterator[tuple[int, Any]]:
-        return enumerate(self.items, self.start)
+from bulkpool.protocol import Chunk
 
 
 def chunked(items: Iterable[Any], size: int) -> Iterator[Chunk]:

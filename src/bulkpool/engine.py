@@ -39,7 +39,7 @@ from bulkpool.executors import ChunkLost, resolve
 from bulkpool.journal import Journal
 from bulkpool.options import Options
 from bulkpool.outcomes import ErrorInfo, Failure, Report
-from bulkpool.work import ChunkResult, Task
+from bulkpool.protocol import ChunkResult, Task
 
 POLL_SECONDS = 0.5
 

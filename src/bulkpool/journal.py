@@ -26,9 +26,9 @@ from django.utils import timezone
 from bulkpool.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from bulkpool.chunking import Chunk
     from bulkpool.options import Options
     from bulkpool.outcomes import ErrorInfo, Report
+    from bulkpool.protocol import Chunk
 
 FIX_INSTALL = (
     'Add "bulkpool" to INSTALLED_APPS and run `python manage.py migrate bulkpool`, or run without run_id.'

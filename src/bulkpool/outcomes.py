@@ -7,9 +7,10 @@ the real error.
 
 from __future__ import annotations
 
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
+
+from bulkpool.protocol import ErrorInfo
 
 MAX_ITEM_REPR = 200
 
@@ -21,24 +22,6 @@ def short_repr(value: Any, limit: int = MAX_ITEM_REPR) -> str:
     except Exception as error:  # a broken __repr__ must not hide the real failure
         text = f"<unrepresentable {type(value).__name__}: {error!r}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-@dataclass(frozen=True)
-class ErrorInfo:
-    """An exception reduced to text in the worker that raised it."""
-
-    exc_type: str
-    message: str
-    traceback: str
-
-    @classmethod
-    def from_exception(cls, error: BaseException) -> ErrorInfo:
-        kind = type(error)
-        return cls(
-            exc_type=f"{kind.__module__}.{kind.__qualname__}".removeprefix("builtins."),
-            message=str(error),
-            traceback="".join(traceback.format_exception(kind, error, error.__traceback__)),
-        )
 
 
 @dataclass(frozen=True)

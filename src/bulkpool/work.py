@@ -27,49 +27,17 @@ import contextlib
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import OperationalError, connections, transaction
 
-from bulkpool.chunking import Chunk
 from bulkpool.errors import is_transient
-from bulkpool.journal import AlreadyDone, JournalRef, is_recorded, record_chunk
-from bulkpool.outcomes import ErrorInfo
+from bulkpool.journal import AlreadyDone, is_recorded, record_chunk
+from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo, Task
 
 SQLITE_BUSY_TIMEOUT = 60  # seconds a worker waits for SQLite's write lock
 MAX_BACKOFF = 5.0
 RECONNECT_TIMEOUT = 120.0  # seconds a worker waits for its database to come back
-
-
-@dataclass(frozen=True)
-class Task:
-    """The part of a job a worker needs: shipped once to every worker."""
-
-    func: Callable[..., Any]
-    setup: Callable[[], Any] | None
-    atomic: Any
-    database: str
-    retries: int
-    keep_values: bool
-    own_connections: bool  # False when running on the caller's own connection (serial)
-    # Turns a chunk's items into func's arguments, once per chunk attempt, inside its
-    # transaction (QuerySet input: primary keys -> model instances, one query per chunk).
-    # An exception in an item's place is that item's failure.
-    load: Callable[[list[Any]], list[Any]] | None = None
-    journal: JournalRef | None = None  # write each chunk's journal row in its transaction
-    dry_run: bool = False  # roll every transaction back
-
-
-@dataclass
-class ChunkResult:
-    """What a worker sends back for one chunk; errors are keyed by offset in the chunk."""
-
-    number: int
-    values: list[Any] | None
-    errors: dict[int, ErrorInfo] = field(default_factory=dict)
-    retried: int = 0
-    skipped: bool = False  # the journal says this chunk was committed before
 
 
 class _Redo(Exception):

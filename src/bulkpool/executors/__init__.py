@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from bulkpool.executors.base import ChunkDone, ChunkLost, Event, Executor
+from bulkpool.executors.base import Executor
 from bulkpool.executors.process import ProcessExecutor
 from bulkpool.executors.serial import SerialExecutor
 from bulkpool.executors.thread import ThreadExecutor
+from bulkpool.protocol import ChunkDone, ChunkLost, Event
 
 EXECUTORS: dict[str, type[Executor]] = {
     "serial": SerialExecutor,

@@ -7,31 +7,8 @@ The engine drives an executor through four calls -- ``start``, ``submit``, ``eve
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
-from bulkpool.chunking import Chunk
-from bulkpool.work import ChunkResult, Task
-
-
-@dataclass(frozen=True)
-class ChunkDone:
-    """A worker ran the chunk; ``result`` says how each item went."""
-
-    chunk: Chunk
-    result: ChunkResult
-
-
-@dataclass(frozen=True)
-class ChunkLost:
-    """The worker running the chunk died; nothing of the chunk was committed -- unless
-    ``in_doubt``: it died during the chunk's COMMIT, which may have gone through."""
-
-    chunk: Chunk
-    reason: str
-    in_doubt: bool = False
-
-
-Event = ChunkDone | ChunkLost
+from bulkpool.protocol import Chunk, Event, Task
 
 
 class Executor(ABC):

@@ -32,13 +32,11 @@ import cloudpickle
 from django.db import connections
 
 import bulkpool
-from bulkpool.chunking import Chunk
 from bulkpool.errors import ConfigurationError, WorkerStartupError
-from bulkpool.executors.base import ChunkDone, ChunkLost, Event, Executor
+from bulkpool.executors.base import Executor
 from bulkpool.executors.environment import DjangoEnvironment
 from bulkpool.executors.process_worker import serve_forked
-from bulkpool.outcomes import ErrorInfo
-from bulkpool.work import ChunkResult, Task
+from bulkpool.protocol import Chunk, ChunkDone, ChunkLost, ChunkResult, ErrorInfo, Event, Task
 
 START_METHODS = ("fork", "forkserver", "spawn")
 START_TIMEOUT = 120.0  # seconds for a worker to import Django and run setup

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import replace
 
-from bulkpool.chunking import Chunk
-from bulkpool.executors.base import ChunkDone, Event, Executor
-from bulkpool.work import Task, Worker
+from bulkpool.executors.base import Executor
+from bulkpool.protocol import Chunk, ChunkDone, Event, Task
+from bulkpool.work import Worker
 
 
 class SerialExecutor(Executor):

@@ -11,11 +11,10 @@ import queue
 import threading
 from dataclasses import replace
 
-from bulkpool.chunking import Chunk
 from bulkpool.errors import WorkerStartupError
-from bulkpool.executors.base import ChunkDone, Event, Executor
-from bulkpool.outcomes import ErrorInfo
-from bulkpool.work import Task, Worker
+from bulkpool.executors.base import Executor
+from bulkpool.protocol import Chunk, ChunkDone, ErrorInfo, Event, Task
+from bulkpool.work import Worker
 
 
 class ThreadExecutor(Executor):

@@ -1,0 +1,268 @@
+"""The messages that cross a process or a broker, and how they are encoded.
+
+Data flow, whatever the executor:
+
+    engine --Task (once per worker)--> worker
+    engine --Chunk (any number)------> worker
+    engine <--ChunkResult per Chunk--- worker      (as ChunkDone, from the executor)
+    engine <--ChunkLost--------------- executor    (the worker died, or its chunk was lost)
+
+Everything here is plain data. Errors travel as ``ErrorInfo`` text (class path, message,
+formatted traceback), so an exception that cannot be pickled never hides the real error.
+
+Two codecs: ``PICKLE`` for local pipes (the Task with cloudpickle, so lambdas and closures
+travel by value; chunks and results with pickle), and ``JSON`` for brokers, which carry
+JSON only: dates, times, decimals and UUIDs are tagged so they come back as themselves.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import decimal
+import json
+import pickle
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from bulkpool.errors import ItemError
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Items ``start`` .. ``start + len(items) - 1`` of the input: the unit of work a worker runs."""
+
+    number: int
+    start: int
+    items: list[Any]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def end(self) -> int:
+        """One past the input index of the last item."""
+        return self.start + len(self.items)
+
+    def indexed(self) -> Iterator[tuple[int, Any]]:
+        return enumerate(self.items, self.start)
+
+    def piece(self, start: int, end: int) -> Chunk:
+        """The items with input index ``start`` .. ``end - 1``, as a chunk of their own."""
+        return Chunk(self.number, start, self.items[start - self.start : end - self.start])
+
+    def halves(self) -> tuple[Chunk, Chunk]:
+        middle = self.start + len(self) // 2
+        return self.piece(self.start, middle), self.piece(middle, self.end)
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """An exception reduced to text where it was raised.
+
+    ``unsafe``: the item may have been written all the same (a COMMIT whose outcome is
+    unknown, a worker that died with ``atomic="item"`` or ``False``), so feeding it to
+    another run blindly could write it twice.
+    """
+
+    exc_type: str
+    message: str
+    traceback: str
+    unsafe: bool = False
+
+    @classmethod
+    def of_kind(
+        cls, kind: type[ItemError], message: str, traceback: str = "", *, unsafe: bool | None = None
+    ) -> ErrorInfo:
+        """A failure of bulkpool's own kind (``bulkpool.CommitUnknown`` ...)."""
+        return cls(f"bulkpool.{kind.__name__}", message, traceback, kind.unsafe if unsafe is None else unsafe)
+
+    @classmethod
+    def from_exception(cls, error: BaseException) -> ErrorInfo:
+        kind = type(error)
+        return cls(
+            exc_type=f"{kind.__module__}.{kind.__qualname__}".removeprefix("builtins."),
+            message=str(error),
+            traceback="".join(traceback.format_exception(kind, error, error.__traceback__)),
+        )
+
+
+@dataclass(frozen=True)
+class Task:
+    """The part of a job a worker needs: shipped once to every worker."""
+
+    func: Callable[..., Any]
+    setup: Callable[[], Any] | None
+    atomic: Any
+    database: str
+    retries: int
+    keep_values: bool
+    own_connections: bool  # False when running on the caller's own connection (serial)
+    # Turns a chunk's items into func's arguments, once per chunk attempt, inside its
+    # transaction (QuerySet input: primary keys -> model instances, one query per chunk).
+    # An exception in an item's place is that item's failure.
+    load: Callable[[list[Any]], list[Any]] | None = None
+    journal: Any = None  # a journal.JournalRef: write each chunk's journal row in its transaction
+    dry_run: bool = False  # roll every transaction back
+    # Values must cross a pipe or a broker: one that cannot be encoded fails its item
+    # before its chunk commits (None: values stay in the process, as on serial and thread).
+    check_value: Callable[[Any], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where a chunk's time went in the worker, in seconds: for sizing chunks and pools."""
+
+    load: float = 0.0  # QuerySet input: loading the rows
+    work: float = 0.0  # calling func, with its queries
+    commit: float = 0.0  # the constraint checks and COMMIT
+    total: float = 0.0  # all of it, retries and redos included
+
+
+@dataclass
+class ChunkResult:
+    """What a worker sends back for one chunk; errors are keyed by offset in the chunk.
+
+    ``callback_errors``: ``transaction.on_commit`` callbacks that raised after the chunk
+    committed. Those items are written (not failed); the errors are reported so they are seen.
+    """
+
+    number: int
+    values: list[Any] | None
+    errors: dict[int, ErrorInfo] = field(default_factory=dict)
+    retried: int = 0
+    skipped: bool = False  # the journal says this chunk was committed before
+    callback_errors: dict[int, ErrorInfo] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass(frozen=True)
+class ChunkDone:
+    """A worker ran the chunk; ``result`` says how each item went."""
+
+    chunk: Chunk
+    result: ChunkResult
+
+
+@dataclass(frozen=True)
+class ChunkLost:
+    """The chunk did not come back: its worker died, or crashed outside any item.
+
+    Nothing of it was committed -- unless ``in_doubt``: the worker was in or past the
+    chunk's COMMIT, which may have gone through. ``traceback`` is set when a crash left one.
+    """
+
+    chunk: Chunk
+    reason: str
+    in_doubt: bool = False
+    traceback: str = ""
+
+
+Event = ChunkDone | ChunkLost
+
+
+# -- codecs ----------------------------------------------------------------------------------
+
+
+class PickleCodec:
+    """Local pipes: chunks and results with pickle; the Task with cloudpickle."""
+
+    name = "pickle"
+
+    def encode(self, message: Any) -> bytes:
+        return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def decode(self, data: bytes) -> Any:
+        return pickle.loads(data)
+
+    def encode_task(self, task: Task) -> bytes:
+        import cloudpickle
+
+        return bytes(cloudpickle.dumps(task))
+
+    def check_value(self, value: Any) -> Any:
+        """Raise if ``value`` cannot be sent back to the parent."""
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+_TAGS: dict[str, tuple[type, Callable[[Any], Any], Callable[[Any], Any]]] = {
+    "datetime": (datetime.datetime, datetime.datetime.isoformat, datetime.datetime.fromisoformat),
+    "date": (datetime.date, datetime.date.isoformat, datetime.date.fromisoformat),
+    "time": (datetime.time, datetime.time.isoformat, datetime.time.fromisoformat),
+    "decimal": (decimal.Decimal, str, decimal.Decimal),
+    "uuid": (uuid.UUID, str, uuid.UUID),
+    "bytes": (bytes, lambda b: base64.b64encode(b).decode(), base64.b64decode),
+}
+_TAG = "__bulkpool__"
+
+
+class JsonCodec:
+    """Brokers: plain JSON text. Dates, times, decimals, UUIDs and bytes are tagged
+    (``{"__bulkpool__": "date", "v": "2024-05-01"}``) and come back as themselves; a
+    value JSON cannot carry raises ``TypeError`` naming its type."""
+
+    name = "json"
+
+    def encode(self, message: Any) -> bytes:
+        return json.dumps(self._plain(message), default=self._tag, ensure_ascii=False).encode()
+
+    def decode(self, data: bytes | str) -> Any:
+        return self._rebuild(json.loads(data, object_hook=self._untag))
+
+    def check_value(self, value: Any) -> Any:
+        return json.dumps(value, default=self._tag)
+
+    # Messages become {"type": ..., fields...}; ChunkResult's offset keys become strings.
+    def _plain(self, message: Any) -> Any:
+        if isinstance(message, Chunk):
+            return {"type": "chunk", "number": message.number, "start": message.start, "items": message.items}
+        if isinstance(message, ChunkResult):
+            return {
+                "type": "result",
+                "number": message.number,
+                "values": message.values,
+                "errors": {str(k): vars(v) for k, v in message.errors.items()},
+                "retried": message.retried,
+                "skipped": message.skipped,
+                "callback_errors": {str(k): vars(v) for k, v in message.callback_errors.items()},
+                "timings": vars(message.timings),
+            }
+        return message
+
+    def _rebuild(self, data: Any) -> Any:
+        kind = data.get("type") if isinstance(data, dict) else None
+        if kind == "chunk":
+            return Chunk(data["number"], data["start"], data["items"])
+        if kind == "result":
+            return ChunkResult(
+                number=data["number"],
+                values=data["values"],
+                errors={int(k): ErrorInfo(**v) for k, v in data["errors"].items()},
+                retried=data["retried"],
+                skipped=data["skipped"],
+                callback_errors={int(k): ErrorInfo(**v) for k, v in data["callback_errors"].items()},
+                timings=Timings(**data["timings"]),
+            )
+        return data
+
+    @staticmethod
+    def _tag(value: Any) -> Any:
+        # datetime before date: a datetime is a date too.
+        for tag, (kind, dump, _) in _TAGS.items():
+            if isinstance(value, kind):
+                return {_TAG: tag, "v": dump(value)}
+        raise TypeError(f"a {type(value).__module__}.{type(value).__qualname__} cannot be sent as JSON")
+
+    @staticmethod
+    def _untag(data: dict[str, Any]) -> Any:
+        tag = data.get(_TAG)
+        if tag in _TAGS and set(data) == {_TAG, "v"}:
+            return _TAGS[tag][2](data["v"])
+        return data
+
+
+PICKLE = PickleCodec()
+JSON = JsonCodec()
