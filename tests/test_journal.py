@@ -51,12 +51,14 @@ def test_stopped_run_resumes_with_every_item_once(backend, tmp_path):
     written_before = sum(marker_counts().values())
     assert 0 < written_before < 300
     # The chunk holding the failed item committed its other items: resume leaves it done,
-    # and the failure stays in the journal (feed the rejects back to retry it).
+    # and reports the failure from the journal, not as skipped (feed the rejects back to retry it).
     report = bulkpool.run(func, range(300), backend=backend, chunk_size=10, run_id="resume")
     counts = marker_counts()
     assert set(counts.values()) == {1}
     assert set(counts) == {str(i) for i in range(300)} - {"120"}
-    assert report.skipped == RunChunk.objects.filter(run__run_id="resume").count() * 10 - report.ok
+    assert (report.failed, report.failed_before, report.failures[0].index) == (1, 1, 120)
+    assert report.skipped == written_before
+    assert report.skipped + report.ok + report.failed == 300
     assert RunFailure.objects.get().index == 120
 
 
@@ -80,7 +82,7 @@ def test_chunk_run_twice_is_applied_once():
         retries=0,
         keep_values=False,
         own_connections=False,
-        journal=JournalRef(run.pk),
+        journal=JournalRef(run.pk, max_size=5),
     )
     worker = Worker(task)
     chunk = Chunk(0, 0, [1, 2, 3, 4, 5])

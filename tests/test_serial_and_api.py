@@ -97,21 +97,34 @@ def test_errors_derive_from_bulkpool_error():
     for name in (
         "ConfigurationError",
         "InputError",
+        "InputFailed",
         "ItemFailed",
+        "ResumeRefused",
         "RunAborted",
         "TooManyFailures",
         "WorkerStartupError",
+        "WorkersLost",
+        "CommitUnknown",
+        "WorkerDied",
+        "NotRun",
     ):
         assert issubclass(getattr(bulkpool, name), bulkpool.BulkpoolError)
     assert issubclass(ConfigurationError, ImproperlyConfigured)
+    assert issubclass(bulkpool.ResumeRefused, ConfigurationError)
+    # Ctrl-C stays a KeyboardInterrupt, so that `except Exception:` in a caller does not swallow it.
+    assert issubclass(bulkpool.RunInterrupted, KeyboardInterrupt)
+    assert not issubclass(bulkpool.RunInterrupted, Exception)
 
 
 @pytest.mark.django_db(transaction=True)
-def test_ctrl_c_in_the_serial_loop_stops_at_once_keeping_committed_chunks(capsys):
-    """Ctrl-C during a serial run rolls back the chunk it hit, keeps earlier chunks, and re-raises."""
-    with pytest.raises(KeyboardInterrupt):
+def test_ctrl_c_in_the_serial_loop_stops_at_once_keeping_committed_chunks(caplog):
+    """Ctrl-C during a serial run rolls back the chunk it hit, keeps earlier chunks, and raises
+    RunInterrupted (a KeyboardInterrupt) with the report, which is also logged."""
+    with pytest.raises(bulkpool.RunInterrupted) as interrupted:
         bulkpool.run(jobs.interrupt_at_25, range(100), backend="serial", chunk_size=10)
+    assert isinstance(interrupted.value, KeyboardInterrupt)
     assert sorted(Marker.objects.values_list("value", flat=True)) == list(range(20))
-    err = capsys.readouterr().err
-    assert "20 ok" in err
-    assert "pass run_id=" in err
+    report = interrupted.value.report
+    assert (report.ok, report.not_run, report.interrupted) == (20, 10, True)
+    assert "20 ok" in caplog.text
+    assert "pass run_id=" in caplog.text

@@ -7,6 +7,7 @@ Entry points:
     bulkpool.create(model, rows, *, validate=False, **options) -> Report
     bulkpool.update(queryset, func=None, *, values=None, update_fields=None, **options) -> Report
     bulkpool.delete(queryset, **options) -> Report
+    bulkpool.open_input(path) -> the items of a CSV, JSON Lines or JSON file, read lazily
 
 ``items`` may be a QuerySet: it is split by primary key and each worker loads its own rows.
 
@@ -16,17 +17,26 @@ Executors: ``backend="serial" | "thread" | "process"``, or an instance such as
 
 import importlib.metadata as _metadata
 
-from bulkpool.api import imap, run
+from bulkpool.api import Outcomes, imap, run
 from bulkpool.errors import (
     BulkpoolError,
+    CommitUnknown,
     ConfigurationError,
     InputError,
+    InputFailed,
+    ItemError,
     ItemFailed,
+    NotRun,
+    ResumeRefused,
     RunAborted,
+    RunInterrupted,
     TooManyFailures,
+    WorkerDied,
+    WorkersLost,
     WorkerStartupError,
 )
 from bulkpool.executors import ProcessExecutor, SerialExecutor, ThreadExecutor
+from bulkpool.inputs import open_input
 from bulkpool.operations import create, delete, update
 from bulkpool.options import Options
 from bulkpool.outcomes import Failure, Outcome, Report
@@ -38,22 +48,32 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 
 __all__ = [
     "BulkpoolError",
+    "CommitUnknown",
     "ConfigurationError",
     "Failure",
     "InputError",
+    "InputFailed",
+    "ItemError",
     "ItemFailed",
+    "NotRun",
     "Options",
     "Outcome",
+    "Outcomes",
     "ProcessExecutor",
     "Report",
+    "ResumeRefused",
     "RunAborted",
+    "RunInterrupted",
     "SerialExecutor",
     "ThreadExecutor",
     "TooManyFailures",
+    "WorkerDied",
     "WorkerStartupError",
+    "WorkersLost",
     "create",
     "delete",
     "imap",
+    "open_input",
     "run",
     "update",
 ]

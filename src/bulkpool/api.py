@@ -6,7 +6,7 @@ is split by ``querysets``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import fields
 from typing import Any
 
@@ -28,16 +28,35 @@ def run(func: Callable[..., Any], items: Iterable[Any], **options: Any) -> Repor
     return build_engine(func, items, options).run()
 
 
-def imap(
-    func: Callable[..., Any], items: Iterable[Any], *, ordered: bool = True, **options: Any
-) -> Generator[Outcome, None, None]:
+def imap(func: Callable[..., Any], items: Iterable[Any], *, ordered: bool = True, **options: Any) -> Outcomes:
     """Like ``run``, but yield an ``Outcome`` per item as work completes.
 
     With ``ordered`` (the default) outcomes come in input order. Options are checked now;
-    the workers start at the first ``next()``.
+    the workers start at the first ``next()``. Stopping early (``break``, then ``close()``
+    or the end of a ``with`` block) lets the chunks in flight finish and ends the run.
     """
-    engine = build_engine(func, items, options, keep_values=True)
-    return _outcomes(engine, ordered)
+    return Outcomes(build_engine(func, items, options, keep_values=True), ordered)
+
+
+class Outcomes(Iterator[Outcome]):
+    """The outcomes of an ``imap`` run; ``report`` is its ``Report``, final once they are all read."""
+
+    def __init__(self, engine: Engine, ordered: bool) -> None:
+        self.report = engine.report
+        self._outcomes = _outcomes(engine, ordered)
+
+    def __next__(self) -> Outcome:
+        return next(self._outcomes)
+
+    def close(self) -> None:
+        """Stop the run: the chunks in flight finish and are counted; nothing more is sent."""
+        self._outcomes.close()
+
+    def __enter__(self) -> Outcomes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def build_engine(
@@ -47,6 +66,7 @@ def build_engine(
     *,
     keep_values: bool = False,
     missing_ok: bool = False,
+    resume_hint: str | None = None,
 ) -> Engine:
     """An ``Engine`` for ``func`` over ``items``. A QuerySet becomes its primary keys, and
     a loader with which each worker turns them into rows (see ``querysets``)."""
@@ -55,19 +75,19 @@ def build_engine(
             raise ConfigurationError(
                 f"items must be iterable (a list, a generator, a QuerySet...), not {type(items).__name__}."
             )
-        return Engine(func, items, make_options(given), keep_values=keep_values)
+        return Engine(func, items, make_options(given), keep_values=keep_values, resume_hint=resume_hint)
     options = make_options({"database": querysets.database_of(items), **given})
     keys, load = querysets.split(items, options.database, missing_ok=missing_ok)
-    return Engine(func, keys, options, keep_values=keep_values, load=load)
+    return Engine(func, keys, options, keep_values=keep_values, load=load, resume_hint=resume_hint)
 
 
 def _outcomes(engine: Engine, ordered: bool) -> Generator[Outcome, None, None]:
     for chunk, result in engine.chunks(ordered=ordered):
-        if result.skipped:  # done in an earlier attempt of this run_id
-            continue
         values = result.values or [None] * len(chunk)
         for offset, (index, item) in enumerate(chunk.indexed()):
             error = result.errors.get(offset)
+            if result.skipped and error is None:
+                continue  # written in an earlier attempt of this run_id
             failure = Failure.of(index, item, error) if error is not None else None
             yield Outcome(index, item, values[offset], failure)
 

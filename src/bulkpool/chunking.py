@@ -10,11 +10,24 @@ from bulkpool.protocol import Chunk
 
 
 def chunked(items: Iterable[Any], size: int) -> Iterator[Chunk]:
-    """Yield chunks of ``size`` items, pulling items from ``items`` only when asked for."""
+    """Yield chunks of ``size`` items, pulling items from ``items`` only when asked for.
+
+    If reading raises, the items read before it still come as a (shorter) chunk, and the
+    error is raised at the next pull: what the input gave is run, and then the run stops.
+    """
     iterator = iter(items)
     start = 0
     number = 0
-    while batch := list(islice(iterator, size)):
+    while True:
+        batch: list[Any] = []
+        try:
+            batch.extend(islice(iterator, size))
+        except Exception:
+            if batch:
+                yield Chunk(number, start, batch)
+            raise
+        if not batch:
+            return
         yield Chunk(number, start, batch)
         start += len(batch)
         number += 1

@@ -1,47 +1,75 @@
-"""Drive one job over an executor: a bounded window of chunks in flight, results, Ctrl-C.
+"""Drive one job over an executor. Orchestration only: the policy lives in ``scheduling``.
 
 Data flow:
 
-    items --chunked()--> Chunk --submit()--> executor --events()--> ChunkDone / ChunkLost
-                                                                        |
-        Report, progress bar, rejects file, imap outcomes  <--_record()-+
+    items --chunked()--> Chunk --Journal.plan()--> pieces to run --submit()--> executor
+                                           \\--> pieces done before (skipped)      |
+                                                                               events()
+    Report, progress bar, rejects file, journal, imap outcomes <--_settle()-- ChunkDone / ChunkLost
+                                                                          (Scheduler decides)
 
-At most ``executor.capacity()`` chunks are in flight (for ordered ``imap``, not yet
-yielded), and items are read from the input only to fill that window: memory stays flat
-however long the input. A chunk whose worker died (``ChunkLost``) ran in a transaction that
-rolled back with the worker, so it is sent again, up to ``retries`` times; then it is split
-into single items, so an item that kills its worker fails alone. A worker that died during
-COMMIT (``in_doubt``) may have committed: its chunk is sent again only if the journal can
-tell (``run_id``); otherwise its items are reported ``bulkpool.CommitUnknown``.
+Items are read from the input only to fill the window the Scheduler allows, so memory stays
+flat however long the input.
 
-Ctrl-C: the first stops the feeding and lets the chunks in flight finish (they commit or
-roll back), prints the report and re-raises; a second abandons them at once.
+One way to finish. Every end of a run goes through ``_stop()`` and the ``finally`` of
+``chunks()``: done; Ctrl-C or SIGTERM; ``on_error="raise"``; ``max_failures``; the input
+raising; a journal that refuses the input; a worker that cannot be replaced; an ``imap``
+consumer that stops reading. After a stop nothing more is sent, the chunks in flight are
+drained (they commit or roll back, and are counted), the journal gets the status of what
+happened (``finished`` only when every item ran), and one exception carrying the partial
+report is raised: a ``RunAborted`` subclass, or ``RunInterrupted`` for Ctrl-C / SIGTERM.
+A second Ctrl-C abandons the chunks in flight (their transactions roll back).
+
+Signal handlers only set a flag (``_Interrupts``); the engine reads it between events.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import IO, Any
 
 from django.db import connections
 from tqdm import tqdm
 
-from bulkpool.chunking import Chunk, chunked, known_length
-from bulkpool.errors import ConfigurationError, ItemFailed, RunAborted, TooManyFailures
-from bulkpool.executors import ChunkLost, resolve
-from bulkpool.journal import Journal
+from bulkpool.chunking import chunked, known_length
+from bulkpool.errors import (
+    ConfigurationError,
+    InputFailed,
+    ItemFailed,
+    ResumeRefused,
+    RunInterrupted,
+    TooManyFailures,
+    WorkersLost,
+    WorkerStartupError,
+)
+from bulkpool.executors import resolve
+from bulkpool.journal import InputChanged, Journal, job_identity
+from bulkpool.journal import RunStatus as Status
 from bulkpool.options import Options
-from bulkpool.outcomes import ErrorInfo, Failure, Report
-from bulkpool.protocol import ChunkResult, Task
+from bulkpool.outcomes import Failure, Report
+from bulkpool.protocol import Chunk, ChunkLost, ChunkResult, Task
+from bulkpool.scheduling import Drop, Fail, Scheduler, SendAgain
+
+logger = logging.getLogger("bulkpool")
 
 POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class _Stop:
+    """Why no more work goes out, and the exception that says so once the work in flight is in."""
+
+    reason: str
+    status: str  # the journal's Run.Status
+    error: Callable[[Report], BaseException] | None  # None: end quietly (an imap consumer that stopped)
 
 
 class Engine:
@@ -53,6 +81,7 @@ class Engine:
         *,
         keep_values: bool = False,
         load: Callable[[list[Any]], list[Any]] | None = None,
+        resume_hint: str | None = None,
     ) -> None:
         if not callable(func):
             raise ConfigurationError(f"func must be callable, not {type(func).__name__}.")
@@ -72,11 +101,11 @@ class Engine:
             dry_run=options.dry_run,
         )
         self.report = Report()
+        self.resume_hint = resume_hint or _default_resume_hint(options)
         self._check_preconditions()
         self.executor.check(self.task)
-        self.journal = Journal.open(options, func) if options.run_id else None
-        if self.journal is not None:
-            self.task = replace(self.task, journal=self.journal.ref)
+        self.journal = Journal.open(options, job_identity(func)) if options.run_id else None
+        self._started = False
 
     # -- the public drivers --------------------------------------------------------------
 
@@ -86,189 +115,237 @@ class Engine:
         return self.report
 
     def chunks(self, *, ordered: bool) -> Iterator[tuple[Chunk, ChunkResult]]:
-        """Run the job, yielding each chunk with its result as it finishes (or in order)."""
-        started = time.monotonic()
-        self._stop: Callable[[], RunAborted] | None = None
-        self._in_flight = 0
-        self._attempts: dict[tuple[int, int], int] = {}
-        cancel = False
-        with (
-            _sigterm_as_interrupt(),
-            _progress_bar(self.options.progress, known_length(self.items)) as self._bar,
-            _rejects_file(self.options.rejects) as self._rejects,
-        ):
+        """Run the job, yielding each chunk with its result as it finishes (or in input order)."""
+        if self._started:
+            raise ConfigurationError("An engine runs once; build another for another run.")
+        self._started = True
+        self._clock = time.monotonic()
+        self._end: _Stop | None = None
+        self._scheduler = Scheduler(
+            capacity=1, retries=self.options.retries, atomic=self.options.atomic,
+            journaled=self.journal is not None, ordered=ordered,
+        )  # fmt: skip
+        self._workers_started = False
+        self._said_waiting = False
+        abandon = False
+        self._bar = _progress_bar(self.options.progress, known_length(self.items))
+        self._rejects = _open_rejects(
+            self.options.rejects, append=bool(self.journal and self.journal.resumed)
+        )
+        with _Interrupts() as self._interrupts:
             try:
-                self.executor.start(self.task, self.workers)
-                yield from self._pump(ordered, started)
-            except KeyboardInterrupt:
-                cancel = self._finish_after_interrupt(started)
+                yield from self._pump()
+            except GeneratorExit:  # the imap consumer stopped reading: finish without yielding
+                self._stop(_Stop("the caller stopped reading the outcomes", Status.STOPPED, None))
+                self._drain()
+                raise
+            except KeyboardInterrupt:  # a second Ctrl-C: abandon the chunks in flight
+                abandon = True
+                self._stop(_interrupted(self._interrupts.received or "Ctrl-C"))
+            except WorkerStartupError as error:
+                abandon = True
+                if not self.report.done:
+                    raise  # no chunk ever ran: the workers could not start
+                self._stop(_workers_lost(error))
+            except BaseException:
+                abandon = True
+                self._stop(_Stop("bulkpool itself failed", Status.STOPPED, None))
                 raise
             finally:
-                self.report.elapsed = time.monotonic() - started
-                self.executor.stop(cancel=cancel)
-                if self.journal is not None:
-                    self.journal.close(self.report)
-        if self._stop is not None:
-            raise self._stop()  # built now, so its message tells the final count
+                self._finish(abandon)
+        if self._end is not None and self._end.error is not None:
+            raise self._end.error(self.report)
 
     # -- the loop --------------------------------------------------------------------------
 
-    def _pump(self, ordered: bool, started: float) -> Iterator[tuple[Chunk, ChunkResult]]:
+    def _pump(self) -> Iterator[tuple[Chunk, ChunkResult]]:
         fresh = chunked(self.items, self.options.chunk_size)
-        again: list[Chunk] = []
-        waiting: dict[int, tuple[Chunk, ChunkResult]] = {}  # finished early, for ordered output
-        next_start = 0
+        pending: deque[Chunk] = deque()  # planned pieces not yet sent
         exhausted = False
+        scheduler = self._scheduler
         while True:
-            skipped = []  # chunks the journal says are done: they are not sent anywhere
-            while self._stop is None and self._room(len(waiting), bool(again)):
-                if again:
-                    chunk = again.pop()
-                elif exhausted or (chunk := next(fresh, None)) is None:  # type: ignore[assignment]
-                    exhausted = True
-                    break
-                else:
-                    self.report.total += len(chunk)
-                    if self.journal is not None and self.journal.is_done(chunk):
-                        skipped.append((chunk, ChunkResult(chunk.number, None, skipped=True)))
-                        if len(skipped) >= self.executor.capacity():
-                            break
-                        continue
-                # Counted once handed over: the serial executor runs the chunk inside submit(),
-                # and a Ctrl-C there rolls it back, so it is not in flight.
-                self.executor.submit(chunk)
-                self._in_flight += 1
-            if self._in_flight == 0 and not skipped:
+            self._notice_interrupt()
+            released: list[tuple[Chunk, ChunkResult]] = []
+            settled_now = 0
+            while scheduler.may_send():
+                chunk = scheduler.next_again() or (pending.popleft() if pending else None)
+                if chunk is None:
+                    if exhausted or settled_now >= scheduler.capacity:
+                        break  # settled chunks go out to the caller before more input is read
+                    exhausted, settled = self._read(fresh, pending)
+                    settled_now += len(settled)
+                    released += settled
+                    continue
+                released += self._send(chunk)
+            if scheduler.in_flight == 0 and not released and (exhausted or scheduler.stopping):
                 break
-            for chunk, result in skipped:
-                self._record(chunk, result)
-            finished = self._collect(again) if self._in_flight else []
-            for chunk, result in skipped + finished:
-                self.report.elapsed = time.monotonic() - started
-                if not ordered:
-                    yield chunk, result
-                    continue
-                waiting[chunk.start] = (chunk, result)
-                while next_start in waiting:
-                    chunk, result = waiting.pop(next_start)
-                    next_start += len(chunk)
-                    yield chunk, result
+            if scheduler.in_flight:
+                released += self._collect()
+            yield from released
+        yield from scheduler.flush()
 
-    def _room(self, waiting: int, retrying: bool) -> bool:
-        """Whether another chunk may go out: the workers need one, and (for ordered output)
-        not too many results wait for an earlier chunk. Chunks sent again always may: an
-        earlier one may be what the waiting results wait for."""
-        capacity = self.executor.capacity()
-        if self._in_flight >= capacity:
-            return False
-        return retrying or self._in_flight + waiting < 2 * capacity
-
-    def _collect(self, again: list[Chunk]) -> list[tuple[Chunk, ChunkResult]]:
-        """Wait for events; record finished chunks, queue lost ones to run again."""
-        finished = []
-        for event in self.executor.events(POLL_SECONDS):
-            self._in_flight -= 1
-            if isinstance(event, ChunkLost):
-                result = self._retry_or_fail(event, again)
-                if result is None:
-                    continue
-                chunk = event.chunk
+    def _read(self, fresh: Iterator[Chunk], pending: deque[Chunk]) -> tuple[bool, list[Any]]:
+        """Read one chunk of input and plan it; returns (input exhausted, settled pieces)."""
+        try:
+            chunk = next(fresh, None)
+        except Exception as error:
+            self._stop(_input_failed(error))
+            return True, []
+        if chunk is None:
+            return True, []
+        self.report.total += len(chunk)
+        try:
+            pieces = self.journal.plan(chunk) if self.journal else [(chunk, None)]
+        except InputChanged as error:
+            self.report.total -= len(chunk)
+            message = str(error)
+            self._stop(_Stop(message, Status.STOPPED, lambda r: ResumeRefused(message, r)))
+            return True, []
+        if self.journal is not None:
+            self.journal.begin(self.resume_hint)  # the input checks out: this is an attempt
+        settled = []
+        for piece, done_before in pieces:
+            if done_before is None:
+                pending.append(piece)
             else:
-                chunk, result = event.chunk, event.result
-            self._record(chunk, result)
-            finished.append((chunk, result))
-        return finished
+                self._record(piece, done_before)
+                settled += self._scheduler.settled(piece, done_before)
+        return False, settled
 
-    def _retry_or_fail(self, lost: ChunkLost, again: list[Chunk]) -> ChunkResult | None:
-        chunk = lost.chunk
-        key = (chunk.start, len(chunk))
-        self._attempts[key] = self._attempts.get(key, 0) + 1  # only lost chunks are counted
-        if lost.in_doubt and self.journal is None:
-            unknown = ErrorInfo(
-                "bulkpool.CommitUnknown",
-                f"{lost.reason} during COMMIT, so whether this item was written is unknown; it "
-                "was not run again, so that it cannot be written twice. Check it, or use "
-                "run_id=..., with which bulkpool finds out and resumes exactly",
-                "",
-            )
-            return ChunkResult(chunk.number, None, dict.fromkeys(range(len(chunk)), unknown))
-        if self.report.interrupted:  # nothing is sent any more: it rolled back, and stays not run
-            return None
-        if self.options.atomic != "chunk":
-            message = (
-                f"{lost.reason}; with atomic={self.options.atomic!r} some items of this chunk "
-                "may have been written, so it was not run again"
-            )
-        elif self._attempts[key] <= self.options.retries:
-            self.report.retried += len(chunk)
-            again.append(chunk)
-            return None
-        elif len(chunk) > 1:  # find the item that kills its worker by running each alone
-            singles = [Chunk(chunk.number, index, [item]) for index, item in chunk.indexed()]
-            self.report.retried += len(chunk)
-            again.extend(reversed(singles))
-            return None
-        else:
-            message = f"{lost.reason} while running this item, {self._attempts[key]} times"
-        error = ErrorInfo("bulkpool.WorkerDied", message, "")
-        return ChunkResult(chunk.number, None, dict.fromkeys(range(len(chunk)), error))
+    def _send(self, chunk: Chunk) -> list[tuple[Chunk, ChunkResult]]:
+        if not self._workers_started:
+            self._start_workers()
+        try:
+            self.executor.submit(chunk)
+        except WorkerStartupError as error:  # a dead worker could not be replaced
+            self._stop(_workers_lost(error))
+            return []
+        # Counted once handed over: the serial executor runs the chunk inside submit().
+        self._scheduler.sent(chunk)
+        return []
+
+    def _start_workers(self) -> None:
+        """Workers start when there is work for them: a rerun of a finished run starts none."""
+        if self.journal is not None:
+            self.task = replace(self.task, journal=self.journal.ref)
+        self._workers_started = True
+        self.executor.start(self.task, self.workers)
+        self._scheduler.capacity = self.executor.capacity()
+
+    def _collect(self) -> list[tuple[Chunk, ChunkResult]]:
+        """Wait for events; settle finished chunks, and let the scheduler decide on lost ones."""
+        released = []
+        events = self.executor.events(POLL_SECONDS)
+        for event in events:
+            if not isinstance(event, ChunkLost):
+                self._record(event.chunk, event.result)
+                released += self._scheduler.finished(event.chunk, event.result)
+                continue
+            decision = self._scheduler.lost(event)
+            if isinstance(decision, SendAgain):
+                self.report.retried += decision.retried
+                logger.warning("%s; sending items %s again", event.reason, _span(event.chunk))
+            elif isinstance(decision, Fail):
+                if decision.record and self.journal is not None:
+                    self.journal.record_lost(event.chunk, decision.result.errors)
+                self._record(event.chunk, decision.result)
+                released += self._scheduler.settled(event.chunk, decision.result)
+            else:
+                assert isinstance(decision, Drop)
+        return released
+
+    def _drain(self) -> None:
+        """Wait for the chunks in flight, counting them, without yielding them."""
+        while self._scheduler.in_flight:
+            self._collect()
 
     def _record(self, chunk: Chunk, result: ChunkResult) -> None:
         report = self.report
         self._bar.update(len(chunk))
-        if result.skipped:
-            report.skipped += len(chunk)
-            return
-        report.ok += len(chunk) - len(result.errors)
-        report.failed += len(result.errors)
         report.retried += result.retried
+        if result.skipped:
+            report.skipped += len(chunk) - len(result.errors)
+        else:
+            report.ok += len(chunk) - len(result.errors)
+        first: Failure | None = None
         for offset, error in sorted(result.errors.items()):
             failure = Failure.of(chunk.start + offset, chunk.items[offset], error)
-            report.failures.append(failure)
-            _write_reject(self._rejects, failure)
-        if result.errors and self._stop is None:
-            self._stop = self._stop_reason()
+            report.add_failure(failure, earlier=result.skipped)
+            if not result.skipped:
+                first = first or failure
+                _write_reject(self._rejects, failure)
+        for offset, error in sorted(result.callback_errors.items()):
+            callback = Failure.of(chunk.start + offset, chunk.items[offset], error)
+            report.add_callback_error(callback)
+            logger.warning("An on_commit callback raised after its item was written: %s", callback.summary())
+        if first is not None:
+            self._stop_for_failures(first)
 
-    def _stop_reason(self) -> Callable[[], RunAborted] | None:
-        """Why no more work goes out, if it should not; the error is raised once in-flight work is in."""
+    def _stop_for_failures(self, first: Failure) -> None:
         report, options = self.report, self.options
         if options.on_error == "raise":
-            report.stopped_early = "an item failed (on_error='raise')"
-            return lambda: ItemFailed(report.failures[0], report)
-        if options.max_failures is not None and report.failed >= options.max_failures:
-            report.stopped_early = f"{report.failed} items failed (max_failures={options.max_failures})"
-            return lambda: TooManyFailures(f"Stopped after {report.failed} failures.", report)
-        return None
-
-    # -- Ctrl-C ----------------------------------------------------------------------------
-
-    def _finish_after_interrupt(self, started: float) -> bool:
-        """Let the chunks in flight finish; return True if a second Ctrl-C abandoned them."""
-        self.report.interrupted = True
-        self.report.stopped_early = "interrupted (Ctrl-C)"
-        _say(
-            f"\nInterrupted: waiting for {self._in_flight} chunks in flight to commit or roll "
-            "back (Ctrl-C again to abandon them)..."
-        )
-        try:
-            while self._in_flight > 0:
-                self._collect([])
-        except KeyboardInterrupt:
-            _say("Abandoned the chunks in flight: their transactions roll back.")
-            return True
-        finally:
-            self.report.elapsed = time.monotonic() - started
-            _say(str(self.report))
-            _say(self._how_to_resume())
-        return False
-
-    def _how_to_resume(self) -> str:
-        if self.options.run_id:
-            return (
-                f"To resume, run it again with run_id={self.options.run_id!r}: the chunks "
-                "already committed are skipped."
+            self._stop(
+                _Stop("an item failed (on_error='raise')", Status.STOPPED, lambda r: ItemFailed(first, r))
             )
-        return "Nothing records what was done; pass run_id=... to make a run resumable."
+        elif (
+            options.max_failures is not None and report.failed - report.failed_before >= options.max_failures
+        ):
+            self._stop(
+                _Stop(
+                    f"{report.failed - report.failed_before:,} items failed "
+                    f"(max_failures={options.max_failures})",
+                    Status.STOPPED,
+                    lambda r: TooManyFailures(f"Stopped after {r.failed - r.failed_before:,} failures.", r),
+                )
+            )
+
+    # -- stopping and finishing ------------------------------------------------------------
+
+    def _stop(self, stop: _Stop) -> None:
+        """The first reason to stop wins; nothing more is sent after it."""
+        if self._end is None:
+            self._end = stop
+            self.report.stopped_early = stop.reason
+        self._scheduler.stopping = True
+
+    def _notice_interrupt(self) -> None:
+        received = self._interrupts.received
+        if received and not self._scheduler.stopping:
+            self._stop(_interrupted(received))
+        if received and self._scheduler.in_flight and not self._said_waiting:
+            self._said_waiting = True
+            self._bar_write(
+                f"Interrupted ({received}): waiting for {self._scheduler.in_flight} chunks in flight "
+                f"to commit or roll back ({received} again to abandon them)..."
+            )
+
+    def _finish(self, abandon: bool) -> None:
+        """The one end of every run: stop the workers, close the bar, the journal, the log."""
+        report = self.report
+        report.elapsed = time.monotonic() - self._clock
+        try:
+            if self._workers_started:
+                self.executor.stop(cancel=abandon)
+        finally:
+            self._bar.close()
+            if self._rejects is not None:
+                self._rejects.close()
+            status = self._end.status if self._end is not None else Status.FINISHED
+            if status == Status.FINISHED and report.not_run:
+                status = Status.STOPPED
+            report.interrupted = status == Status.INTERRUPTED
+            if self.journal is not None:
+                self.journal.close(report, status)
+            if report.interrupted:
+                how = "Abandoned the chunks in flight: their transactions rolled back.\n" if abandon else ""
+                logger.warning("%s%s\n%s", how, report, self.resume_hint)
+
+    def _bar_write(self, message: str) -> None:
+        if isinstance(self._bar, tqdm):
+            self._bar.clear()
+        logger.warning(message)
+
+    # -- checks before item one ------------------------------------------------------------
 
     def _check_preconditions(self) -> None:
         options = self.options
@@ -283,9 +360,14 @@ class Engine:
             )
         if options.dry_run and options.atomic is False:
             raise ConfigurationError("dry_run needs transactions to roll back: use atomic='chunk' or 'item'.")
+        name = self.executor.name or type(self.executor).__name__
+        if getattr(self.executor, "delivery", "exactly_once") != "exactly_once" and not options.run_id:
+            raise ConfigurationError(
+                f"The {name} backend may deliver a chunk twice, and only the journal keeps it from "
+                "being applied twice: give a run_id."
+            )
         database = self.options.database
         connection = connections[database]
-        name = self.executor.name or type(self.executor).__name__
         if not self.executor.supports_caller_transaction and connection.in_atomic_block:
             raise ConfigurationError(
                 f"bulkpool was called inside a transaction on database {database!r} "
@@ -307,14 +389,84 @@ class Engine:
             )
 
 
+# -- the ways a run stops ------------------------------------------------------------------
+
+
+def _interrupted(received: str) -> _Stop:
+    return _Stop(
+        f"interrupted ({received})",
+        Status.INTERRUPTED,
+        lambda r: RunInterrupted(f"Interrupted ({received}).", r),
+    )
+
+
+def _input_failed(error: Exception) -> _Stop:
+    def raise_it(report: Report) -> BaseException:
+        failed = InputFailed(f"Reading the input failed: {type(error).__name__}: {error}", report)
+        failed.__cause__ = error
+        return failed
+
+    return _Stop(f"the input raised {type(error).__name__}: {error}", Status.STOPPED, raise_it)
+
+
+def _workers_lost(error: WorkerStartupError) -> _Stop:
+    def raise_it(report: Report) -> BaseException:
+        lost = WorkersLost(f"A worker died and none could be started in its place: {error}", report)
+        lost.__cause__ = error
+        return lost
+
+    return _Stop("a worker died and none could be started in its place", Status.STOPPED, raise_it)
+
+
+def _default_resume_hint(options: Options) -> str:
+    if options.run_id:
+        return (
+            f"To resume, run it again with run_id={options.run_id!r}: the chunks already "
+            "committed are skipped."
+        )
+    return "Nothing records what was done; pass run_id=... to make a run resumable."
+
+
+def _span(chunk: Chunk) -> str:
+    return f"{chunk.start}..{chunk.end - 1}"
+
+
+class _Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM while a run goes on, in the main thread.
+
+    The first sets ``received``, which the engine reads between events: it stops sending
+    work and drains the chunks in flight. A second raises ``KeyboardInterrupt`` where the
+    caller's thread is, which abandons them. Elsewhere than the main thread no handler can
+    be installed, and nothing changes.
+    """
+
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+    def __init__(self) -> None:
+        self.received = ""
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.NAMES:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = self.NAMES.get(signal.Signals(signum), signal.Signals(signum).name)
+
+
 class _NoBar:
     def update(self, n: int) -> None:
         pass
 
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         pass
 
 
@@ -325,19 +477,9 @@ def _progress_bar(progress: bool | None, total: int | None) -> Any:
     return tqdm(total=total, unit="item", desc="bulkpool", file=sys.stderr, smoothing=0.1)
 
 
-class _rejects_file:
-    """The rejects JSON Lines file, or nothing when ``rejects`` is None."""
-
-    def __init__(self, path: Any) -> None:
-        self.path = path
-
-    def __enter__(self) -> IO[str] | None:
-        self.file = open(self.path, "w", encoding="utf-8") if self.path else None
-        return self.file
-
-    def __exit__(self, *exc: object) -> None:
-        if self.file is not None:
-            self.file.close()
+def _open_rejects(path: Any, *, append: bool) -> IO[str] | None:
+    """The rejects file: started afresh, or added to when resuming a journaled run."""
+    return open(path, "a" if append else "w", encoding="utf-8") if path else None
 
 
 def _write_reject(file: IO[str] | None, failure: Failure) -> None:
@@ -349,26 +491,7 @@ def _write_reject(file: IO[str] | None, failure: Failure) -> None:
         "exc_type": failure.exc_type,
         "message": failure.message,
     }
+    if failure.unsafe:
+        line["unsafe"] = True
     file.write(json.dumps(line, default=repr, ensure_ascii=False) + "\n")
     file.flush()
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like a first Ctrl-C while a run is going (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

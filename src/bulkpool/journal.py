@@ -1,14 +1,28 @@
-"""Journaled runs: what the parent and the workers do with the ``bulkpool`` tables.
+"""Journaled runs: the one record of what is done, kept in the ``bulkpool`` tables.
+
+A record (``RunChunk``) is a range of input items -- ``start`` and ``size`` -- written in
+the same transaction as those items' work, with a ``RunFailure`` per item that failed in
+it. A chunk is one record, or several when it was split (a poison item, a COMMIT refused by
+a constraint), so a resumed run skips exactly the ranges that committed and runs the rest.
 
 Data flow for ``run_id="nightly-import"``:
 
-    parent   Journal.open(): create or reuse the Run row; load the (start, size, digest)
-             of every chunk it committed before; refuse a different function or input
-    parent   Journal.is_done(chunk): skip a committed chunk without sending it anywhere
-    worker   record_chunk(): inside the chunk's own transaction, write its RunChunk row
-             (and a RunFailure per failed item); the unique (run, start) constraint stops
-             a chunk that runs twice (worker died after commit) from writing twice
-    parent   Journal.close(): the Run's status and counts, for ``manage.py bulkpool runs``
+    parent   Journal.open(): read the Run row; refuse another job under the same name.
+             Writes nothing: a refused or empty rerun leaves the journal as it was.
+    parent   Journal.plan(chunk): the chunk's pieces, each either recorded (skipped, with
+             its recorded failures) or to run; refuses input that differs from what was
+             recorded (digests per record)
+    parent   Journal.begin(): before the first piece runs: status "running", one more attempt
+    worker   record_chunk(): inside the piece's own transaction, lock the Run row, refuse a
+             range that overlaps a record (the piece ran before: AlreadyDone), write the record
+    parent   Journal.record_lost(): the failures no worker could record (an item that kills
+             every worker it touches), so a resume reports them instead of running them again
+    parent   Journal.close(): the attempt's status and counts, for ``bulkpool runs``
+
+Why the Run row is locked: the unique (run, start) constraint stops one range from being
+written twice, but two *overlapping* ranges with different starts (a chunk sent again
+while a split piece of it runs) would both pass it. Taking the row lock just before
+COMMIT serialises only that last step, across workers and machines.
 """
 
 from __future__ import annotations
@@ -16,23 +30,35 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.apps import apps
 from django.db import DatabaseError, IntegrityError, connections, transaction
+from django.db.models import F, TextChoices
 from django.utils import timezone
 
 from bulkpool.errors import ConfigurationError
+from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo
 
 if TYPE_CHECKING:
     from bulkpool.options import Options
-    from bulkpool.outcomes import ErrorInfo, Report
-    from bulkpool.protocol import Chunk
+    from bulkpool.outcomes import Report
 
 FIX_INSTALL = (
     'Add "bulkpool" to INSTALLED_APPS and run `python manage.py migrate bulkpool`, or run without run_id.'
 )
+PAGE = 1000  # records read at a time while planning
+
+
+class RunStatus(TextChoices):
+    """A run's status (``Run.Status``); defined here so importing bulkpool loads no model."""
+
+    RUNNING = "running"
+    INTERRUPTED = "interrupted"
+    STOPPED = "stopped"  # on_error="raise", max_failures, bad input, an imap consumer that stopped...
+    FINISHED = "finished"  # every item ran
 
 
 @dataclass(frozen=True)
@@ -40,14 +66,19 @@ class JournalRef:
     """What a worker needs to journal its chunks: shipped inside the Task."""
 
     run_pk: int
+    max_size: int  # no record spans more items: bounds the overlap query to an index range
 
 
 class AlreadyDone(Exception):
-    """The chunk was committed before (a rerun of a chunk whose worker died after commit)."""
+    """The range was committed before (a rerun of a chunk whose worker died after commit)."""
+
+
+class InputChanged(ConfigurationError):
+    """The input differs from what the run_id recorded; the message says where."""
 
 
 def digest(items: list[Any]) -> str:
-    """A fingerprint of a chunk's items, to notice a rerun fed with different input."""
+    """A fingerprint of a range's items, to notice a rerun fed with different input."""
     text = json.dumps(items, sort_keys=True, default=repr, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -59,75 +90,186 @@ def func_name(func: Any) -> str:
     return f"{module}.{getattr(func, '__qualname__', None) or type(func).__qualname__}"
 
 
+def job_identity(func: Any) -> str:
+    """What a run does, so a run_id cannot be resumed by another job: the function's name,
+    or for ``create`` / ``update`` / ``delete`` the operation with its arguments."""
+    describe = getattr(func, "journal_identity", None)
+    return describe() if callable(describe) else func_name(func)
+
+
+@dataclass(frozen=True)
+class _Record:
+    pk: int
+    start: int
+    size: int
+    digest: str
+    failed: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
 class Journal:
     """The parent's side of a journaled run."""
 
-    def __init__(self, run: Any, done: dict[int, tuple[int, str]], database: str) -> None:
-        self.run = run
-        self.done = done
-        self.database = database
-        self.ref = JournalRef(run.pk)
+    def __init__(self, options: Options, identity: str, run: Any) -> None:
+        self.options = options
+        self.identity = identity
+        self.run = run  # None until begin() for a new run_id
+        self.database = options.database
+        self.begun = False
+        self.resumed = run is not None and not options.restart  # an earlier attempt's records count
+        self._records: deque[_Record] = deque()
+        self._read_up_to = -1  # records starting at or before this have been read
 
     @classmethod
-    def open(cls, options: Options, func: Any) -> Journal:
-        from bulkpool.models import Run, RunChunk
+    def open(cls, options: Options, identity: str) -> Journal:
+        from bulkpool.models import Run
 
-        database = options.database
-        _require_tables(database)
-        name = func_name(func)
-        with transaction.atomic(using=database):
-            runs = Run.objects.using(database).select_for_update()
-            run = runs.filter(run_id=options.run_id).first()
-            if run is None:
-                run = Run.objects.using(database).create(
-                    run_id=options.run_id, func=name, chunk_size=options.chunk_size
+        _require_tables(options.database)
+        run = Run.objects.using(options.database).filter(run_id=options.run_id).first()
+        if run is not None and not options.restart:
+            _require_same_job(run, identity, options.chunk_size)
+        return cls(options, identity, run)
+
+    @property
+    def ref(self) -> JournalRef:
+        assert self.run is not None, "begin() first"
+        return JournalRef(self.run.pk, max(self.options.chunk_size, self.run.chunk_size))
+
+    # -- planning --------------------------------------------------------------------------
+
+    def plan(self, chunk: Chunk) -> list[tuple[Chunk, ChunkResult | None]]:
+        """The chunk as pieces in input order: (piece, None) to run, or (piece, result) for a
+        range recorded before (``skipped``, with its recorded failures as errors)."""
+        if not self.resumed:
+            return [(chunk, None)]
+        pieces: list[tuple[Chunk, ChunkResult | None]] = []
+        position = chunk.start
+        for record in self._records_within(chunk):
+            if record.start > position:
+                pieces.append((chunk.piece(position, record.start), None))
+            piece = chunk.piece(record.start, record.end)
+            if digest(piece.items) != record.digest:
+                raise InputChanged(
+                    f"run_id={self.options.run_id!r} was run before with different input: the items "
+                    f"at {record.start}..{record.end - 1} are not the ones it committed. Rerun with "
+                    "the same input, or pass restart=True (--restart) to start this run_id over "
+                    "(rows already written stay written)."
                 )
-            elif options.restart:
-                run.chunks.all().delete()
-                run.func, run.chunk_size, run.attempts = name, options.chunk_size, 1
-            else:
-                _require_same_job(run, name, options.chunk_size)
-                run.attempts += 1
-            run.status, run.finished_at = Run.Status.RUNNING, None
-            run.save(using=database)
-        rows = RunChunk.objects.using(database).filter(run=run).values_list("start", "size", "digest")
-        return cls(run, {start: (size, fingerprint) for start, size, fingerprint in rows}, database)
-
-    def is_done(self, chunk: Chunk) -> bool:
-        """Whether the chunk committed in an earlier attempt; refuses a changed input."""
-        record = self.done.get(chunk.start)
-        if record is None or record[0] != len(chunk):
-            return False
-        if record[1] != digest(chunk.items):
-            raise ConfigurationError(
-                f"run_id={self.run.run_id!r} was run before with different input: the items "
-                f"at {chunk.start}..{chunk.start + len(chunk) - 1} are not the ones it "
-                "committed. Rerun with the same input, or pass restart=True (--restart) to "
-                "start this run_id over (rows already written stay written)."
+            pieces.append(
+                (piece, ChunkResult(chunk.number, None, self._failures(record, piece), skipped=True))
             )
+            position = record.end
+        if position < chunk.end:
+            pieces.append((chunk.piece(position, chunk.end), None))
+        return pieces
+
+    def _records_within(self, chunk: Chunk) -> list[_Record]:
+        while self._read_up_to < chunk.end - 1 and self._read_page():
+            pass
+        while self._records and self._records[0].end <= chunk.start:
+            self._records.popleft()  # before this chunk: the input went past it
+        found = []
+        while self._records and self._records[0].start < chunk.end:
+            record = self._records.popleft()
+            if record.start < chunk.start or record.end > chunk.end:
+                raise InputChanged(
+                    f"run_id={self.options.run_id!r} recorded items {record.start}..{record.end - 1} "
+                    f"as one piece, which this run's chunk {chunk.start}..{chunk.end - 1} cuts: the "
+                    "chunk boundaries changed. Rerun with the chunk size it was run with, or restart."
+                )
+            found.append(record)
+        return found
+
+    def _read_page(self) -> bool:
+        from bulkpool.models import RunChunk
+
+        rows = (
+            RunChunk.objects.using(self.database)
+            .filter(run=self.run, start__gt=self._read_up_to)
+            .order_by("start")
+            .values_list("pk", "start", "size", "digest", "failed")[:PAGE]
+        )
+        records = [_Record(*row) for row in rows]
+        self._records.extend(records)
+        if len(records) < PAGE:
+            self._read_up_to = 1 << 62  # all read
+            return False
+        self._read_up_to = records[-1].start
         return True
 
-    def close(self, report: Report) -> None:
+    def _failures(self, record: _Record, piece: Chunk) -> dict[int, ErrorInfo]:
+        from bulkpool.models import RunFailure
+
+        if not record.failed:
+            return {}
+        rows = RunFailure.objects.using(self.database).filter(chunk_id=record.pk)
+        return {
+            row.index - piece.start: ErrorInfo(
+                row.exc_type, f"{row.message} (in an earlier attempt of this run)", row.traceback
+            )
+            for row in rows
+        }
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def begin(self, command: str = "") -> None:
+        """Mark the run as running: once, before the first piece is sent."""
+        from bulkpool.models import Run
+
+        if self.begun:
+            return
+        options = self.options
+        with transaction.atomic(using=self.database):
+            runs = Run.objects.using(self.database).select_for_update()
+            run = runs.filter(run_id=options.run_id).first()
+            if run is None:
+                run = Run(run_id=str(options.run_id), attempts=0)
+            elif options.restart:
+                run.chunks.all().delete()
+                run.attempts = 0
+            run.func, run.chunk_size = self.identity, options.chunk_size
+            run.attempts += 1
+            run.status, run.finished_at = Run.Status.RUNNING, None
+            if command and hasattr(run, "command"):
+                run.command = command
+            run.save(using=self.database)
+        self.run = run
+        self.begun = True
+
+    def record_lost(self, chunk: Chunk, errors: dict[int, ErrorInfo]) -> None:
+        """Record failures that no worker could, so that a resume does not run them again."""
+        try:
+            with transaction.atomic(using=self.database):
+                record_chunk(self.ref, self.database, chunk, errors)
+        except (AlreadyDone, DatabaseError):  # the record is an optimisation of resume, not the truth
+            pass
+
+    def close(self, report: Report, status: str) -> None:
+        """The attempt's outcome; nothing when it never began (a refused or empty rerun)."""
+        if not self.begun:
+            return
         from bulkpool.models import Run
 
         run = self.run
-        if report.interrupted:
-            run.status = Run.Status.INTERRUPTED
-        elif report.stopped_early:
-            run.status = Run.Status.STOPPED
-        else:
-            run.status, run.finished_at = Run.Status.FINISHED, timezone.now()
+        run.status = status
+        run.finished_at = timezone.now() if status == Run.Status.FINISHED else None
         run.total, run.ok, run.failed, run.skipped = report.total, report.ok, report.failed, report.skipped
         try:
             run.save(using=self.database)
-        except DatabaseError:  # the database is gone: the chunks' own records still tell the truth
+        except DatabaseError:  # the database is gone: the records still tell the truth
             pass
 
 
 def record_chunk(ref: JournalRef, database: str, chunk: Chunk, errors: dict[int, ErrorInfo]) -> None:
-    """Write the chunk's journal rows; call inside the chunk's transaction."""
-    from bulkpool.models import RunChunk, RunFailure
+    """Write the range's record and failures; call inside the transaction that did its work."""
+    from bulkpool.models import Run, RunChunk, RunFailure
 
+    list(Run.objects.using(database).select_for_update().filter(pk=ref.run_pk).values_list("pk"))
+    if _overlapping(ref, database, chunk, lock=True):
+        raise AlreadyDone
     try:
         with transaction.atomic(using=database):  # a savepoint: the failed insert must not poison the chunk
             record = RunChunk.objects.using(database).create(
@@ -154,9 +296,20 @@ def record_chunk(ref: JournalRef, database: str, chunk: Chunk, errors: dict[int,
 
 
 def is_recorded(ref: JournalRef, database: str, chunk: Chunk) -> bool:
+    """Whether any item of the range was recorded: a cheap look before doing the work."""
+    return _overlapping(ref, database, chunk, lock=False)
+
+
+def _overlapping(ref: JournalRef, database: str, chunk: Chunk, *, lock: bool) -> bool:
     from bulkpool.models import RunChunk
 
-    return RunChunk.objects.using(database).filter(run_id=ref.run_pk, start=chunk.start).exists()
+    # Records are at most max_size long, so only those starting in this window can overlap.
+    candidates = RunChunk.objects.using(database).filter(
+        run_id=ref.run_pk, start__gt=chunk.start - ref.max_size, start__lt=chunk.end
+    )
+    if lock:  # a locking read sees what committed since this transaction's snapshot (MySQL)
+        candidates = candidates.select_for_update()
+    return candidates.annotate(stop=F("start") + F("size")).filter(stop__gt=chunk.start).exists()
 
 
 def _require_tables(database: str) -> None:
@@ -170,10 +323,10 @@ def _require_tables(database: str) -> None:
         )
 
 
-def _require_same_job(run: Any, name: str, chunk_size: int) -> None:
-    if run.func != name or run.chunk_size != chunk_size:
+def _require_same_job(run: Any, identity: str, chunk_size: int) -> None:
+    if run.func != identity or run.chunk_size != chunk_size:
         raise ConfigurationError(
             f"run_id={run.run_id!r} belongs to a run of {run.func} with chunk_size="
-            f"{run.chunk_size}, not {name} with chunk_size={chunk_size}. Use another run_id, "
+            f"{run.chunk_size}, not {identity} with chunk_size={chunk_size}. Use another run_id, "
             "or pass restart=True (--restart) to start it over (rows already written stay written)."
         )

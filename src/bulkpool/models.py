@@ -12,6 +12,8 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
+from bulkpool.journal import RunStatus
+
 
 class RunQuerySet(models.QuerySet["Run"]):
     def unfinished(self) -> RunQuerySet:
@@ -22,11 +24,7 @@ class RunQuerySet(models.QuerySet["Run"]):
 
 
 class Run(models.Model):
-    class Status(models.TextChoices):
-        RUNNING = "running"
-        INTERRUPTED = "interrupted"
-        STOPPED = "stopped"  # on_error="raise" or max_failures
-        FINISHED = "finished"
+    Status = RunStatus
 
     run_id = models.CharField(max_length=200, unique=True)
     func = models.CharField(max_length=500, help_text="The function's module and name.")

@@ -45,6 +45,8 @@ Decisions, where the contract is silent:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +61,7 @@ from bulkpool import querysets
 from bulkpool.api import build_engine
 from bulkpool.engine import Engine
 from bulkpool.errors import ConfigurationError
+from bulkpool.journal import func_name
 from bulkpool.outcomes import Report
 
 
@@ -96,15 +99,16 @@ def update(
         raise ConfigurationError(f"values: {error}") from error
     fields = None if update_fields is None else _checked_update_fields(model, update_fields)
     options.setdefault("database", querysets.database_of(queryset))
-    row = UpdateRow(func, plain, m2m, fields, options["database"])
+    row = UpdateRow(model._meta.label, func, plain, m2m, fields, options["database"])
     return build_engine(row, queryset, options).run()
 
 
 def delete(queryset: QuerySet[Any], **options: Any) -> Report:
     """Call every object's own ``delete()``: overrides, ``pre_delete`` / ``post_delete``, cascades."""
-    _model_of(queryset, "delete")
+    model = _model_of(queryset, "delete")
     options.setdefault("database", querysets.database_of(queryset))
-    return build_engine(DeleteRow(options["database"]), queryset, options, missing_ok=True).run()
+    row = DeleteRow(model._meta.label, options["database"])
+    return build_engine(row, queryset, options, missing_ok=True).run()
 
 
 @dataclass(frozen=True)
@@ -126,9 +130,13 @@ class CreateRow:
             getattr(obj, name).set(value)
         return obj.pk
 
+    def journal_identity(self) -> str:
+        return f"create({self.model}, validate={self.validate})"
+
 
 @dataclass(frozen=True)
 class UpdateRow:
+    model: str
     func: Callable[..., Any] | None
     values: dict[str, Any]
     m2m: dict[str, Any]
@@ -147,10 +155,22 @@ class UpdateRow:
     def __repr__(self) -> str:  # names the user's function in "cannot be sent to workers" errors
         return f"update({getattr(self.func, '__qualname__', self.func)!r})"
 
+    def journal_identity(self) -> str:
+        # The values by fingerprint: an update that sets other values is another job.
+        arguments = json.dumps([sorted(self.values.items()), sorted(self.m2m.items())], default=repr)
+        values = hashlib.sha256(arguments.encode()).hexdigest()[:16]
+        func = func_name(self.func) if self.func is not None else None
+        fields = self.update_fields
+        return f"update({self.model}, func={func}, values=sha256:{values}, update_fields={fields})"
+
 
 @dataclass(frozen=True)
 class DeleteRow:
+    model: str
     database: str
+
+    def journal_identity(self) -> str:
+        return f"delete({self.model})"
 
     def __call__(self, obj: Model | None, *state: Any) -> None:
         if obj is not None:  # None: already deleted, by an earlier row's cascade

@@ -1,10 +1,15 @@
-"""The options of a run: one frozen value, validated when built, so bad input fails before item one."""
+"""The options of a run: one frozen value, validated when built, so bad input fails before item one.
+
+The dataclass is the one table of options: each field's metadata (``help``, and ``cli``
+for how ``manage.py bulkpool run`` takes it) feeds the keyword arguments, the command's
+flags and the command line that resumes a run. Add an option here and it is in all three.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,24 +28,86 @@ def default_workers() -> int:
     return os.cpu_count() or 1
 
 
+def _meta(help: str, cli: str | None = "value", **extra: Any) -> dict[str, Any]:
+    """A row of the table. ``cli``: how the command takes it -- "value" (``--name X``),
+    "flag" (``--name``), "switch" (``--name`` / ``--no-name``), "path" (a dotted path to
+    import) or None (not on the command line). ``kind="count"``: a whole number, 1 or more
+    ("count0": 0 or more). ``resume=False``: left out of the command line that resumes."""
+    return {"help": help, "cli": cli, **extra}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Options:
     """Everything that shapes a run except the function and the items."""
 
-    backend: Any = "process"
-    workers: int = None  # type: ignore[assignment]  # None: one per CPU
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    atomic: Atomic = "chunk"
-    setup: Callable[[], Any] | None = None
-    on_error: OnError = "collect"
-    max_failures: int | None = None
-    retries: int = 3
-    progress: bool | None = None
-    rejects: str | os.PathLike[str] | None = None
-    database: str = DEFAULT_DB_ALIAS
-    run_id: str | None = None
-    restart: bool = False  # with run_id: forget what a previous run of that name did
-    dry_run: bool = False
+    backend: Any = field(
+        default="process",
+        metadata=_meta("Where calls run: serial, thread or process.", choices=BACKEND_NAMES, metavar="NAME"),
+    )
+    workers: int = field(
+        default=None,  # type: ignore[assignment]  # None: one per CPU, set in __post_init__
+        metadata=_meta("Pool size (default: one per CPU).", kind="count", metavar="N"),
+    )
+    chunk_size: int = field(
+        default=DEFAULT_CHUNK_SIZE,
+        metadata=_meta(f"Items per unit of work (default: {DEFAULT_CHUNK_SIZE}).", kind="count", metavar="N"),
+    )
+    atomic: Atomic = field(
+        default="chunk",
+        metadata=_meta(
+            "A transaction per chunk (default), per item, or none.",
+            choices=("chunk", "item", "none"),
+            metavar="MODE",
+        ),
+    )
+    setup: Callable[[], Any] | None = field(
+        default=None,
+        metadata=_meta(
+            "Run once per worker; its return value is FUNC's state.", cli="path", metavar="DOTTED_PATH"
+        ),
+    )
+    on_error: OnError = field(
+        default="collect",
+        metadata=_meta(
+            "Report failures and go on (collect, the default), or stop at the first (raise).",
+            choices=("collect", "raise"),
+            metavar="WHAT",
+        ),
+    )
+    max_failures: int | None = field(
+        default=None, metadata=_meta("Stop once N items failed.", kind="count", metavar="N")
+    )
+    retries: int = field(
+        default=3,
+        metadata=_meta(
+            "Attempts for transient database errors and worker deaths (default: 3).",
+            kind="count0",
+            metavar="N",
+        ),
+    )
+    progress: bool | None = field(
+        default=None,
+        metadata=_meta("Show a progress bar (default: when stderr is a terminal).", cli="switch"),
+    )
+    rejects: str | os.PathLike[str] | None = field(
+        default=None,
+        metadata=_meta("Write each failed item, with its error, as a JSON line.", metavar="PATH"),
+    )
+    database: str = field(
+        default=DEFAULT_DB_ALIAS,
+        metadata=_meta("The database whose transactions are managed.", metavar="ALIAS"),
+    )
+    run_id: str | None = field(
+        default=None,
+        metadata=_meta("Journal the run under this name: running it again resumes it.", metavar="ID"),
+    )
+    restart: bool = field(
+        default=False,
+        metadata=_meta("With run_id: forget what an earlier run of that name did.", cli="flag", resume=False),
+    )
+    dry_run: bool = field(
+        default=False, metadata=_meta("Do everything, then roll every transaction back.", cli="flag")
+    )
 
     def __post_init__(self) -> None:
         if self.workers is None:
@@ -93,6 +160,11 @@ class Options:
             f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) != f.default
         ]
         return f"Options({', '.join(changed)})"
+
+
+def table() -> tuple[Field[Any], ...]:
+    """The options, in order, each with its ``help`` and ``cli`` metadata."""
+    return fields(Options)
 
 
 def _require(condition: bool, message: str) -> None:

@@ -7,12 +7,15 @@ the real error.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from bulkpool.errors import ITEM_ERRORS, ItemError
 from bulkpool.protocol import ErrorInfo
 
 MAX_ITEM_REPR = 200
+KEPT_FAILURES = 1000  # a Report keeps the first failures; the rest are counted (and in the rejects file)
 
 
 def short_repr(value: Any, limit: int = MAX_ITEM_REPR) -> str:
@@ -33,10 +36,23 @@ class Failure:
     exc_type: str
     message: str
     traceback: str
+    unsafe: bool = False  # it may have been written all the same: do not feed it again blindly
 
     @classmethod
     def of(cls, index: int, item: Any, error: ErrorInfo) -> Failure:
-        return cls(index, item, error.exc_type, error.message, error.traceback)
+        return cls(index, item, error.exc_type, error.message, error.traceback, error.unsafe)
+
+    @property
+    def kind(self) -> type[ItemError] | None:
+        """bulkpool's own kind of failure (``CommitUnknown``, ``WorkerDied``, ``NotRun``), else None."""
+        return ITEM_ERRORS.get(self.exc_type)
+
+    @property
+    def exception(self) -> ItemError | None:
+        """This failure as an instance of bulkpool's own kind, for ``isinstance``; None for
+        errors raised by the function (their class lives in the worker: see ``exc_type``)."""
+        kind = self.kind
+        return kind(self.message) if kind is not None else None
 
     def summary(self) -> str:
         return f"item {self.index} ({short_repr(self.item, 80)}): {self.exc_type}: {self.message}"
@@ -61,7 +77,14 @@ class Outcome:
 
 @dataclass
 class Report:
-    """What a run did. Built up as chunks finish; final once ``run`` returns."""
+    """What a run did. Built up as chunks finish; final once ``run`` returns.
+
+    ``failures`` keeps the first ``KEPT_FAILURES`` failures (``failures_left_out`` counts
+    the rest; every one is in the rejects file and the journal); ``failure_counts`` counts
+    them all by exception type. ``failed_before``: of ``failed``, the items that failed in
+    an earlier attempt of a journaled run (reported again, not run again). ``callback_errors``
+    are ``on_commit`` callbacks that raised after their item was written.
+    """
 
     total: int = 0
     ok: int = 0
@@ -73,6 +96,11 @@ class Report:
     results: list[Any] | None = None
     interrupted: bool = False
     stopped_early: str = ""
+    failed_before: int = 0
+    failures_left_out: int = 0
+    failure_counts: Counter[str] = field(default_factory=Counter)
+    callback_errors: list[Failure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the run chose, and why
 
     @property
     def done(self) -> int:
@@ -85,8 +113,21 @@ class Report:
     @property
     def rate(self) -> float:
         """Items per second, counting those that ran (ok or failed)."""
-        ran = self.ok + self.failed
+        ran = self.ok + self.failed - self.failed_before
         return ran / self.elapsed if self.elapsed > 0 else 0.0
+
+    def add_failure(self, failure: Failure, *, earlier: bool = False) -> None:
+        self.failed += 1
+        self.failed_before += earlier
+        self.failure_counts[failure.exc_type] += 1
+        if len(self.failures) < KEPT_FAILURES:
+            self.failures.append(failure)
+        else:
+            self.failures_left_out += 1
+
+    def add_callback_error(self, failure: Failure) -> None:
+        if len(self.callback_errors) < KEPT_FAILURES:
+            self.callback_errors.append(failure)
 
     def raise_for_failures(self) -> None:
         """Raise ``ItemFailed`` for the first failure, if any item failed."""
@@ -96,7 +137,10 @@ class Report:
             raise ItemFailed(self.failures[0], self)
 
     def __str__(self) -> str:
-        parts = [f"{self.ok:,} ok", f"{self.failed:,} failed"]
+        failed = f"{self.failed:,} failed"
+        if self.failed_before:
+            failed += f" ({self.failed_before:,} in earlier attempts)"
+        parts = [f"{self.ok:,} ok", failed]
         if self.skipped:
             parts.append(f"{self.skipped:,} skipped (already done)")
         if self.not_run:
@@ -107,11 +151,25 @@ class Report:
             f"bulkpool: {self.total:,} items: {', '.join(parts)} "
             f"in {self.elapsed:.1f}s ({self.rate:,.0f} items/s)"
         ]
+        lines += self.notes
         if self.stopped_early:
             lines.append(f"Stopped early: {self.stopped_early}")
+        if len(self.failure_counts) > 1 or self.failures_left_out:
+            counts = ", ".join(f"{n:,} {kind}" for kind, n in self.failure_counts.most_common())
+            lines.append(f"Failures by type: {counts}")
         shown = self.failures[:10]
         for failure in shown:
             lines.append(f"  - {failure.summary()}")
-        if len(self.failures) > len(shown):
-            lines.append(f"  ... and {len(self.failures) - len(shown):,} more failures")
+        if self.failed > len(shown):
+            lines.append(f"  ... and {self.failed - len(shown):,} more failures")
+        if self.failures_left_out:
+            lines.append(
+                f"  (this report keeps the first {KEPT_FAILURES:,}; the rejects file and journal have all)"
+            )
+        if self.callback_errors:
+            lines.append(
+                f"{len(self.callback_errors):,} on_commit callbacks raised after their items were "
+                "written (the items count as ok):"
+            )
+            lines += [f"  - {failure.summary()}" for failure in self.callback_errors[:5]]
         return "\n".join(lines)
