@@ -52,3 +52,13 @@ def nap_and_flag(item: dict[str, Any]) -> None:
 
 
 NOT_A_FUNCTION = 42
+
+
+def press_ctrl_c_at_first_item(item: Any) -> None:
+    """Write the row, then send this process SIGINT (Ctrl-C) once, at the first item."""
+    import os
+    import signal
+
+    write_row(item)
+    if Marker.objects.count() == 1:
+        os.kill(os.getpid(), signal.SIGINT)

@@ -123,3 +123,7 @@ def write_then_busy_once(flag_path: str, i: int) -> int:
         open(flag_path, "w").close()
         raise OperationalError("database is locked")
     return i
+
+
+def fail_always(i: int) -> int:
+    raise ValueError(f"item {i} always fails")

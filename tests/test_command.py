@@ -28,7 +28,6 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
 
-import bulkpool
 from bulkpool.models import Run, RunChunk, RunFailure
 from tests.testapp.models import Marker
 
@@ -253,7 +252,7 @@ def test_verbosity_2_sets_the_bulkpool_logger_to_debug(tmp_path):
 
 @pytest.mark.django_db(transaction=True)
 def test_bad_line_mid_run_stops_cleanly_and_resumes(tmp_path):
-    """A bad line stops the run after the whole chunks before it (exit 2); fixed, the same run_id resumes."""
+    """A bad line stops the run after the items before it ran (exit 2); fixed, the same run_id resumes."""
     lines = [json.dumps({"key": f"k{i}"}) for i in range(31)]
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join([*lines[:25], "{oops", *lines[26:]]) + "\n")
@@ -272,15 +271,15 @@ def test_bad_line_mid_run_stops_cleanly_and_resumes(tmp_path):
     code, out, err = call(*args)
     assert code == 2
     assert f"{path}: line 26: not valid JSON" in err
-    assert "after the 20 items before it" in err
+    assert "after the 25 items before it" in err
     assert "Stopped early: bad input at line 26" in out
-    assert marker_counts() == Counter({f"k{i}": 1 for i in range(20)})
+    assert marker_counts() == Counter({f"k{i}": 1 for i in range(25)})
     assert Run.objects.get(run_id="import").status == Run.Status.STOPPED
 
     path.write_text("\n".join(lines) + "\n")
     code, out, _ = call(*args)
     assert code == 0
-    assert "20 skipped" in out
+    assert "25 skipped" in out
     assert marker_counts() == Counter({f"k{i}": 1 for i in range(31)})
     assert Run.objects.get(run_id="import").status == Run.Status.FINISHED
 
@@ -307,31 +306,34 @@ def test_configuration_error_is_a_usage_error(tmp_path):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_interrupt_exits_130_with_the_command_that_resumes(tmp_path, monkeypatch):
-    """Ctrl-C: exit 130 and the same command with --run-id to resume, without --restart."""
-
-    def interrupted(*args: Any, **kwargs: Any) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(bulkpool, "run", interrupted)
-    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
-    code, _, err = call(
+def test_interrupt_exits_130_with_one_report_and_the_command_that_resumes(tmp_path):
+    """Ctrl-C: the chunk in hand commits, exit 130, the report once, and one resume hint:
+    the same command with --run-id, without --restart."""
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"key": f"k{i}"} for i in range(30)])
+    code, out, err = call(
         "run",
-        f"{JOBS}.write_row",
+        f"{JOBS}.press_ctrl_c_at_first_item",
         "--input",
         str(path),
-        "--workers",
-        "3",
+        "--backend",
+        "serial",
+        "--chunk-size",
+        "10",
         "--run-id",
         "nightly",
         "--restart",
         "--no-progress",
     )
     assert code == 130
-    assert err == (
-        "To resume, run:\n  python manage.py bulkpool run tests.command_jobs.write_row "
-        f"--input {path} --workers 3 --run-id nightly --no-progress\n"
+    assert marker_counts() == Counter({f"k{i}": 1 for i in range(10)})  # the chunk in hand committed
+    assert err.count("bulkpool: 10 items: 10 ok, 0 failed") == 1  # a file's length is not known
+    assert err.count("To resume") == 1
+    assert err.endswith(
+        "To resume, run:\n  python manage.py bulkpool run tests.command_jobs.press_ctrl_c_at_first_item "
+        f"--input {path} --backend serial --chunk-size 10 --no-progress --run-id nightly\n"
     )
+    assert out == ""
+    assert Run.objects.get(run_id="nightly").status == Run.Status.INTERRUPTED
 
 
 # -- runs and show -------------------------------------------------------------------------
@@ -553,8 +555,8 @@ def test_bad_line_mid_run_is_one_line_exit_2():
     assert result.returncode == 2
     line = one_error_line(result.stderr)
     assert line.startswith("CommandError: -: line 31: not valid JSON")
-    assert "after the 28 items before it" in line
-    assert "28 items: 28 ok, 0 failed" in result.stdout
+    assert "after the 30 items before it" in line
+    assert "30 items: 30 ok, 0 failed" in result.stdout
 
 
 def test_failing_setup_is_one_line_exit_2():

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from bulkpool import inputs
+from bulkpool.chunking import chunked
 from bulkpool.errors import BulkpoolError, InputError
-from bulkpool.inputs import UntilBadInput, guess_format, open_input
+from bulkpool.inputs import guess_format, open_input
 
 
 def read(path: Path, format: str | None = None) -> list[object]:
@@ -287,25 +288,33 @@ def test_empty_array_gives_nothing(tmp_path):
     assert read(write(tmp_path, "a.json", " [ ]\n")) == []
 
 
-# -- stopping cleanly at a bad input ---------------------------------------------------------
+# -- a bad line mid-run, and rejects files fed back ------------------------------------------
 
 
-def test_until_bad_input_ends_before_the_chunk_that_breaks(tmp_path):
-    """Items come in whole chunks; the chunk holding a bad line is not given, the error is kept."""
+def test_chunked_gives_the_items_before_a_bad_line_then_raises(tmp_path):
+    """The items before a bad line come as a short chunk; the error is raised at the next pull."""
     path = write(tmp_path, "a.jsonl", "".join(f"{i}\n" for i in range(7)) + "{bad\n8\n")
     with open_input(path) as source:
-        items = UntilBadInput(source, chunk_size=3)
-        assert list(items) == [0, 1, 2, 3, 4, 5]
-    assert items.error is not None and items.error.line == 8
+        chunks = chunked(source, 3)
+        assert [next(chunks).items for _ in range(3)] == [[0, 1, 2], [3, 4, 5], [6]]
+        with pytest.raises(InputError) as error:
+            next(chunks)
+    assert error.value.line == 8
 
 
-def test_until_bad_input_passes_a_good_input_through(tmp_path):
-    """Without a bad line, every item comes through, the last chunk short, and no error."""
-    path = write(tmp_path, "a.jsonl", "".join(f"{i}\n" for i in range(7)))
+def test_rejects_file_leaves_out_items_that_may_have_been_written(tmp_path):
+    """A rejects line marked unsafe (its COMMIT outcome is unknown) is not fed again unless asked."""
+    lines = [
+        {"index": 0, "item": "a", "exc_type": "ValueError", "message": "no"},
+        {"index": 1, "item": "b", "exc_type": "bulkpool.CommitUnknown", "message": "?", "unsafe": True},
+        {"index": 2, "item": "c", "exc_type": "ValueError", "message": "no", "run_id": "r"},
+    ]
+    path = write(tmp_path, "rejects.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
     with open_input(path) as source:
-        items = UntilBadInput(source, chunk_size=3)
-        assert list(items) == list(range(7))
-    assert items.error is None
+        assert list(source) == ["a", "c"]
+    assert source.unsafe_skipped == 1
+    with open_input(path, include_unsafe=True) as source:
+        assert list(source) == ["a", "b", "c"]
 
 
 def _json_error_column(text: str) -> int:

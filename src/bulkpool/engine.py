@@ -25,6 +25,7 @@ Signal handlers only set a flag (``_Interrupts``); the engine reads it between e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -42,6 +43,7 @@ from tqdm import tqdm
 from bulkpool.chunking import chunked, known_length
 from bulkpool.errors import (
     ConfigurationError,
+    InputError,
     InputFailed,
     ItemFailed,
     ResumeRefused,
@@ -229,7 +231,8 @@ class Engine:
         if self.journal is not None:
             self.task = replace(self.task, journal=self.journal.ref)
         self._workers_started = True
-        self.executor.start(self.task, self.workers)
+        with self._interrupts.raising():  # no work is in flight yet: Ctrl-C need not wait for setup
+            self.executor.start(self.task, self.workers)
         self._scheduler.capacity = self.executor.capacity()
 
     def _collect(self) -> list[tuple[Chunk, ChunkResult]]:
@@ -406,7 +409,11 @@ def _input_failed(error: Exception) -> _Stop:
         failed.__cause__ = error
         return failed
 
-    return _Stop(f"the input raised {type(error).__name__}: {error}", Status.STOPPED, raise_it)
+    if isinstance(error, InputError):
+        reason = f"bad input at line {error.line or '?'} of {error.path}"
+    else:
+        reason = f"the input raised {type(error).__name__}: {error}"
+    return _Stop(reason, Status.STOPPED, raise_it)
 
 
 def _workers_lost(error: WorkerStartupError) -> _Stop:
@@ -444,7 +451,19 @@ class _Interrupts:
 
     def __init__(self) -> None:
         self.received = ""
+        self._raise = False
         self._previous: dict[int, Any] = {}
+
+    @contextlib.contextmanager
+    def raising(self) -> Iterator[None]:
+        """Meanwhile, the first signal raises at once too (while workers start: nothing to wait for)."""
+        self._raise = True
+        try:
+            if self.received:
+                raise KeyboardInterrupt
+            yield
+        finally:
+            self._raise = False
 
     def __enter__(self) -> _Interrupts:
         if threading.current_thread() is threading.main_thread():
@@ -457,9 +476,10 @@ class _Interrupts:
             signal.signal(signum, previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received:
+        first = not self.received
+        self.received = self.received or self.NAMES.get(signal.Signals(signum), signal.Signals(signum).name)
+        if self._raise or not first:
             raise KeyboardInterrupt
-        self.received = self.NAMES.get(signal.Signals(signum), signal.Signals(signum).name)
 
 
 class _NoBar:

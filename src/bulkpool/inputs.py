@@ -5,16 +5,19 @@
 
 - CSV: one dict per row, keyed by the header row; values are strings.
 - JSON Lines (``.jsonl``, ``.ndjson``): one JSON value per line; blank lines are skipped.
-  A *rejects file* written by a run (``rejects=...``: objects with exactly the keys
-  ``index``, ``item``, ``exc_type``, ``message``) gives back the original items, so the
-  failures of one run can be fed to the next.
+  A *rejects file* written by a run (``rejects=...``: objects with the keys ``index``,
+  ``item``, ``exc_type``, ``message``, and ``unsafe`` / ``run_id`` where they apply) gives
+  back the original items, so the failures of one run can be fed to the next. Items marked
+  ``unsafe`` (a COMMIT whose outcome is unknown: they may have been written) are left out
+  and counted in ``unsafe_skipped``, unless ``include_unsafe=True``.
 - JSON (``.json``): a top-level array, parsed one element at a time, so an array larger
   than memory can be read.
 
 The format comes from ``format`` or else the file's extension. Every problem -- a missing
 file, an unparsable line, a CSV row with too many fields -- raises ``InputError`` naming
 the file and the line, and saying how to fix it. Since reading is lazy, a bad line in the
-middle of a file is met mid-run: ``UntilBadInput`` ends the input cleanly there instead.
+middle of a file is met mid-run: the run stops there (``bulkpool.InputFailed``), after
+running the items before it.
 """
 
 from __future__ import annotations
@@ -25,8 +28,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator
-from itertools import islice
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,6 +38,7 @@ FORMATS = ("csv", "jsonl", "json")
 EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 STDIN = "-"
 REJECT_KEYS = frozenset({"index", "item", "exc_type", "message"})
+REJECT_ALLOWED_KEYS = REJECT_KEYS | {"unsafe", "run_id"}  # written when they apply
 READ_SIZE = 1 << 16  # characters per read of a JSON array
 
 
@@ -58,9 +61,11 @@ def guess_format(path: str | os.PathLike[str]) -> str:
     return EXTENSIONS[suffix]
 
 
-def open_input(path: str | os.PathLike[str], format: str | None = None) -> Input:
+def open_input(
+    path: str | os.PathLike[str], format: str | None = None, *, include_unsafe: bool = False
+) -> Input:
     """Open ``path`` (``"-"``: stdin) now, so a missing file fails before any work; read it lazily."""
-    return Input(path, format)
+    return Input(path, format, include_unsafe=include_unsafe)
 
 
 class Input:
@@ -69,12 +74,16 @@ class Input:
     ``items_read`` and ``line`` say how far reading got (for messages).
     """
 
-    def __init__(self, path: str | os.PathLike[str], format: str | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], format: str | None = None, *, include_unsafe: bool = False
+    ) -> None:
         self.path = os.fspath(path)
         if format is not None and format not in FORMATS:
             raise InputError(f"format={format!r}: use one of {', '.join(FORMATS)}.", path=self.path)
         self.format = format or guess_format(self.path)
         self.items_read = 0
+        self.include_unsafe = include_unsafe
+        self.unsafe_skipped = 0
         self.line = 0
         self._file = _open(self.path)
         self._started = False
@@ -167,7 +176,7 @@ class Input:
                     f"not valid JSON ({error.msg}, column {error.colno})",
                     "each line must hold one complete JSON value",
                 ) from None
-            is_reject = isinstance(value, dict) and value.keys() == REJECT_KEYS
+            is_reject = isinstance(value, dict) and REJECT_KEYS <= value.keys() <= REJECT_ALLOWED_KEYS
             if rejects is None:
                 rejects = is_reject
             elif rejects and not is_reject:
@@ -176,6 +185,9 @@ class Input:
                     "not a rejects record (keys index, item, exc_type, message), though the first line is",
                     "feed back a rejects file as written, or keep only your own items",
                 )
+            if rejects and value.get("unsafe") and not self.include_unsafe:
+                self.unsafe_skipped += 1  # it may have been written: feeding it again could write it twice
+                continue
             yield value["item"] if rejects else value
 
     def _json(self) -> Iterator[Any]:
@@ -318,30 +330,3 @@ class _JsonArray:
             f"column {column}: {problem}",
             "the file must hold one JSON array of items: [item, item, ...]",
         )
-
-
-class UntilBadInput:
-    """The items of ``items`` a chunk at a time, ending cleanly before a chunk the input breaks in.
-
-    A reader's ``InputError`` raised inside a run would leave the chunks in flight to
-    commit uncounted. Ending the input instead lets the run finish and count everything
-    it was given; the error is kept in ``error``. Whole chunks only (``chunk_size`` as the
-    run's): a journaled run then resumes on the same chunk boundaries once the input is fixed.
-    """
-
-    def __init__(self, items: Iterable[Any], chunk_size: int) -> None:
-        self.items = items
-        self.chunk_size = chunk_size
-        self.error: InputError | None = None
-
-    def __iter__(self) -> Iterator[Any]:
-        iterator = iter(self.items)
-        while True:
-            try:
-                chunk = list(islice(iterator, self.chunk_size))
-            except InputError as error:
-                self.error = error
-                return
-            if not chunk:
-                return
-            yield from chunk

@@ -27,10 +27,13 @@ COMMIT serialises only that last step, across workers and machines.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +53,8 @@ FIX_INSTALL = (
     'Add "bulkpool" to INSTALLED_APPS and run `python manage.py migrate bulkpool`, or run without run_id.'
 )
 PAGE = 1000  # records read at a time while planning
+
+logger = logging.getLogger("bulkpool")
 
 
 class RunStatus(TextChoices):
@@ -222,7 +227,7 @@ class Journal:
         if self.begun:
             return
         options = self.options
-        with transaction.atomic(using=self.database):
+        with _write_transaction(self.database):
             runs = Run.objects.using(self.database).select_for_update()
             run = runs.filter(run_id=options.run_id).first()
             if run is None:
@@ -242,10 +247,14 @@ class Journal:
     def record_lost(self, chunk: Chunk, errors: dict[int, ErrorInfo]) -> None:
         """Record failures that no worker could, so that a resume does not run them again."""
         try:
-            with transaction.atomic(using=self.database):
+            with _write_transaction(self.database):
                 record_chunk(self.ref, self.database, chunk, errors)
-        except (AlreadyDone, DatabaseError):  # the record is an optimisation of resume, not the truth
+        except AlreadyDone:
             pass
+        except DatabaseError as error:  # a resume will run these items again: say so, go on
+            logger.warning(
+                "Could not journal the failure of items %s..%s: %s", chunk.start, chunk.end - 1, error
+            )
 
     def close(self, report: Report, status: str) -> None:
         """The attempt's outcome; nothing when it never began (a refused or empty rerun)."""
@@ -261,6 +270,20 @@ class Journal:
             run.save(using=self.database)
         except DatabaseError:  # the database is gone: the records still tell the truth
             pass
+
+
+@contextlib.contextmanager
+def _write_transaction(database: str) -> Iterator[None]:
+    """A transaction that writes: on SQLite it takes the write lock at BEGIN (IMMEDIATE), so
+    it waits for the workers' transactions instead of failing with "database is locked"."""
+    connection = connections[database]
+
+    def immediate(execute: Any, sql: str, *args: Any) -> Any:
+        return execute("BEGIN IMMEDIATE" if sql == "BEGIN" else sql, *args)
+
+    wrapper = immediate if connection.vendor == "sqlite" else lambda execute, *args: execute(*args)
+    with connection.execute_wrapper(wrapper), transaction.atomic(using=database):
+        yield
 
 
 def record_chunk(ref: JournalRef, database: str, chunk: Chunk, errors: dict[int, ErrorInfo]) -> None:

@@ -7,8 +7,11 @@ status. The work lives in the library (``bulkpool.run``, ``bulkpool.inputs``).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import shlex
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,9 +23,18 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 import bulkpool
-from bulkpool.errors import ConfigurationError, InputError, RunAborted, WorkerStartupError
-from bulkpool.inputs import FORMATS, STDIN, UntilBadInput, open_input
-from bulkpool.options import BACKEND_NAMES, DEFAULT_CHUNK_SIZE
+from bulkpool.api import build_engine
+from bulkpool.errors import (
+    ConfigurationError,
+    InputError,
+    InputFailed,
+    ResumeRefused,
+    RunAborted,
+    RunInterrupted,
+    WorkerStartupError,
+)
+from bulkpool.inputs import FORMATS, STDIN, open_input
+from bulkpool.options import table
 
 OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
 
@@ -72,7 +84,7 @@ class Command(BaseCommand):
         return super().create_parser(prog_name, subcommand, **kwargs)
 
     def add_arguments(self, parser: CommandParser) -> None:
-        commands = parser.add_subparsers(dest="subcommand", required=True, metavar="{run,runs,show}")
+        commands = parser.add_subparsers(dest="subcommand", required=True, metavar="{run,runs,show,rejects}")
         run = commands.add_parser(
             "run",
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -91,54 +103,13 @@ class Command(BaseCommand):
         run.add_argument(
             "--format", choices=FORMATS, help="Format of --input (default: from its extension; needed for -)."
         )
-        run.add_argument("--backend", choices=BACKEND_NAMES, help="Where calls run (default: process).")
         run.add_argument(
-            "--workers", type=positive_int, metavar="N", help="Pool size (default: one per CPU)."
+            "--include-unsafe",
+            action="store_true",
+            help="With a rejects file as --input: also feed the items marked unsafe (they may "
+            "have been written: a COMMIT whose outcome is unknown).",
         )
-        run.add_argument(
-            "--chunk-size",
-            type=positive_int,
-            metavar="N",
-            help=f"Items per unit of work (default: {DEFAULT_CHUNK_SIZE}).",
-        )
-        run.add_argument(
-            "--atomic",
-            choices=("chunk", "item", "none"),
-            help="A transaction per chunk (default), item, or none.",
-        )
-        run.add_argument(
-            "--on-error",
-            choices=("collect", "raise"),
-            help="Report failures and go on (default), or stop at the first.",
-        )
-        run.add_argument("--max-failures", type=positive_int, metavar="N", help="Stop once N items failed.")
-        run.add_argument(
-            "--retries",
-            type=non_negative_int,
-            metavar="N",
-            help="Attempts for transient database errors and worker deaths (default: 3).",
-        )
-        run.add_argument(
-            "--progress",
-            action=argparse.BooleanOptionalAction,
-            help="Show a progress bar (default: when stderr is a terminal).",
-        )
-        run.add_argument(
-            "--run-id",
-            metavar="ID",
-            help="Journal the run under this name: running the same command again resumes it.",
-        )
-        run.add_argument(
-            "--restart", action="store_true", help="With --run-id: forget what an earlier run did."
-        )
-        run.add_argument("--dry-run", action="store_true", help="Do everything, then roll it all back.")
-        run.add_argument(
-            "--rejects", metavar="PATH", help="Write each failed item, with its error, as a JSON line."
-        )
-        run.add_argument("--database", metavar="ALIAS", help="The database whose transactions are managed.")
-        run.add_argument(
-            "--setup", metavar="DOTTED_PATH", help="Run once per worker; its return value is FUNC's state."
-        )
+        _add_option_flags(run)
 
         runs = commands.add_parser("runs", help="List journaled runs, newest first.")
         runs.add_argument("--unfinished", action="store_true", help="Only runs that did not finish.")
@@ -155,16 +126,37 @@ class Command(BaseCommand):
             "--database", default=DEFAULT_DB_ALIAS, metavar="ALIAS", help="Where the journal is."
         )
 
-        for sub in (run, runs, show):
+        rejects = commands.add_parser(
+            "rejects", help="Write every failure a journaled run recorded, as a rejects file (JSON Lines)."
+        )
+        rejects.add_argument("run_id", metavar="RUN_ID")
+        rejects.add_argument(
+            "--output", "-o", default="-", metavar="PATH", help="Where to write them (default: stdout)."
+        )
+        rejects.add_argument(
+            "--database", default=DEFAULT_DB_ALIAS, metavar="ALIAS", help="Where the journal is."
+        )
+
+        for sub in (run, runs, show, rejects):
             _accept_base_options(sub)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        with _debug_logging(options["verbosity"], self.stderr):
+        try:
+            self._handle(options)
+        except BrokenPipeError:  # `bulkpool runs | head`: the reader has all it wanted
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so that Python's exit-time flush does not fail too
+            raise SystemExit(OK) from None
+
+    def _handle(self, options: dict[str, Any]) -> None:
+        with _library_log(options["verbosity"], self.stderr):
             subcommand = options["subcommand"]
             if subcommand == "run":
                 self.run(options)
             elif subcommand == "runs":
                 self.runs(options)
+            elif subcommand == "rejects":
+                self.rejects(options)
             else:
                 self.show(options)
 
@@ -173,34 +165,42 @@ class Command(BaseCommand):
     def run(self, options: dict[str, Any]) -> None:
         func = _import("FUNC", options["func"])
         given = _run_options(options)
-        if options["setup"]:
-            given["setup"] = _import("--setup", options["setup"])
         _check_rejects_path(options["input"], options["rejects"])
         try:
-            source = open_input(options["input"], options["format"])
+            source = open_input(options["input"], options["format"], include_unsafe=options["include_unsafe"])
         except InputError as error:
             raise CommandError(str(error), returncode=USAGE) from None
         with source:
-            items = UntilBadInput(source, options["chunk_size"] or DEFAULT_CHUNK_SIZE)
             try:
-                report = bulkpool.run(func, items, **given)
-            except ConfigurationError as error:
-                raise CommandError(str(error), returncode=USAGE) from None
+                engine = build_engine(func, source, given, resume_hint=_resume_hint(options))
+                report = engine.run()
+            except ConfigurationError as error:  # ResumeRefused too: the input is not the one recorded
+                if isinstance(error, ResumeRefused):
+                    self._write_report(error.report, options)
+                raise CommandError(str(error).split("\n\n")[0], returncode=USAGE) from None
             except WorkerStartupError as error:
                 raise CommandError(self._startup_message(error, options), returncode=USAGE) from None
+            except InputFailed as failed:  # a bad line mid-run: what came before it ran
+                self._write_report(failed.report, options)
+                cause = failed.__cause__
+                if isinstance(cause, InputError):
+                    raise CommandError(
+                        _input_stopped(cause, failed.report, options), returncode=USAGE
+                    ) from None
+                raise CommandError(str(failed).split("\n\n")[0], returncode=USAGE) from None
             except RunAborted as aborted:  # on_error="raise" or max_failures: the report says what ran
                 self._write_report(aborted.report, options)
                 raise SystemExit(FAILED) from None
-            except KeyboardInterrupt:  # the library has printed the report
-                self.stderr.write(_resume_hint(options))
+            except RunInterrupted:  # the library has logged the report and how to resume
                 raise SystemExit(INTERRUPTED) from None
-        if items.error is not None:
-            report.stopped_early = f"bad input at line {items.error.line or '?'} of {items.error.path}"
-            if options["run_id"]:
-                _mark_stopped(options["run_id"], options["database"] or DEFAULT_DB_ALIAS)
         self._write_report(report, options)
-        if items.error is not None:
-            raise CommandError(_input_stopped(items.error, report.total, options), returncode=USAGE)
+        if source.unsafe_skipped:
+            self.stdout.write(
+                f"{source.unsafe_skipped:,} items of {options['input']} are marked unsafe: they may have "
+                "been written (their COMMIT's outcome is unknown), so they were not run again. Check "
+                "them, then pass --include-unsafe to run them anyway.",
+                self.style.WARNING,
+            )
         if report.failed:
             raise SystemExit(FAILED)
 
@@ -220,7 +220,30 @@ class Command(BaseCommand):
             return str(error)
         return f"{str(error).splitlines()[0]} (run with -v 2 to see the worker's traceback)"
 
-    # -- runs and show -----------------------------------------------------------------------
+    # -- runs, show and rejects ----------------------------------------------------------------
+
+    def rejects(self, options: dict[str, Any]) -> None:
+        from bulkpool.models import Run
+
+        alias = options["database"]
+        run = next(_journal(Run.objects.using(alias).filter(run_id=options["run_id"]), alias), None)
+        if run is None:
+            raise CommandError(
+                f"No journaled run {options['run_id']!r} in database {alias!r}: "
+                "`bulkpool runs` lists the runs there are.",
+                returncode=USAGE,
+            )
+        lines = _reject_lines(run, alias)
+        if options["output"] == "-":
+            for line in lines:
+                self.stdout.write(line, ending="")
+            return
+        with open(options["output"], "w", encoding="utf-8") as file:
+            written = sum(file.write(line) > 0 for line in lines)
+        self.stderr.write(
+            f"Wrote {written:,} failures of {run.run_id} to {options['output']}: fix the cause, then run "
+            f"them again with --input {shlex.quote(options['output'])}."
+        )
 
     def runs(self, options: dict[str, Any]) -> None:
         from bulkpool.models import Run
@@ -294,6 +317,26 @@ class Command(BaseCommand):
 # -- helpers ---------------------------------------------------------------------------------
 
 
+def _reject_lines(run: Any, alias: str) -> Iterator[str]:
+    """The run's recorded failures as rejects-file lines, in input order."""
+    from bulkpool.models import RunFailure
+
+    failures = RunFailure.objects.using(alias).filter(chunk__run=run).order_by("index")
+    for failure in failures.iterator(chunk_size=2000):
+        try:
+            item = json.loads(failure.item)
+        except ValueError:  # recorded as its repr: it was not JSON to begin with
+            item = failure.item
+        line = {
+            "index": failure.index,
+            "item": item,
+            "exc_type": failure.exc_type,
+            "message": failure.message,
+            "run_id": run.run_id,
+        }
+        yield json.dumps(line, ensure_ascii=False) + "\n"
+
+
 def _accept_base_options(parser: CommandParser) -> None:
     """Accept Django's common options after the subcommand too (``run f --input x -v 2``).
 
@@ -324,26 +367,38 @@ def _import(what: str, path: str) -> Callable[..., Any]:
     return value
 
 
+def _add_option_flags(parser: CommandParser) -> None:
+    """A flag per row of the options table (``bulkpool.options``)."""
+    for option in table():
+        meta = option.metadata
+        flag = "--" + option.name.replace("_", "-")
+        if meta["cli"] is None:
+            continue
+        if meta["cli"] == "flag":
+            parser.add_argument(flag, action="store_true", help=meta["help"])
+        elif meta["cli"] == "switch":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=meta["help"])
+        else:
+            kinds = {"count": positive_int, "count0": non_negative_int}
+            parser.add_argument(
+                flag,
+                type=kinds.get(meta.get("kind", ""), str),
+                choices=meta.get("choices"),
+                metavar=None if meta.get("choices") else meta.get("metavar"),
+                help=meta["help"],
+            )
+
+
 def _run_options(options: dict[str, Any]) -> dict[str, Any]:
     """``bulkpool.run`` options from the flags given; the library's defaults for the rest."""
-    names = [
-        "backend",
-        "workers",
-        "chunk_size",
-        "on_error",
-        "max_failures",
-        "retries",
-        "progress",
-        "run_id",
-        "rejects",
-        "database",
-    ]
-    given = {name: options[name] for name in names if options[name] is not None}
-    if options["atomic"] is not None:
-        given["atomic"] = False if options["atomic"] == "none" else options["atomic"]
-    for flag in ("restart", "dry_run"):
-        if options[flag]:
-            given[flag] = True
+    given: dict[str, Any] = {}
+    for option in table():
+        cli, value = option.metadata["cli"], options.get(option.name)
+        if cli is None or value is None or (cli == "flag" and not value):
+            continue
+        if cli == "path":
+            value = _import("--" + option.name.replace("_", "-"), value)
+        given[option.name] = False if (option.name == "atomic" and value == "none") else value
     return given
 
 
@@ -362,7 +417,8 @@ def _check_rejects_path(input_path: str, rejects: str | None) -> None:
         )
 
 
-def _input_stopped(error: InputError, ran: int, options: dict[str, Any]) -> str:
+def _input_stopped(error: InputError, report: bulkpool.Report, options: dict[str, Any]) -> str:
+    ran = report.total
     if options["run_id"]:
         then = (
             "Once it is fixed, run the same command again: with the same --run-id, what is done is skipped."
@@ -375,13 +431,6 @@ def _input_stopped(error: InputError, ran: int, options: dict[str, Any]) -> str:
     return f"{error} The run stopped there, after the {ran:,} items before it (report above). {then}"
 
 
-def _mark_stopped(run_id: str, database: str) -> None:
-    """The journal closed the run as finished, since its input ended; say it stopped instead."""
-    from bulkpool.models import Run
-
-    Run.objects.using(database).filter(run_id=run_id).update(status=Run.Status.STOPPED, finished_at=None)
-
-
 def _resume_hint(options: dict[str, Any]) -> str:
     if not options["run_id"]:
         return (
@@ -392,29 +441,21 @@ def _resume_hint(options: dict[str, Any]) -> str:
 
 
 def _command_line(options: dict[str, Any]) -> str:
-    """The ``run`` command for these options, without --restart (a resume must keep what is done)."""
+    """The ``run`` command for these options, less those a resume must not repeat (--restart)."""
     words = ["python", "manage.py", "bulkpool", "run", options["func"], "--input", options["input"]]
-    flags = [
-        "format",
-        "backend",
-        "workers",
-        "chunk_size",
-        "atomic",
-        "on_error",
-        "max_failures",
-        "retries",
-        "run_id",
-        "rejects",
-        "database",
-        "setup",
-    ]
-    for name in flags:
-        if options[name] is not None:
-            words += ["--" + name.replace("_", "-"), str(options[name])]
-    if options["progress"] is not None:
-        words.append("--progress" if options["progress"] else "--no-progress")
-    if options["dry_run"]:
-        words.append("--dry-run")
+    if options["format"] is not None:
+        words += ["--format", options["format"]]
+    for option in table():
+        meta, value = option.metadata, options.get(option.name)
+        if meta["cli"] is None or value is None or not meta.get("resume", True):
+            continue
+        flag = "--" + option.name.replace("_", "-")
+        if meta["cli"] == "flag":
+            words += [flag] if value else []
+        elif meta["cli"] == "switch":
+            words.append(flag if value else f"--no-{option.name.replace('_', '-')}")
+        else:
+            words += [flag, str(value)]
     if options.get("settings"):
         words.append(f"--settings={options['settings']}")
     return shlex.join(words)
@@ -457,19 +498,22 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> Iterato
 
 
 @contextmanager
-def _debug_logging(verbosity: int, stream: Any) -> Iterator[None]:
-    """``-v 2`` and up: the "bulkpool" logger at DEBUG, shown on stderr, for this command only."""
-    if verbosity < 2:
-        yield
-        return
+def _library_log(verbosity: int, stream: Any) -> Iterator[None]:
+    """The "bulkpool" logger's messages on the command's stderr, once (not also through the
+    root logger): warnings always, with ``-v 2`` and up everything from DEBUG, time-stamped."""
     logger = logging.getLogger("bulkpool")
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
+    saved = logger.level, logger.propagate
+    if verbosity >= 2:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger.setLevel(logging.DEBUG)
+    else:
+        handler.setLevel(logging.WARNING)
     logger.addHandler(handler)
+    logger.propagate = False
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        logger.setLevel(level)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]

@@ -1,0 +1,218 @@
+"""Off the happy path: every way a run ends, and the journal as the one truth about what is done."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.db import connection
+
+import bulkpool
+from bulkpool.models import Run, RunChunk, RunFailure
+from tests import jobs
+from tests.faults.support import REPO
+from tests.testapp.models import Marker
+
+BACKENDS = ["serial", "thread", "process"]
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def marker_counts() -> Counter[str]:
+    return Counter(Marker.objects.values_list("key", flat=True))
+
+
+def once_each(keys: set[str]) -> bool:
+    counts = marker_counts()
+    return set(counts) == keys and set(counts.values()) == {1}
+
+
+# -- a poison item, then a resume ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("poison", [0, 13, 19])
+def test_poison_item_fails_alone_and_a_resume_reports_it_failed(poison):
+    """An item that kills every worker fails alone (its chunk is split until it is alone); a
+    resume reports it failed from the journal -- never "skipped" -- and writes nothing twice."""
+    func = functools.partial(jobs.die_always_at, poison)
+    options = dict(backend="process", workers=2, chunk_size=10, retries=1, run_id=f"poison-{poison}")
+    first = bulkpool.run(func, range(40), **options)
+    assert [(f.index, f.exc_type) for f in first.failures] == [(poison, "bulkpool.WorkerDied")]
+    assert (first.ok, first.failed) == (39, 1)
+    everything_but_poison = {str(i) for i in range(40)} - {str(poison)}
+    assert once_each(everything_but_poison)
+
+    again = bulkpool.run(func, range(40), **options)
+    assert (again.ok, again.failed, again.failed_before, again.skipped) == (0, 1, 1, 39)
+    assert again.failures[0].index == poison
+    assert once_each(everything_but_poison)
+    run = Run.objects.get(run_id=f"poison-{poison}")
+    assert (run.status, run.attempts) == (Run.Status.FINISHED, 2)
+    # Every item of the input is in exactly one record: the pieces tile the input.
+    covered = sorted(
+        i for start, size in RunChunk.objects.values_list("start", "size") for i in range(start, start + size)
+    )
+    assert covered == list(range(40))
+
+
+# -- the input breaks mid-run, then a resume -----------------------------------------------
+
+
+def breaking_input(total: int, breaks_at: int | None):
+    for i in range(total):
+        if i == breaks_at:
+            raise OSError(f"the source went away at {i}")
+        yield i
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_input_that_raises_stops_the_run_and_a_resume_finishes_it(backend):
+    """The input raising mid-run: the items before it run, InputFailed carries the report, the
+    journal says stopped (not finished); fed the whole input, the same run_id writes the rest once."""
+    options = dict(backend=backend, workers=2, chunk_size=10, run_id="breaks")
+    with pytest.raises(bulkpool.InputFailed) as failed:
+        bulkpool.run(jobs.write_marker, breaking_input(100, 45), **options)
+    report = failed.value.report
+    assert isinstance(failed.value.__cause__, OSError)
+    assert (report.total, report.ok, report.not_run) == (45, 45, 0)
+    assert "the input raised OSError" in report.stopped_early
+    assert once_each({str(i) for i in range(45)})
+    assert Run.objects.get(run_id="breaks").status == Run.Status.STOPPED
+
+    resumed = bulkpool.run(jobs.write_marker, breaking_input(100, None), **options)
+    assert (resumed.ok, resumed.skipped) == (55, 45)
+    assert once_each({str(i) for i in range(100)})
+    assert Run.objects.get(run_id="breaks").status == Run.Status.FINISHED
+
+
+# -- a refused rerun changes nothing -------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["serial", "process"])
+def test_refused_rerun_leaves_the_journal_as_it_was(backend):
+    """A rerun fed other input is refused with ResumeRefused, and the finished run's record stays."""
+    bulkpool.run(jobs.write_marker, range(80), backend=backend, chunk_size=10, run_id="keep")
+    before = Run.objects.values().get(run_id="keep")
+    with pytest.raises(bulkpool.ResumeRefused, match="different input"):
+        bulkpool.run(jobs.write_marker, range(100, 180), backend=backend, chunk_size=10, run_id="keep")
+    assert Run.objects.values().get(run_id="keep") == before
+    assert (before["status"], before["ok"], before["attempts"]) == (Run.Status.FINISHED, 80, 1)
+    assert once_each({str(i) for i in range(80)})
+
+
+def test_run_identity_includes_the_operation_and_its_arguments():
+    """An update journaled with some values cannot be resumed by an update with other values."""
+    Marker.objects.bulk_create(Marker(key=str(i), value=0) for i in range(20))
+    bulkpool.update(Marker.objects.all(), values={"value": 1}, backend="serial", run_id="upd")
+    with pytest.raises(bulkpool.ConfigurationError, match="belongs to a run of update"):
+        bulkpool.update(Marker.objects.all(), values={"value": 2}, backend="serial", run_id="upd")
+    with pytest.raises(bulkpool.ConfigurationError, match="belongs to a run of update"):
+        bulkpool.delete(Marker.objects.all(), backend="serial", run_id="upd")
+    assert list(Marker.objects.values_list("value", flat=True)) == [1] * 20
+    again = bulkpool.update(Marker.objects.all(), values={"value": 1}, backend="serial", run_id="upd")
+    assert (again.ok, again.skipped) == (0, 20)
+
+
+# -- rejects across attempts ---------------------------------------------------------------
+
+
+def test_rejects_file_keeps_every_attempt_and_the_journal_writes_them_all(tmp_path):
+    """A resumed run adds to its rejects file; `bulkpool rejects RUN_ID` writes every failure."""
+    rejects = tmp_path / "rejects.jsonl"
+    func = jobs.fail_multiples_of_7
+    first_items = breaking_input(100, 50)
+    with pytest.raises(bulkpool.InputFailed):
+        bulkpool.run(func, first_items, backend="thread", chunk_size=10, run_id="rj", rejects=str(rejects))
+    assert len(rejects.read_text().splitlines()) == len([i for i in range(50) if i % 7 == 0])
+    bulkpool.run(func, range(100), backend="thread", chunk_size=10, run_id="rj", rejects=str(rejects))
+    lines = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert sorted(line["index"] for line in lines) == [i for i in range(100) if i % 7 == 0]
+
+    out = StringIO()
+    call_command("bulkpool", "rejects", "rj", stdout=out)
+    exported = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["index"] for line in exported] == [i for i in range(100) if i % 7 == 0]
+    assert {line["run_id"] for line in exported} == {"rj"}
+    assert exported[1]["item"] == 7 and exported[1]["exc_type"] == "ValueError"
+    assert RunFailure.objects.count() == len(exported)
+
+
+# -- an imap consumer that stops early -----------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_imap_consumer_that_stops_lets_the_chunks_in_flight_finish(backend):
+    """Closing imap's outcomes early: the chunks in flight are counted, the journal says stopped."""
+    with bulkpool.imap(
+        jobs.write_marker, range(1000), backend=backend, chunk_size=10, run_id="peek"
+    ) as outcomes:
+        seen = [next(outcomes) for _ in range(15)]
+    report = outcomes.report
+    assert [o.index for o in seen] == list(range(15))
+    written = sum(marker_counts().values())
+    assert written == report.ok and 15 <= written < 1000
+    assert report.not_run == report.total - report.ok
+    assert set(marker_counts().values()) == {1}
+    assert Run.objects.get(run_id="peek").status == Run.Status.STOPPED
+    assert report.stopped_early == "the caller stopped reading the outcomes"
+
+
+# -- a flood of failures -------------------------------------------------------------------
+
+
+def test_a_flood_of_failures_keeps_the_first_and_counts_the_rest(tmp_path):
+    """5,000 failures: the report keeps the first 1,000 with counts by type; the rejects file has all."""
+    rejects = tmp_path / "rejects.jsonl"
+    report = bulkpool.run(
+        jobs.fail_always, range(5000), backend="serial", chunk_size=500, rejects=str(rejects)
+    )
+    assert (report.failed, len(report.failures), report.failures_left_out) == (5000, 1000, 4000)
+    assert report.failure_counts == Counter({"ValueError": 5000})
+    assert [f.index for f in report.failures] == list(range(1000))
+    assert len(rejects.read_text().splitlines()) == 5000
+    assert "keeps the first 1,000" in str(report)
+
+
+@pytest.mark.slow
+def test_two_hundred_thousand_failures_keep_the_parent_under_250_mb(tmp_path):
+    """200,000 failing items on process workers: the parent's peak memory stays under 250 MB."""
+    rejects = tmp_path / "rejects.jsonl"
+    script = textwrap.dedent(
+        f"""
+        import os, resource, django
+        from django.conf import settings
+        settings.DATABASES["default"]["NAME"] = os.environ["BULKPOOL_FAULTS_DB_NAME"]
+        django.setup()
+        import bulkpool
+        from tests import jobs
+        report = bulkpool.run(
+            jobs.fail_always, range(200_000), backend="process", workers=2, chunk_size=1000,
+            rejects={str(rejects)!r},
+        )
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(report.failed, len(report.failures), report.failures_left_out, round(peak_mb))
+        """
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "BULKPOOL_FAULTS_DB_NAME": str(connection.settings_dict["NAME"]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    failed, kept, left_out, peak_mb = map(int, done.stdout.split())
+    assert (failed, kept, left_out) == (200_000, 1000, 199_000)
+    assert peak_mb < 250, f"parent peak RSS {peak_mb} MB"
+    with open(rejects, encoding="utf-8") as file:
+        assert sum(1 for _ in file) == 200_000
