@@ -67,7 +67,8 @@ def test_a_lost_chunk_is_sent_again_up_to_retries_then_split_in_halves():
     decision = scheduler.lost(lost(whole))
     assert isinstance(decision, SendAgain)
     assert [(c.start, len(c)) for c in decision.chunks] == [(0, 5), (5, 5)]
-    assert scheduler.next_again().start == 0  # the first half goes first
+    first = scheduler.next_again()
+    assert first is not None and first.start == 0  # the first half goes first
 
 
 def test_a_poison_item_is_found_by_halving_and_fails_alone():
