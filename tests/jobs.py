@@ -127,3 +127,17 @@ def write_then_busy_once(flag_path: str, i: int) -> int:
 
 def fail_always(i: int) -> int:
     raise ValueError(f"item {i} always fails")
+
+
+def setup_fails_once_flagged(flag_path: str) -> None:
+    """A worker setup that works until ``flag_path`` exists: replacements then cannot start."""
+    if os.path.exists(flag_path):
+        raise RuntimeError("setup refuses: the flag file exists")
+
+
+def write_marker_with_state_then_die_at(flag_path: str, target: int, i: int, state: None) -> int:
+    """With ``setup_fails_once_flagged``: at item ``target``, set the flag, then die (SIGKILL)."""
+    if i == target:
+        open(flag_path, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write_marker(i)

@@ -216,3 +216,28 @@ def test_two_hundred_thousand_failures_keep_the_parent_under_250_mb(tmp_path):
     assert peak_mb < 250, f"parent peak RSS {peak_mb} MB"
     with open(rejects, encoding="utf-8") as file:
         assert sum(1 for _ in file) == 200_000
+
+
+# -- a worker that cannot be replaced ------------------------------------------------------
+
+
+def test_a_worker_that_cannot_be_replaced_stops_the_run_with_the_partial_report(tmp_path):
+    """A dead worker whose replacement fails in setup: the other worker's chunks are drained
+    and counted, and WorkersLost (with the startup error as its cause) carries the report."""
+    flag = str(tmp_path / "no-more-workers")
+    func = functools.partial(jobs.write_marker_with_state_then_die_at, flag, 55)
+    setup = functools.partial(jobs.setup_fails_once_flagged, flag)
+    with pytest.raises(bulkpool.WorkersLost) as lost:
+        bulkpool.run(
+            func, range(200), backend="process", workers=2, chunk_size=10, setup=setup, run_id="lost"
+        )
+    report = lost.value.report
+    assert isinstance(lost.value.__cause__, bulkpool.WorkerStartupError)
+    assert "setup refuses" in str(lost.value.__cause__)
+    written = marker_counts()
+    assert set(written.values()) == {1}
+    assert sum(written.values()) == report.ok
+    assert "55" not in written
+    assert report.ok + report.failed + report.not_run == report.total
+    assert report.not_run > 0
+    assert Run.objects.get(run_id="lost").status == Run.Status.STOPPED
