@@ -7,7 +7,8 @@ Data flow for one chunk transaction (``work.py`` fills the body):
       body                  the items, each perhaps in item_savepoint(); after each item,
                             Transaction.claim_callbacks() tags its on_commit callbacks
     commit phase            only for a transaction of our own:
-      constraint check      PostgreSQL: SET CONSTRAINTS ALL IMMEDIATE -> ConstraintsViolated
+      constraint check      if asked (PostgreSQL): SET CONSTRAINTS ALL IMMEDIATE
+                            -> CommitRefused
       dry run               roll back here, after the check (so a dry run reports it too)
       liveness              a connection that died with the transaction open rolled back:
                             Transient, retried as usual
@@ -17,14 +18,22 @@ Data flow for one chunk transaction (``work.py`` fills the body):
       callbacks             on_commit callbacks run, guarded: one that raises is recorded
                             in Transaction.callback_errors against its item, never raised
 
-Why check constraints before COMMIT: Django creates foreign keys DEFERRABLE INITIALLY
-DEFERRED on PostgreSQL and SQLite, so a row whose foreign key dangles is refused only by
-COMMIT, which cannot say which row it was. On PostgreSQL, SET CONSTRAINTS ALL IMMEDIATE
-runs the pending checks at once (one round trip) and, run inside an item's savepoint,
-blames that item alone. SQLite has no such statement (``PRAGMA foreign_key_check`` and
-Django's ``check_constraints()`` scan whole tables), so there a refused COMMIT is the
-signal, and the worker splits the chunk to find the item. MySQL checks foreign keys
-immediately: the item's own statement fails.
+Deferred constraints: Django creates foreign keys DEFERRABLE INITIALLY DEFERRED on
+PostgreSQL and SQLite, so a row whose foreign key dangles is refused only by COMMIT,
+which cannot say which row it was -- but an error *answer* from COMMIT (IntegrityError)
+means that nothing was committed, so the chunk can be run again. On PostgreSQL, SET
+CONSTRAINTS ALL IMMEDIATE runs the pending checks at once and, run at the end of an
+item's savepoint (``item_savepoint(check_constraints=True)``), blames that item alone.
+SQLite has no such statement (``PRAGMA foreign_key_check`` and Django's
+``check_constraints()`` scan whole tables), so there the worker splits a refused chunk
+to find the item. MySQL checks foreign keys immediately: the item's own statement fails.
+
+Why not check every chunk before its COMMIT: it would cost the same round trip as the
+liveness check it replaces, but it would move the user's deferred constraint triggers out
+of COMMIT (a trigger that is slow at COMMIT would be slow before it), and it tells no more
+than COMMIT's own refusal does. It is done where COMMIT cannot answer: a dry run (which
+rolls back instead), and a chunk run again with per-item checks (where it is a no-op
+unless something outside the items left a check pending).
 
 Why guard on_commit callbacks: Django runs them after COMMIT, inside ``atomic``'s exit;
 one that raises would propagate out of a chunk that *is* committed (and skip the
@@ -48,16 +57,9 @@ from bulkpool.protocol import ErrorInfo
 from bulkpool.retrying import Transient, is_lost_connection, is_transient
 
 
-class ConstraintsViolated(Exception):
-    """The constraint check before COMMIT failed; the transaction was rolled back."""
-
-    def __init__(self, error: DatabaseError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 class CommitRefused(Exception):
-    """COMMIT answered with an error, so the transaction did not commit (it rolled back)."""
+    """COMMIT, or the constraint check before it, answered with an error: the transaction
+    did not commit (it was rolled back)."""
 
     def __init__(self, error: DatabaseError) -> None:
         super().__init__(str(error))
@@ -130,8 +132,8 @@ def open_transaction(
 ) -> Iterator[Transaction]:
     """``transaction.atomic`` for a chunk or an item, with the commit phase drawn above.
 
-    Raises ``Transient`` (retry it), ``ConstraintsViolated`` or ``CommitRefused`` (nothing
-    was committed), or what the body raised (after rolling back).
+    Raises ``Transient`` (retry it), ``CommitRefused`` (nothing was committed), or what
+    the body raised (after rolling back).
     """
     connection = connections[database]
     outermost = not connection.in_atomic_block
@@ -160,7 +162,7 @@ def open_transaction(
                     "transaction must roll back"
                 )
             if check_constraints:
-                _check_constraints(connection, ConstraintsViolated)
+                _check_constraints(connection, CommitRefused)
             if dry_run:
                 transaction.set_rollback(True, using=database)
                 return
@@ -173,7 +175,7 @@ def open_transaction(
             if before_commit is not None:
                 before_commit()
             committing = True
-    except (Transient, ConstraintsViolated):
+    except (Transient, CommitRefused):
         raise
     except Exception as error:
         if not committing:
@@ -202,7 +204,7 @@ def item_savepoint(database: str, *, check_constraints: bool = False) -> Iterato
             _check_constraints(connections[database], None)
 
 
-def _check_constraints(connection: Any, wrap: type[ConstraintsViolated] | None) -> None:
+def _check_constraints(connection: Any, wrap: type[CommitRefused] | None) -> None:
     """Run the pending deferred constraint checks now (PostgreSQL).
 
     Inside an item's savepoint the constraints are deferred again afterwards, so the

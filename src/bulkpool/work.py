@@ -12,12 +12,12 @@ Data flow of one chunk under ``atomic="chunk"`` (the default):
                 fast          no savepoints (a savepoint per item costs two round trips)
                   an item fails          --> roll back; redo with a savepoint per item;
                                              the failed item keeps its error, is not rerun
-                  the constraint check   --> roll back; redo "checked": each item's
-                  before COMMIT fails        savepoint ends with the check (PostgreSQL),
-                                             so the item that breaks a constraint fails alone
-                  COMMIT refused         --> split into halves, each run and committed in
-                  (SQLite's deferred FKs,    its own transaction with its own journal
-                  or what checks missed)     record, recursively, until the bad item fails
+                  COMMIT refused         --> nothing committed; on PostgreSQL, redo "checked":
+                  (a deferred FK dangles)    each item's savepoint ends with its deferred
+                                             constraint checks, so the bad item fails alone
+                  COMMIT refused again,  --> split into halves, each run and committed in
+                  or no per-item checks      its own transaction with its own journal
+                  (SQLite)                   record, recursively, until the bad item fails
                                              alone; the result is keyed by offset in the chunk
                   a transient error      --> Retry.again(): back off, fresh connection, same
                                              piece again; one budget for the whole chunk
@@ -58,7 +58,6 @@ from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo, Task, Timings
 from bulkpool.retrying import Retry, Transient, is_transient
 from bulkpool.transactions import (
     CommitRefused,
-    ConstraintsViolated,
     Transaction,
     checks_constraints_per_item,
     item_savepoint,
@@ -195,13 +194,13 @@ class Worker:
                     self._failed_before[redo.index] = redo.error
                 level = max(level, SAVEPOINTS)
                 continue
-            except ConstraintsViolated as violated:
+            except CommitRefused as refused:
+                # Nothing was committed. Where each item's deferred checks can run in its
+                # savepoint (PostgreSQL), run the chunk so; else (or if that did not find
+                # it) split the chunk to find the item COMMIT refuses.
                 if level < CHECKED and checks_constraints_per_item(self.task.database):
                     level = CHECKED
                     continue
-                self._split(piece, local, violated.error, retry)
-                return
-            except CommitRefused as refused:
                 self._split(piece, local, refused.error, retry)
                 return
             except AlreadyDone:
@@ -251,12 +250,14 @@ class Worker:
     def _attempt(self, piece: Chunk, result: ChunkResult, level: int) -> Transaction:
         """One transaction over the piece; raises what ``_run_piece`` handles."""
         task, database = self.task, self.task.database
+        # COMMIT cannot answer for a dry run, so the check runs before its rollback.
+        check = checks_constraints_per_item(database) and (task.dry_run or level >= CHECKED)
         txn: Transaction | None = None
         try:
             with open_transaction(
                 database,
                 dry_run=task.dry_run,
-                check_constraints=checks_constraints_per_item(database),
+                check_constraints=check,
                 before_commit=self._about_to_commit,
                 in_caller_thread=self.in_caller_thread,
             ) as txn:
