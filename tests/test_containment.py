@@ -264,7 +264,7 @@ def test_callbacks_in_the_callers_transaction_are_left_to_the_caller(tmp_path):
     assert (result.errors, result.callback_errors) == ({}, {})
 
 
-@pytest.mark.parametrize("backend", ["serial", "thread"])
+@pytest.mark.parametrize("backend", ["serial", "thread", "process"])
 def test_raising_on_commit_callback_through_run(tmp_path, backend):
     """bulkpool.run neither raises nor hangs: every item is written once, its callback run once."""
     calls = tmp_path / "calls"
@@ -353,6 +353,19 @@ def test_journal_write_failing_fails_the_chunk_and_writes_nothing(monkeypatch):
     message = result.errors[0].message
     assert "the journal row for items 10..14 could not be written" in message
     assert "disk full" in message
+    assert written_markers() == []
+
+
+def test_journal_write_failing_through_a_journaled_run(monkeypatch):
+    """A journaled serial run whose journal writes fail reports every item failed, and returns."""
+
+    def broken_record(*args: Any) -> None:
+        raise DatabaseError("disk full")
+
+    monkeypatch.setattr(work, "record_chunk", broken_record)
+    report = bulkpool.run(write_marker_job, range(12), backend="serial", chunk_size=5, run_id="broken")
+    assert (report.ok, report.failed) == (0, 12)
+    assert "could not be written" in report.failures[0].message
     assert written_markers() == []
 
 

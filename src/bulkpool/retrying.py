@@ -163,7 +163,8 @@ def _is_psycopg(cause: BaseException) -> bool:
 
 def is_transient(error: BaseException) -> bool:
     """Whether running the same work again on a fresh connection may succeed."""
-    if not isinstance(error, DatabaseError):
+    # InterfaceError is not a DatabaseError in Django's tree, yet a closed connection raises it.
+    if not isinstance(error, (DatabaseError, InterfaceError)):
         return False
     cause = error.__cause__ or error
     sqlstate = _sqlstate(cause)
