@@ -189,6 +189,17 @@ def test_dangling_foreign_key_through_run(backend):
     assert Book.objects.count() == 24
 
 
+def test_dangling_foreign_key_through_a_journaled_run():
+    """A journaled run records every item once, in whole chunks or in pieces, the bad one failed."""
+    authors = authors_with_a_missing_one(25, missing_at=13)
+    report = bulkpool.run(write_book, authors, backend="serial", chunk_size=10, run_id="fk-run")
+    assert (report.ok, report.failed) == (24, 1)
+    assert Book.objects.count() == 24
+    records = sorted(RunChunk.objects.values_list("start", "size"))
+    assert [index for start, size in records for index in range(start, start + size)] == list(range(25))
+    assert list(RunFailure.objects.values_list("index", flat=True)) == [13]
+
+
 @pytest.mark.vendor("postgresql", "mysql")
 def test_dry_run_reports_a_dangling_foreign_key():
     """A dry run names the dangling row too (checked before its rollback), and writes nothing."""

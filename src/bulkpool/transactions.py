@@ -74,7 +74,9 @@ def checks_constraints_per_item(database: str) -> bool:
 class Transaction:
     """What the body of ``open_transaction`` can use; timings and callback errors after it."""
 
-    def __init__(self, connection: Any, *, outermost: bool, guard_callbacks: bool, in_caller_thread: bool):
+    def __init__(
+        self, connection: Any, *, outermost: bool, guard_callbacks: bool, in_caller_thread: bool
+    ) -> None:
         self.connection = connection
         self.outermost = outermost  # our own transaction, not a savepoint in the caller's
         self.guard_callbacks = guard_callbacks
