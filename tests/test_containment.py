@@ -414,6 +414,20 @@ def test_an_error_outside_any_item_fails_the_chunk_without_raising(monkeypatch):
     assert written_markers() == []
 
 
+def test_before_commit_raising_fails_the_chunk_without_raising():
+    """An executor's before_commit that raises (its parent is gone): rolled back, items failed."""
+
+    def parent_gone() -> None:
+        raise BrokenPipeError("the parent hung up")
+
+    worker = Worker(make_task(write_marker_job), before_commit=parent_gone)
+    result = worker.run(Chunk(0, 0, [1, 2, 3]))
+    assert set(result.errors) == {0, 1, 2}
+    assert result.errors[0].exc_type == "BrokenPipeError"
+    assert not worker.committing
+    assert written_markers() == []
+
+
 def test_timings_and_committing():
     """The result says where the time went; ``committing`` is set from just before COMMIT."""
     seen: list[bool] = []

@@ -129,6 +129,10 @@ class Worker:
         self._settled: set[int] = set()
         self._failed_before: dict[int, ErrorInfo] = {}
         self._times = {"load": 0.0, "work": 0.0, "commit": 0.0}
+        # The offsets of the latest transaction, and whether it has begun to COMMIT: what
+        # a crash of ours leaves in doubt.
+        self._current = range(0)
+        self._in_commit = False
 
     def start(self) -> None:
         """Prepare this worker's connection and run the user's ``setup`` once."""
@@ -155,6 +159,7 @@ class Worker:
         self._settled = set()
         self._failed_before = {}
         self._times = dict.fromkeys(self._times, 0.0)
+        self._current, self._in_commit = range(0), False
         try:
             if self.task.atomic == "chunk":
                 self._run_piece(chunk, Retry(self.task.retries, **self._where()), whole=True)
@@ -253,6 +258,8 @@ class Worker:
         # COMMIT cannot answer for a dry run, so the check runs before its rollback.
         check = checks_constraints_per_item(database) and (task.dry_run or level >= CHECKED)
         txn: Transaction | None = None
+        base = piece.start - self._start
+        self._current, self._in_commit = range(base, base + len(piece)), False
         try:
             with open_transaction(
                 database,
@@ -338,23 +345,22 @@ class Worker:
         self._settled.update(range(base, base + len(piece)))
 
     def _crashed(self, chunk: Chunk, error: BaseException) -> None:
-        """Something outside any item broke: the items not settled yet fail with it (or, past
-        the start of a COMMIT, with CommitUnknown: they may have been written)."""
+        """Something outside any item broke: the items not settled yet fail with it -- or,
+        if it broke during their COMMIT, with CommitUnknown: they may have been written."""
         info = ErrorInfo.from_exception(error)
         unsettled = [offset for offset in range(len(chunk)) if offset not in self._settled]
-        if self.committing:
-            _commit_unknown(self._result, unsettled, error)
-        else:
-            for offset in unsettled:
-                self._result.errors.setdefault(offset, info)
-        if self._result.values is not None:
-            for offset in unsettled:
+        in_doubt = [offset for offset in unsettled if self._in_commit and offset in self._current]
+        _commit_unknown(self._result, in_doubt, error)
+        for offset in unsettled:
+            self._result.errors.setdefault(offset, info)
+            if self._result.values is not None:
                 self._result.values[offset] = None
 
     def _about_to_commit(self) -> None:
         self.committing = True
         if self._before_commit is not None:
-            self._before_commit()
+            self._before_commit()  # if this raises, COMMIT never runs: nothing in doubt
+        self._in_commit = True
 
     # -- atomic="item" and atomic=False ----------------------------------------------------
 
@@ -383,6 +389,7 @@ class Worker:
         result, task = self._result, self.task
         retry = Retry(task.retries, **self._where())
         while True:
+            self._current, self._in_commit = range(offset, offset + 1), False
             scope = open_transaction(
                 task.database,
                 dry_run=task.dry_run,
