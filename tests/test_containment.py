@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import pickle
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,29 @@ def test_two_dangling_foreign_keys_with_a_failing_item():
     assert set(result.errors) == {1, 3, 5}
     assert result.errors[3].exc_type == "ValueError"
     assert Book.objects.count() == 3
+
+
+def test_an_item_that_failed_is_not_run_again_while_the_chunk_is_searched():
+    """The redo and the pieces of a refused chunk skip an item that failed in func: it runs once."""
+    authors = authors_with_a_missing_one(8, missing_at=6)
+    authors[2] = -1
+    calls: Counter[int] = Counter()
+
+    def write_or_fail(author_id: int) -> int:
+        calls[author_id] += 1
+        if author_id < 0:
+            raise ValueError("no such author")
+        return write_book(author_id)
+
+    worker = Worker(make_task(write_or_fail))
+    result = worker.run(Chunk(0, 0, authors))
+    assert set(result.errors) == {2, 6}
+    # The worker stays careful after a failing chunk: item 2 now fails inside its savepoint.
+    authors[2] = -2
+    again = worker.run(Chunk(1, 8, authors))
+    assert set(again.errors) == {2, 6}
+    assert (calls[-1], calls[-2]) == (1, 1)
+    assert Book.objects.count() == 12
 
 
 def test_dangling_foreign_key_with_atomic_item():

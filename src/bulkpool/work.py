@@ -25,6 +25,10 @@ Data flow of one chunk under ``atomic="chunk"`` (the default):
                   COMMIT (in doubt)          whether the chunk committed; without one, its
                                              items fail with CommitUnknown (never written twice)
                   the journal write fails --> roll back; the items fail, saying so
+                  an on_commit callback  --> the chunk stays committed and its items ok;
+                  raises after COMMIT        the error goes to callback_errors[offset of
+                                             the item that registered it] (inside the
+                                             caller's transaction, callbacks are the caller's)
               <-- ChunkResult (errors, values, callback_errors, timings)
 
 So ``func`` may run more than once for an item, as after any retry: keep side effects
@@ -163,6 +167,8 @@ class Worker:
         try:
             if self.task.atomic == "chunk":
                 self._run_piece(chunk, Retry(self.task.retries, **self._where()), whole=True)
+                if not self._result.errors:
+                    self._careful = FAST
             else:
                 self._run_items(chunk)
         except KeyboardInterrupt as error:
@@ -185,11 +191,13 @@ class Worker:
     def _where(self) -> dict[str, Any]:
         return {"database": self.task.database, "own_connection": self.task.own_connections}
 
-    def _run_piece(self, piece: Chunk, retry: Retry, *, whole: bool = False) -> None:
+    def _run_piece(
+        self, piece: Chunk, retry: Retry, *, level: int | None = None, whole: bool = False
+    ) -> None:
         """Run ``piece`` (the chunk, or a part of it after a refused COMMIT) to the end:
         committed, or failed, or split further. Settles its offsets in ``self._result``."""
         in_doubt: tuple[ChunkResult, BaseException] | None = None  # an attempt that may have committed
-        level = self._careful
+        level = self._careful if level is None else level
         while True:
             local = ChunkResult(piece.number, [None] * len(piece) if self.task.keep_values else None)
             try:
@@ -202,11 +210,14 @@ class Worker:
             except CommitRefused as refused:
                 # Nothing was committed. Where each item's deferred checks can run in its
                 # savepoint (PostgreSQL), run the chunk so; else (or if that did not find
-                # it) split the chunk to find the item COMMIT refuses.
+                # it) split the chunk to find the item COMMIT refuses. Either way the items
+                # that failed in this attempt keep their error and are not run again.
+                for offset, failure in local.errors.items():
+                    self._failed_before.setdefault(piece.start + offset, failure)
                 if level < CHECKED and checks_constraints_per_item(self.task.database):
                     level = CHECKED
                     continue
-                self._split(piece, local, refused.error, retry)
+                self._split(piece, refused.error, retry, level)
                 return
             except AlreadyDone:
                 # After a COMMIT in doubt, the journal says that attempt did commit.
@@ -247,7 +258,8 @@ class Worker:
                     local.values = None
                     self._settle(piece, local)
                 return
-            self._careful = level if local.errors else FAST
+            if local.errors:  # failures come in runs: the next chunk starts this careful
+                self._careful = max(self._careful, level)
             local.callback_errors = txn.callback_errors
             self._settle(piece, local)
             return
@@ -311,16 +323,12 @@ class Worker:
                 raise Transient(error) from error
             raise _JournalFailed(error, reading=False) from error
 
-    def _split(self, piece: Chunk, attempt: ChunkResult, error: DatabaseError, retry: Retry) -> None:
-        """COMMIT refused the piece: find the item it refused by running halves on their own.
-
-        The items that failed in the refused attempt keep their error and are not run again.
-        """
-        for offset, failure in attempt.errors.items():
-            self._failed_before.setdefault(piece.start + offset, failure)
+    def _split(self, piece: Chunk, error: DatabaseError, retry: Retry, level: int) -> None:
+        """COMMIT refused the piece: find the item it refused by running halves on their own
+        (as carefully as the piece ran: its failures may be theirs)."""
         if len(piece) > 1:
             for half in piece.halves():
-                self._run_piece(half, retry)
+                self._run_piece(half, retry, level=level)
             return
         index = piece.start
         if index in self._failed_before or not self.task.journal:
@@ -330,7 +338,7 @@ class Worker:
             return
         # The item failed alone; its piece still gets its journal record (with the failure).
         self._failed_before[index] = _info(error)
-        self._run_piece(piece, retry)
+        self._run_piece(piece, retry, level=level)
 
     def _settle(self, piece: Chunk, local: ChunkResult) -> None:
         """Put a finished piece's outcome into the chunk's result, keyed by offset in the chunk."""
