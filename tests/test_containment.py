@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, OperationalError, connection, transaction
 
 import bulkpool
 from bulkpool import work
@@ -389,6 +389,24 @@ def test_journal_write_failing_fails_the_chunk_and_writes_nothing(monkeypatch):
     assert "the journal row for items 10..14 could not be written" in message
     assert "disk full" in message
     assert written_markers() == []
+
+
+def test_journal_write_meeting_a_transient_error_is_retried(monkeypatch):
+    """A transient error from the journal write rolls the chunk back and runs it again, once."""
+    real_record = work.record_chunk
+    failures = [OperationalError("database is locked")]
+
+    def busy_once(*args: Any) -> None:
+        if failures:
+            raise failures.pop()
+        real_record(*args)
+
+    monkeypatch.setattr(work, "record_chunk", busy_once)
+    task = make_task(write_marker_job, journal=journal("busy"), retries=1)
+    result = Worker(task).run(Chunk(0, 0, [1, 2, 3]))
+    assert (result.errors, result.retried) == ({}, 3)
+    assert written_markers() == [1, 2, 3]
+    assert RunChunk.objects.count() == 1
 
 
 def test_journal_write_failing_through_a_journaled_run(monkeypatch):
