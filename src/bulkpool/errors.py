@@ -1,4 +1,4 @@
-"""Every error bulkpool raises, and which database errors are worth retrying.
+"""Every error bulkpool raises. (Which database errors are worth retrying: ``retrying.py``.)
 
     BulkpoolError
     ├── ConfigurationError      bad options or a setup the run cannot work in (also
@@ -33,7 +33,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DatabaseError, InterfaceError, OperationalError
 
 if TYPE_CHECKING:
     from bulkpool.outcomes import Failure, Report
@@ -135,78 +134,3 @@ class NotRun(ItemError):
 ITEM_ERRORS: dict[str, type[ItemError]] = {
     f"bulkpool.{kind.__name__}": kind for kind in (CommitUnknown, WorkerDied, NotRun)
 }
-
-
-# Error codes that mean "try the same work again", per vendor.
-_POSTGRES_TRANSIENT_SQLSTATES = {
-    "40001",  # serialization_failure
-    "40P01",  # deadlock_detected
-    "55P03",  # lock_not_available
-    "57P01",  # admin_shutdown (pg_terminate_backend, server restart)
-    "57P02",  # crash_shutdown
-    "57P03",  # cannot_connect_now (server starting up, connections not allowed)
-    "08000",
-    "08001",
-    "08003",
-    "08004",
-    "08006",  # connection exceptions
-}
-_MYSQL_TRANSIENT_CODES = {
-    1205,  # lock wait timeout
-    1213,  # deadlock
-    2002,
-    2003,
-    2006,
-    2013,
-    2055,  # cannot connect / server gone away / lost connection
-    1040,  # too many connections
-    1053,  # server shutdown in progress
-    1927,  # connection killed
-    4031,  # disconnected by the server because of inactivity
-}
-_POSTGRES_TRANSIENT_CONNECTION_MESSAGES = (
-    "connection refused",
-    "not currently accepting connections",
-    "the database system is starting up",
-    "the database system is shutting down",
-    "the database system is in recovery mode",
-    "server closed the connection unexpectedly",
-    "terminating connection",
-    "connection reset",
-    "could not receive data",
-    "could not send data",
-    "consuming input failed",
-    "connection is lost",
-    "connection is closed",
-    "ssl syscall error",
-    "eof detected",
-    "timeout expired",
-    "too many clients",
-    "remaining connection slots are reserved",
-)
-_SQLITE_TRANSIENT_MESSAGES = ("database is locked", "database table is locked", "database is busy")
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether running the same work again on a fresh connection may succeed."""
-    if not isinstance(error, DatabaseError):
-        return False
-    cause = error.__cause__ or error
-    sqlstate = getattr(cause, "sqlstate", None) or getattr(getattr(cause, "diag", None), "sqlstate", None)
-    if sqlstate is not None:
-        return sqlstate in _POSTGRES_TRANSIENT_SQLSTATES
-    if type(cause).__module__.startswith("psycopg") and isinstance(error, OperationalError):
-        # No SQLSTATE: the connection itself failed. Refused or reset is worth waiting for;
-        # a database that does not exist or a wrong password is not.
-        message = str(error).lower()
-        return any(text in message for text in _POSTGRES_TRANSIENT_CONNECTION_MESSAGES)
-    args = getattr(cause, "args", ())
-    if args and isinstance(args[0], int):
-        return args[0] in _MYSQL_TRANSIENT_CODES
-    message = str(error).lower()
-    if any(text in message for text in _SQLITE_TRANSIENT_MESSAGES):
-        return True
-    # A connection that is already closed or broken says so without a code.
-    return isinstance(error, InterfaceError) or (
-        isinstance(error, OperationalError) and "connection" in message and "closed" in message
-    )

@@ -2,74 +2,141 @@
 
 A ``Worker`` knows nothing of executors: the serial executor drives one in the caller's
 thread, the thread executor one per thread, the process executor one per process.
+``Worker.run(chunk)`` always returns a ``ChunkResult`` that says how each item went; it
+never raises, except ``KeyboardInterrupt`` when it runs in the caller's own thread
+(``in_caller_thread=True``: Ctrl-C is the caller's).
 
-Transactions, for ``atomic="chunk"`` (the default): one transaction per chunk, and a
-failing item rolls back only its own work: the rest of the chunk is still committed. A
-savepoint per item would cost two round trips per item, so a chunk first runs without
-them; if an item fails, the chunk is rolled back and run again with a savepoint per item
-(and the worker stays that careful while chunks keep failing). So ``func`` may run more
-than once for an item -- as it may after any retry: keep side effects outside the
-database in ``transaction.on_commit()``. A transient database error (lost connection, deadlock, SQLite
-busy) rolls the whole chunk back; it then runs again on a fresh connection.
+Data flow of one chunk under ``atomic="chunk"`` (the default):
 
-A connection lost *during* COMMIT is different: the server may have committed and only
-the answer was lost, so running the chunk again could write it twice. Such a chunk runs
-again only when the run journal can tell whether it was committed (``run_id``); without
-it, its items are reported as failed with ``bulkpool.CommitUnknown``, never written twice.
-Before COMMIT the connection is checked, so a connection that died while the
-transaction was open (it rolled back) is retried as usual, and only a loss in the COMMIT
-round trip itself is in doubt.
+    chunk --> attempt: one transaction (transactions.open_transaction)
+                fast          no savepoints (a savepoint per item costs two round trips)
+                  an item fails          --> roll back; redo with a savepoint per item;
+                                             the failed item keeps its error, is not rerun
+                  COMMIT refused         --> nothing committed; on PostgreSQL, redo "checked":
+                  (a deferred FK dangles)    each item's savepoint ends with its deferred
+                                             constraint checks, so the bad item fails alone
+                  COMMIT refused again,  --> split into halves, each run and committed in
+                  or no per-item checks      its own transaction with its own journal
+                  (SQLite)                   record, recursively, until the bad item fails
+                                             alone; the result is keyed by offset in the chunk
+                  a transient error      --> Retry.again(): back off, fresh connection, same
+                                             piece again; one budget for the whole chunk
+                  connection lost in     --> with a journal, the next attempt asks it
+                  COMMIT (in doubt)          whether the chunk committed; without one, its
+                                             items fail with CommitUnknown (never written twice)
+                  the journal write fails --> roll back; the items fail, saying so
+                  an on_commit callback  --> the chunk stays committed and its items ok;
+                  raises after COMMIT        the error goes to callback_errors[offset of
+                                             the item that registered it] (inside the
+                                             caller's transaction, callbacks are the caller's)
+              <-- ChunkResult (errors, values, callback_errors, timings)
+
+So ``func`` may run more than once for an item, as after any retry: keep side effects
+outside the database in ``transaction.on_commit()``. The worker stays careful (savepoints)
+while chunks keep failing, since failures come in runs.
+
+``atomic="item"``: each item in its own transaction, retried alone. ``atomic=False``:
+autocommit; nothing is retried (what an item wrote before its error stays written), and
+an ``on_commit`` callback runs at once, inside ``func``: one that raises is that item's
+failure.
+
+Errors from user code -- ``BaseException`` too (``SystemExit``, a ``KeyboardInterrupt``
+raised by ``func`` in a worker thread, ``GeneratorExit``) -- are the item's failure. A
+return value the executor cannot send back (``Task.check_value``) fails its item before
+COMMIT, so it is rolled back like any failure.
 """
 
 from __future__ import annotations
 
 import contextlib
-import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
-from django.db import OperationalError, connections, transaction
+from django.db import DatabaseError, connections, transaction
 
-from bulkpool.errors import is_transient
+from bulkpool.errors import CommitUnknown
 from bulkpool.journal import AlreadyDone, is_recorded, record_chunk
-from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo, Task
+from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo, Task, Timings
+from bulkpool.retrying import Retry, Transient, is_transient
+from bulkpool.transactions import (
+    CommitRefused,
+    Transaction,
+    checks_constraints_per_item,
+    item_savepoint,
+    open_transaction,
+)
 
 SQLITE_BUSY_TIMEOUT = 60  # seconds a worker waits for SQLite's write lock
-MAX_BACKOFF = 5.0
-RECONNECT_TIMEOUT = 120.0  # seconds a worker waits for its database to come back
+
+# How careful a chunk attempt is: it climbs while the chunk fails, and stays up while
+# chunks keep failing.
+FAST = 0  # no savepoints
+SAVEPOINTS = 1  # a savepoint per item
+CHECKED = 2  # a savepoint per item, ending with the deferred constraint checks (PostgreSQL)
 
 
 class _Redo(Exception):
-    """An item failed in a chunk run without savepoints: roll it back, run it with them."""
+    """An item failed in a chunk run without savepoints: roll back, run with them."""
 
-    def __init__(self, offset: int, error: ErrorInfo | None) -> None:
-        self.offset = offset
+    def __init__(self, index: int, error: ErrorInfo | None) -> None:
+        self.index = index
         self.error = error
 
 
-class _Transient(Exception):
-    """Carries a transient database error out of a chunk transaction so it is retried.
+class _JournalFailed(Exception):
+    """The journal could not be asked about the chunk, or its rows could not be written:
+    the chunk must not commit without them."""
 
-    ``in_doubt``: the error came from COMMIT, so the transaction may have been committed.
-    """
-
-    def __init__(self, error: BaseException, *, in_doubt: bool = False) -> None:
+    def __init__(self, error: DatabaseError, *, reading: bool) -> None:
         self.error = error
-        self.in_doubt = in_doubt
+        self.reading = reading
+
+
+class _Unsendable(Exception):
+    """The item's return value cannot be sent back by the executor (``Task.check_value``)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 class Worker:
-    """Runs ``task.func`` over chunks; one per thread or process, set up once."""
+    """Runs ``task.func`` over chunks; one per thread or process, set up once.
 
-    def __init__(self, task: Task, *, before_commit: Callable[[], None] | None = None) -> None:
+    ``before_commit``: called just before each COMMIT (a process worker tells its parent,
+    so that a death during COMMIT is known to leave the chunk in doubt).
+    ``in_caller_thread``: the worker runs in the caller's thread (serial), so Ctrl-C --
+    a ``KeyboardInterrupt`` -- propagates out of ``run()`` instead of failing an item.
+    ``committing``: True from just before the chunk's (first) COMMIT until ``run()``
+    returns, so an executor that sees ``run()`` die knows the chunk may have committed.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        *,
+        before_commit: Callable[[], None] | None = None,
+        in_caller_thread: bool = False,
+    ) -> None:
         self.task = task
         self.state: Any = None
-        self._call: Callable[[Any], Any] = task.func
-        # Called just before a chunk's COMMIT: a process worker tells its parent, so that a
-        # death during COMMIT is known to leave the chunk in doubt.
+        self.in_caller_thread = in_caller_thread
+        self.committing = False
+        self._call: Any = task.func
         self._before_commit = before_commit
-        self._careful = False  # run chunks with a savepoint per item (after a failure)
+        self._careful = FAST
+        # Per run(): the chunk's result as pieces settle, which offsets are settled, the
+        # items that failed once (by input index: not run twice), the time spent.
+        self._result = ChunkResult(0, None)
+        self._start = 0
+        self._settled: set[int] = set()
+        self._failed_before: dict[int, ErrorInfo] = {}
+        self._times = {"load": 0.0, "work": 0.0, "commit": 0.0}
+        # The offsets of the latest transaction, and whether it has begun to COMMIT: what
+        # a crash of ours leaves in doubt.
+        self._current = range(0)
+        self._in_commit = False
 
     def start(self) -> None:
         """Prepare this worker's connection and run the user's ``setup`` once."""
@@ -85,79 +152,306 @@ class Worker:
         if self.task.own_connections:
             connections.close_all()
 
+    # -- one chunk -------------------------------------------------------------------------
+
     def run(self, chunk: Chunk) -> ChunkResult:
-        if self.task.atomic == "chunk":
-            return self._run_chunk_atomically(chunk)
-        result = ChunkResult(chunk.number, [None] * len(chunk) if self.task.keep_values else None)
-        for offset, item in self._inputs_with_retries(chunk, result):
-            self._run_item_with_retries(result, offset, item)
+        """Run the chunk; how each item went is in the result. Never raises (see above)."""
+        started = time.perf_counter()
+        self.committing = False
+        self._result = ChunkResult(chunk.number, [None] * len(chunk) if self.task.keep_values else None)
+        self._start = chunk.start
+        self._settled = set()
+        self._failed_before = {}
+        self._times = dict.fromkeys(self._times, 0.0)
+        self._current, self._in_commit = range(0), False
+        try:
+            if self.task.atomic == "chunk":
+                self._run_piece(chunk, Retry(self.task.retries, **self._where()), whole=True)
+                if not self._result.errors:
+                    self._careful = FAST
+            else:
+                self._run_items(chunk)
+        except KeyboardInterrupt as error:
+            if self.in_caller_thread:
+                self.committing = False
+                raise
+            self._crashed(chunk, error)
+        except BaseException as error:  # a bug of ours, or a BaseException from our callers
+            self._crashed(chunk, error)
+        result = self._result
+        result.timings = Timings(
+            load=self._times["load"],
+            work=self._times["work"],
+            commit=self._times["commit"],
+            total=time.perf_counter() - started,
+        )
+        self.committing = False
         return result
 
-    def _run_chunk_atomically(self, chunk: Chunk) -> ChunkResult:
-        task = self.task
-        # An attempt whose COMMIT may have gone through, and the error that left it in doubt.
-        in_doubt: tuple[ChunkResult, BaseException] | None = None
-        careful = self._careful
-        failed_before: dict[int, ErrorInfo] = {}
-        attempt = 0
-        while attempt <= task.retries:
-            result = ChunkResult(chunk.number, [None] * len(chunk) if task.keep_values else None)
-            result.retried = attempt * len(chunk)
+    def _where(self) -> dict[str, Any]:
+        return {"database": self.task.database, "own_connection": self.task.own_connections}
+
+    def _run_piece(
+        self, piece: Chunk, retry: Retry, *, level: int | None = None, whole: bool = False
+    ) -> None:
+        """Run ``piece`` (the chunk, or a part of it after a refused COMMIT) to the end:
+        committed, or failed, or split further. Settles its offsets in ``self._result``."""
+        in_doubt: tuple[ChunkResult, BaseException] | None = None  # an attempt that may have committed
+        level = self._careful if level is None else level
+        while True:
+            local = ChunkResult(piece.number, [None] * len(piece) if self.task.keep_values else None)
             try:
-                with self._transaction(rollback=task.dry_run, before_commit=self._before_commit):
-                    if task.journal and is_recorded(task.journal, task.database, chunk):
-                        raise AlreadyDone
-                    for offset, item in self._inputs(chunk, result):
-                        if offset in failed_before:  # it ran once and failed: do not run it twice
-                            result.errors[offset] = failed_before[offset]
-                            continue
-                        self._run_item(result, offset, item, atomic=careful)
-                        if not careful and (offset in result.errors or self._rollback_pending()):
-                            raise _Redo(offset, result.errors.get(offset))
-                    if task.journal and not task.dry_run:
-                        record_chunk(task.journal, task.database, chunk, result.errors)
-                # Failures come in runs: stay careful while chunks keep failing.
-                self._careful = careful and bool(result.errors)
-                return result
+                txn = self._attempt(piece, local, level)
             except _Redo as redo:
-                careful = True  # an item failed: run the chunk again, each item in a savepoint
                 if redo.error is not None:
-                    failed_before[redo.offset] = redo.error
+                    self._failed_before[redo.index] = redo.error
+                level = max(level, SAVEPOINTS)
                 continue
+            except CommitRefused as refused:
+                # Nothing was committed. Where each item's deferred checks can run in its
+                # savepoint (PostgreSQL), run the chunk so; else (or if that did not find
+                # it) split the chunk to find the item COMMIT refuses. Either way the items
+                # that failed in this attempt keep their error and are not run again.
+                for offset, failure in local.errors.items():
+                    self._failed_before.setdefault(piece.start + offset, failure)
+                if level < CHECKED and checks_constraints_per_item(self.task.database):
+                    level = CHECKED
+                    continue
+                self._split(piece, refused.error, retry, level)
+                return
             except AlreadyDone:
-                # After a COMMIT in doubt, the journal row says that attempt did commit.
-                return in_doubt[0] if in_doubt else ChunkResult(chunk.number, None, skipped=True)
-            except _Transient as transient:
+                # After a COMMIT in doubt, the journal says that attempt did commit.
+                if in_doubt is not None:
+                    self._settle(piece, in_doubt[0])
+                elif whole:
+                    self._result.skipped, self._result.values = True, None
+                else:  # a piece committed by an earlier delivery of this chunk
+                    self._settle(piece, ChunkResult(piece.number, None))
+                return
+            except _JournalFailed as failed:
+                info = ErrorInfo.from_exception(failed.error)
+                items = f"items {piece.start}..{piece.end - 1}"
+                message = (
+                    f"the journal could not be read for {items}"
+                    if failed.reading
+                    else f"the journal row for {items} could not be written"
+                ) + f": {info.exc_type}: {info.message}; nothing of them was written"
+                failure = ErrorInfo(info.exc_type, message, info.traceback)
+                local.errors = dict.fromkeys(range(len(piece)), failure)
+                local.values = None
+                self._settle(piece, local)
+                return
+            except Transient as transient:
                 if transient.in_doubt:
-                    if not task.journal:
-                        self._recover(attempt)
-                        return _commit_unknown(result, range(len(chunk)), transient.error)
-                    in_doubt = (result, transient.error)  # the next attempt's journal check tells
-                last_error = transient.error
-                self._recover(attempt)
-            attempt += 1
-        if in_doubt:  # and the journal could not be asked
-            return _commit_unknown(in_doubt[0], range(len(chunk)), in_doubt[1])
-        # Still failing after every retry: nothing of the chunk was written.
-        error = ErrorInfo.from_exception(last_error)
-        result.errors = dict.fromkeys(range(len(chunk)), error)
-        return result
+                    if not self.task.journal:
+                        retry.recover()
+                        self._settle(piece, _commit_unknown(local, range(len(piece)), transient.error))
+                        return
+                    in_doubt = (local, transient.error)  # the next attempt's journal check tells
+                if retry.again():
+                    self._result.retried += len(piece)
+                    continue
+                if in_doubt is not None:  # and the journal could not be asked
+                    self._settle(piece, _commit_unknown(in_doubt[0], range(len(piece)), in_doubt[1]))
+                else:  # still failing after every retry: nothing of the piece was written
+                    local.errors = dict.fromkeys(range(len(piece)), ErrorInfo.from_exception(transient.error))
+                    local.values = None
+                    self._settle(piece, local)
+                return
+            if local.errors:  # failures come in runs: the next chunk starts this careful
+                self._careful = max(self._careful, level)
+            local.callback_errors = txn.callback_errors
+            self._settle(piece, local)
+            return
 
-    def _rollback_pending(self) -> bool:
-        """An item caught a database error itself: the chunk's transaction is doomed."""
-        return transaction.get_rollback(using=self.task.database)
+    def _attempt(self, piece: Chunk, result: ChunkResult, level: int) -> Transaction:
+        """One transaction over the piece; raises what ``_run_piece`` handles."""
+        task, database = self.task, self.task.database
+        # COMMIT cannot answer for a dry run, so the check runs before its rollback.
+        check = checks_constraints_per_item(database) and (task.dry_run or level >= CHECKED)
+        txn: Transaction | None = None
+        base = piece.start - self._start
+        self._current, self._in_commit = range(base, base + len(piece)), False
+        try:
+            with open_transaction(
+                database,
+                dry_run=task.dry_run,
+                check_constraints=check,
+                before_commit=self._about_to_commit,
+                in_caller_thread=self.in_caller_thread,
+            ) as txn:
+                if task.journal and self._journal_has(piece):
+                    raise AlreadyDone
+                for offset, item in self._inputs(piece, result):
+                    index = piece.start + offset
+                    if index in self._failed_before:  # it ran once and failed: do not run it twice
+                        result.errors[offset] = self._failed_before[index]
+                        continue
+                    mark = txn.callbacks_mark()
+                    scope = (
+                        item_savepoint(database, check_constraints=level >= CHECKED)
+                        if level > FAST
+                        else contextlib.nullcontext()
+                    )
+                    ok, _ = self._run_item(result, offset, item, scope, atomic=level > FAST)
+                    if level == FAST and (not ok or transaction.get_rollback(using=database)):
+                        raise _Redo(index, result.errors.get(offset))
+                    if ok:
+                        txn.claim_callbacks(mark, offset)
+                if task.journal and not task.dry_run:
+                    self._record(piece, result)
+        finally:
+            if txn is not None:
+                self._times["commit"] += txn.commit_seconds
+        return txn
+
+    def _journal_has(self, piece: Chunk) -> bool:
+        try:
+            return is_recorded(self.task.journal, self.task.database, piece)
+        except DatabaseError as error:
+            if is_transient(error):
+                raise Transient(error) from error
+            raise _JournalFailed(error, reading=True) from error
+
+    def _record(self, piece: Chunk, result: ChunkResult) -> None:
+        try:
+            record_chunk(self.task.journal, self.task.database, piece, result.errors)
+        except AlreadyDone:
+            raise
+        except DatabaseError as error:
+            if is_transient(error):
+                raise Transient(error) from error
+            raise _JournalFailed(error, reading=False) from error
+
+    def _split(self, piece: Chunk, error: DatabaseError, retry: Retry, level: int) -> None:
+        """COMMIT refused the piece: find the item it refused by running halves on their own
+        (as carefully as the piece ran: its failures may be theirs)."""
+        if len(piece) > 1:
+            for half in piece.halves():
+                self._run_piece(half, retry, level=level)
+            return
+        index = piece.start
+        if index in self._failed_before or not self.task.journal:
+            # Nothing of it ran or nothing is left to write: it failed, alone.
+            failed = ChunkResult(piece.number, None, {0: self._failed_before.get(index) or _info(error)})
+            self._settle(piece, failed)
+            return
+        # The item failed alone; its piece still gets its journal record (with the failure).
+        self._failed_before[index] = _info(error)
+        self._run_piece(piece, retry, level=level)
+
+    def _settle(self, piece: Chunk, local: ChunkResult) -> None:
+        """Put a finished piece's outcome into the chunk's result, keyed by offset in the chunk."""
+        base = piece.start - self._start
+        result = self._result
+        for offset, error in local.errors.items():
+            result.errors[base + offset] = error
+        for offset, error in local.callback_errors.items():
+            result.callback_errors[base + offset] = error
+        if result.values is not None and local.values is not None:
+            result.values[base : base + len(piece)] = local.values
+        self._settled.update(range(base, base + len(piece)))
+
+    def _crashed(self, chunk: Chunk, error: BaseException) -> None:
+        """Something outside any item broke: the items not settled yet fail with it -- or,
+        if it broke during their COMMIT, with CommitUnknown: they may have been written."""
+        info = ErrorInfo.from_exception(error)
+        unsettled = [offset for offset in range(len(chunk)) if offset not in self._settled]
+        in_doubt = [offset for offset in unsettled if self._in_commit and offset in self._current]
+        _commit_unknown(self._result, in_doubt, error)
+        for offset in unsettled:
+            self._result.errors.setdefault(offset, info)
+            if self._result.values is not None:
+                self._result.values[offset] = None
+
+    def _about_to_commit(self) -> None:
+        self.committing = True
+        if self._before_commit is not None:
+            self._before_commit()  # if this raises, COMMIT never runs: nothing in doubt
+        self._in_commit = True
+
+    # -- atomic="item" and atomic=False ----------------------------------------------------
+
+    def _run_items(self, chunk: Chunk) -> None:
+        result = self._result
+        retry = Retry(self.task.retries, **self._where())
+        while True:  # loading runs outside any transaction: retried on its own
+            try:
+                inputs = self._inputs(chunk, result)
+                break
+            except Transient as transient:
+                if not retry.again():
+                    failure = ErrorInfo.from_exception(transient.error)
+                    result.errors = dict.fromkeys(range(len(chunk)), failure)
+                    self._settled.update(range(len(chunk)))
+                    return
+        self._settled.update(result.errors)  # items that failed to load
+        for offset, item in inputs:
+            if self.task.atomic == "item":
+                self._run_item_in_its_transaction(offset, item)
+            else:
+                self._run_item_in_autocommit(offset, item)
+            self._settled.add(offset)
+
+    def _run_item_in_its_transaction(self, offset: int, item: Any) -> None:
+        result, task = self._result, self.task
+        retry = Retry(task.retries, **self._where())
+        while True:
+            self._current, self._in_commit = range(offset, offset + 1), False
+            scope = open_transaction(
+                task.database,
+                dry_run=task.dry_run,
+                before_commit=self._about_to_commit,
+                in_caller_thread=self.in_caller_thread,
+            )
+            try:
+                ok, txn = self._run_item(result, offset, item, scope, atomic=True)
+            except Transient as transient:
+                if result.values is not None:
+                    result.values[offset] = None
+                if transient.in_doubt:
+                    retry.recover()
+                    result.errors.pop(offset, None)  # an earlier attempt's error
+                    _commit_unknown(result, [offset], transient.error)
+                    return
+                result.errors[offset] = ErrorInfo.from_exception(transient.error)
+                if retry.again():
+                    result.retried += 1
+                    continue
+                return
+            if txn is not None:
+                self._times["commit"] += txn.commit_seconds
+                if ok:
+                    # Callbacks registered outside any savepoint of its own are still its.
+                    for error in txn.callback_errors.values():
+                        result.callback_errors.setdefault(offset, error)
+            return
+
+    def _run_item_in_autocommit(self, offset: int, item: Any) -> None:
+        try:
+            self._run_item(self._result, offset, item, contextlib.nullcontext(), atomic=False)
+        except Transient as transient:
+            # What the item wrote before the error stays written: running it again could
+            # write that twice, so it is not retried; the next item gets a fresh connection.
+            self._result.errors[offset] = ErrorInfo.from_exception(transient.error)
+            Retry(0, **self._where()).recover(back_off=False)
+
+    # -- one item --------------------------------------------------------------------------
 
     def _inputs(self, chunk: Chunk, result: ChunkResult) -> list[tuple[int, Any]]:
         """(offset, argument) pairs to call func with: the chunk's items, or what ``task.load``
         made of them; items that failed to load are recorded as failures and left out."""
         if self.task.load is None:
             return list(enumerate(chunk.items))
+        started = time.perf_counter()
         try:
             loaded = self.task.load(chunk.items)
         except Exception as error:
             if is_transient(error):
-                raise _Transient(error) from error
+                raise Transient(error) from error
             loaded = [error] * len(chunk)
+        finally:
+            self._times["load"] += time.perf_counter() - started
         inputs = []
         for offset, value in enumerate(loaded):
             if isinstance(value, BaseException):
@@ -166,122 +460,79 @@ class Worker:
                 inputs.append((offset, value))
         return inputs
 
-    def _inputs_with_retries(self, chunk: Chunk, result: ChunkResult) -> list[tuple[int, Any]]:
-        for attempt in range(self.task.retries + 1):
-            try:
-                return self._inputs(chunk, result)
-            except _Transient as transient:
-                last_error = transient.error
-                self._recover(attempt)
-        result.errors = dict.fromkeys(range(len(chunk)), ErrorInfo.from_exception(last_error))
-        return []
+    def _run_item(
+        self, result: ChunkResult, offset: int, item: Any, scope: AbstractContextManager[Any], *, atomic: bool
+    ) -> tuple[bool, Any]:
+        """Call func on one item inside ``scope`` (its savepoint, its transaction, or none).
 
-    def _run_item_with_retries(self, result: ChunkResult, offset: int, item: Any) -> None:
-        # Without a transaction, what the item wrote before the error stays written: running
-        # it again could write that twice, so only atomic="item" retries.
-        attempts = self.task.retries + 1 if self.task.atomic == "item" else 1
-        for attempt in range(attempts):
-            try:
-                self._run_item(result, offset, item, atomic=self.task.atomic == "item")
-                return
-            except _Transient as transient:
-                if transient.in_doubt:
-                    self._recover(attempt)
-                    result.errors.pop(offset, None)  # an earlier attempt's error
-                    _commit_unknown(result, [offset], transient.error)
-                    return
-                result.errors[offset] = ErrorInfo.from_exception(transient.error)
-                self._recover(attempt)  # a fresh connection for the next attempt or item
-                if attempt + 1 < attempts:
-                    result.retried += 1
-
-    def _run_item(self, result: ChunkResult, offset: int, item: Any, *, atomic: bool) -> None:
-        """Call func on one item -- in its own transaction or savepoint when ``atomic``."""
+        Returns whether it went well, and what ``scope`` gave (its Transaction, if any).
+        Raises only ``Transient`` (and Ctrl-C in the caller's thread): every other error,
+        ``BaseException``s included, is the item's failure, after ``scope`` rolled back.
+        """
         database = self.task.database
-        # In a dry run an item's own transaction rolls back; a savepoint in a chunk does not,
-        # so later items see earlier ones' rows, as they would for real.
-        rollback = self.task.dry_run and self.task.atomic == "item"
+        entered: Any = None
+        started = time.perf_counter()
         try:
-            with self._transaction(rollback=rollback) if atomic else contextlib.nullcontext():
+            with scope as entered:
                 value = self._call(item)
+                if self.task.check_value is not None and self.task.keep_values:
+                    self._check_value(value)
                 if atomic and transaction.get_rollback(using=database):
                     raise RuntimeError(
                         "a database error was caught inside the item, so its work was rolled "
                         "back; let the error propagate, or wrap the failing query in "
                         "transaction.atomic()"
                     )
-        except _Transient:
+        except Transient:
             raise
-        except Exception as error:
-            if is_transient(error):
-                raise _Transient(error) from error
+        except KeyboardInterrupt as error:
+            if self.in_caller_thread:
+                raise
             result.errors[offset] = ErrorInfo.from_exception(error)
-            return
+            return False, entered
+        except BaseException as error:
+            if is_transient(error):
+                raise Transient(error) from error
+            result.errors[offset] = self._error_info(error)
+            return False, entered
+        finally:
+            self._times["work"] += time.perf_counter() - started
         result.errors.pop(offset, None)
         if result.values is not None:
             result.values[offset] = value
+        return True, entered
 
-    @contextlib.contextmanager
-    def _transaction(
-        self, *, rollback: bool = False, before_commit: Callable[[], None] | None = None
-    ) -> Iterator[None]:
-        """``transaction.atomic`` (a savepoint when nested) that starts SQLite transactions
-        IMMEDIATE, turns transient database errors into ``_Transient``, and with
-        ``rollback`` rolls back even when all went well (a dry run)."""
-        database = self.task.database
-        connection = connections[database]
-        wrapper = _begin_immediate if connection.vendor == "sqlite" else _pass_through
-        outermost = not connection.in_atomic_block  # a transaction, not a savepoint
-        committing = False
+    def _check_value(self, value: Any) -> None:
+        assert self.task.check_value is not None
         try:
-            with connection.execute_wrapper(wrapper), transaction.atomic(using=database):
-                yield
-                if rollback:
-                    transaction.set_rollback(True, using=database)
-                elif outermost and not connection.needs_rollback:
-                    if not connection.is_usable():  # died with the transaction open: rolled back
-                        raise _Transient(OperationalError("the connection was lost before COMMIT"))
-                    # A failed SQLite COMMIT did not commit; a server's may have.
-                    committing = connection.vendor != "sqlite"
-                    if before_commit is not None:
-                        before_commit()
-        except _Transient:
-            raise
+            self.task.check_value(value)
         except Exception as error:
-            if is_transient(error):
-                raise _Transient(error, in_doubt=committing) from error
-            raise
+            raise _Unsendable(error) from error
 
-    def _recover(self, attempt: int) -> None:
-        """Back off, drop the connection, and wait for the database to take a new one.
+    def _error_info(self, error: BaseException) -> ErrorInfo:
+        if isinstance(error, CommitRefused):  # atomic="item": COMMIT refused the item
+            return _info(error.error)
+        if isinstance(error, _Unsendable):
+            info = ErrorInfo.from_exception(error.error)
+            autocommit = self.task.atomic is False
+            written = " (it ran in autocommit, so its work stays written)" if autocommit else ""
+            return ErrorInfo(
+                info.exc_type,
+                f"its return value cannot be sent back: {info.message}{written}",
+                info.traceback,
+                unsafe=autocommit,
+            )
+        return ErrorInfo.from_exception(error)
 
-        Waiting for the database does not use up attempts: a worker whose database is
-        down (restarting, refusing connections) holds its chunk and waits, rather than
-        failing the chunk and taking the next.
-        """
-        time.sleep(min(MAX_BACKOFF, 0.2 * 2**attempt) * (0.5 + random.random()))
-        if not self.task.own_connections:
-            return
-        connection = connections[self.task.database]
-        connection.close()
-        deadline = time.monotonic() + RECONNECT_TIMEOUT
-        pause = 0.1
-        while True:
-            try:
-                connection.ensure_connection()
-                return
-            except Exception as error:
-                if not is_transient(error) or time.monotonic() > deadline:
-                    return  # the next attempt fails with this error, and says so
-                connection.close()
-                time.sleep(pause)
-                pause = min(pause * 2, 2.0)
+
+def _info(error: BaseException) -> ErrorInfo:
+    return ErrorInfo.from_exception(error)
 
 
 def _commit_unknown(result: ChunkResult, offsets: Iterable[int], error: BaseException) -> ChunkResult:
     """Fail the items whose COMMIT was in doubt (those that failed on their own keep their error)."""
-    unknown = ErrorInfo(
-        "bulkpool.CommitUnknown",
+    unknown = ErrorInfo.of_kind(
+        CommitUnknown,
         f"the connection was lost during COMMIT ({type(error).__name__}: {error}), so whether "
         "this item was written is unknown; it was not run again, so that it cannot be written "
         "twice. Check it, or use run_id=..., with which bulkpool finds out and resumes exactly",
@@ -290,16 +541,6 @@ def _commit_unknown(result: ChunkResult, offsets: Iterable[int], error: BaseExce
     for offset in offsets:
         result.errors.setdefault(offset, unknown)
     return result
-
-
-def _begin_immediate(execute: Callable[..., Any], sql: str, *args: Any) -> Any:
-    # A deferred SQLite transaction that reads and then writes fails at once with
-    # "database is locked" when another worker writes; IMMEDIATE waits for the lock instead.
-    return execute("BEGIN IMMEDIATE" if sql == "BEGIN" else sql, *args)
-
-
-def _pass_through(execute: Callable[..., Any], sql: str, *args: Any) -> Any:
-    return execute(sql, *args)
 
 
 def _tune_connection(database: str) -> None:

@@ -18,7 +18,7 @@ class SerialExecutor(Executor):
     supports_memory_sqlite = True
 
     def start(self, task: Task, workers: int) -> None:
-        self._worker = Worker(replace(task, own_connections=False))
+        self._worker = Worker(replace(task, own_connections=False), in_caller_thread=True)
         self._worker.start()
         self._done: deque[Event] = deque()
 
