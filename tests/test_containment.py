@@ -107,7 +107,7 @@ def callback_calls(path: Path) -> list[int]:
 
 def journal(run_id: str) -> JournalRef:
     run = Run.objects.create(run_id=run_id, func="tests", chunk_size=8)
-    return JournalRef(run.pk)
+    return JournalRef(run.pk, max_size=8)
 
 
 # -- constraint violations at COMMIT ---------------------------------------------------------
