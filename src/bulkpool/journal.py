@@ -44,6 +44,7 @@ from django.utils import timezone
 
 from bulkpool.errors import ConfigurationError
 from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo
+from bulkpool.transactions import writing_from_begin
 
 if TYPE_CHECKING:
     from bulkpool.options import Options
@@ -274,15 +275,8 @@ class Journal:
 
 @contextlib.contextmanager
 def _write_transaction(database: str) -> Iterator[None]:
-    """A transaction that writes: on SQLite it takes the write lock at BEGIN (IMMEDIATE), so
-    it waits for the workers' transactions instead of failing with "database is locked"."""
-    connection = connections[database]
-
-    def immediate(execute: Any, sql: str, *args: Any) -> Any:
-        return execute("BEGIN IMMEDIATE" if sql == "BEGIN" else sql, *args)
-
-    wrapper = immediate if connection.vendor == "sqlite" else lambda execute, *args: execute(*args)
-    with connection.execute_wrapper(wrapper), transaction.atomic(using=database):
+    """The parent's journal writes wait for the workers' write lock, as theirs do (SQLite)."""
+    with writing_from_begin(connections[database]), transaction.atomic(using=database):
         yield
 
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 from django.db import DatabaseError, OperationalError, connections, transaction
@@ -145,13 +146,12 @@ def open_transaction(
         guard_callbacks=outermost and not dry_run,
         in_caller_thread=in_caller_thread,
     )
-    wrapper = _begin_immediate if connection.vendor == "sqlite" else _pass_through
     # A failed SQLite COMMIT did not commit; a server's may have, if the connection broke.
     may_be_in_doubt = connection.vendor != "sqlite"
     committing = False
     started = 0.0
     try:
-        with connection.execute_wrapper(wrapper), transaction.atomic(using=database):
+        with writing_from_begin(connection), transaction.atomic(using=database):
             yield txn
             if not outermost:  # a savepoint in the caller's transaction: the caller commits
                 if dry_run:
@@ -224,6 +224,11 @@ def _check_constraints(connection: Any, wrap: type[CommitRefused] | None) -> Non
         if wrap is None:
             raise
         raise wrap(error) from error
+
+
+def writing_from_begin(connection: Any) -> AbstractContextManager[None]:
+    """On SQLite, transactions begun meanwhile take the write lock at BEGIN (IMMEDIATE)."""
+    return connection.execute_wrapper(_begin_immediate if connection.vendor == "sqlite" else _pass_through)
 
 
 def _begin_immediate(execute: Callable[..., Any], sql: str, *args: Any) -> Any:
