@@ -167,3 +167,28 @@ def test_journal_open_refuses_unjournalable_options():
     with pytest.raises(ConfigurationError, match="dry_run needs transactions"):
         bulkpool.run(jobs.identity, range(3), backend="serial", atomic=False, dry_run=True)
     assert not Run.objects.exists()
+
+
+def create_author(name: str) -> None:
+    from tests.testapp.models import Author
+
+    Author.objects.create(name=name)
+
+
+def test_serial_dry_run_sees_a_duplicate_across_chunks_and_writes_nothing():
+    """A serial dry run is one transaction: a name repeated in a later chunk fails, as it
+    would for real, and nothing is written."""
+    from tests.testapp.models import Author
+
+    names = [f"n{i}" for i in range(9)] + ["n2"]
+    report = bulkpool.run(create_author, names, backend="serial", chunk_size=3, dry_run=True)
+    assert [f.index for f in report.failures] == [9]
+    assert "IntegrityError" in report.failures[0].exc_type
+    assert Author.objects.count() == 0
+
+
+def test_concurrent_dry_run_says_what_it_cannot_see():
+    """On concurrent workers each chunk rolls back alone; the report says what that hides."""
+    report = bulkpool.run(create_author, ["a", "b", "a"], backend="thread", chunk_size=1, dry_run=True)
+    assert report.failed == 0
+    assert "each chunk was rolled back alone" in str(report)

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import IO, Any
 
-from django.db import connections
+from django.db import connections, transaction
 from tqdm import tqdm
 
 from bulkpool.chunking import chunked, known_length
@@ -91,6 +91,7 @@ class Engine:
         self.options = options
         self.executor = resolve(options.backend)
         self.workers = self.executor.workers or options.workers
+        self._whole_run_dry = options.dry_run and self.executor.supports_caller_transaction
         self.task = Task(
             func=func,
             setup=options.setup,
@@ -100,7 +101,9 @@ class Engine:
             keep_values=keep_values,
             own_connections=not self.executor.supports_caller_transaction,
             load=load,
-            dry_run=options.dry_run,
+            # On the caller's connection a dry run is one transaction, rolled back at the end,
+            # so later chunks see earlier ones (a duplicate across chunks fails, as for real).
+            dry_run=options.dry_run and not self._whole_run_dry,
         )
         self.report = Report()
         self.resume_hint = resume_hint or _default_resume_hint(options)
@@ -134,7 +137,7 @@ class Engine:
         self._rejects = _open_rejects(
             self.options.rejects, append=bool(self.journal and self.journal.resumed)
         )
-        with _Interrupts() as self._interrupts:
+        with _Interrupts() as self._interrupts, self._dry_run_transaction():
             try:
                 yield from self._pump()
             except GeneratorExit:  # the imap consumer stopped reading: finish without yielding
@@ -157,6 +160,28 @@ class Engine:
                 self._finish(abandon)
         if self._end is not None and self._end.error is not None:
             raise self._end.error(self.report)
+
+    @contextlib.contextmanager
+    def _dry_run_transaction(self) -> Iterator[None]:
+        """A dry run's one transaction on the caller's connection, or a note of what a dry
+        run on concurrent workers cannot see."""
+        if not self.options.dry_run:
+            yield
+            return
+        if not self._whole_run_dry:
+            self.report.notes.append(
+                f"Dry run on {self.workers} workers: each chunk was rolled back alone, so what one "
+                "chunk does to another (a duplicate in another chunk) was not seen; "
+                "backend='serial' dry-runs the whole input in one transaction."
+            )
+            yield
+            return
+        database = self.options.database
+        with transaction.atomic(using=database):
+            try:
+                yield
+            finally:
+                transaction.set_rollback(True, using=database)
 
     # -- the loop --------------------------------------------------------------------------
 

@@ -165,6 +165,8 @@ class Command(BaseCommand):
     def run(self, options: dict[str, Any]) -> None:
         func = _import("FUNC", options["func"])
         given = _run_options(options)
+        if options["dry_run"] and options["backend"] is None:
+            given["backend"] = "serial"  # one transaction: it sees what chunks do to each other
         _check_rejects_path(options["input"], options["rejects"])
         try:
             source = open_input(options["input"], options["format"], include_unsafe=options["include_unsafe"])
