@@ -140,7 +140,7 @@ def test_some_failures_exit_1_with_the_report(tmp_path):
     code, out, _ = call("run", f"{JOBS}.write_row_unless_bad", "--input", str(path), "--backend", "thread")
     assert code == 1
     assert "30 items: 27 ok, 3 failed" in out
-    assert "item 3 ({'key': 'k3', 'bad': 'yes'}): ValueError: row k3 is marked bad" in out
+    assert "line 5 (item 3) ({'key': 'k3', 'bad': 'yes'}): ValueError: row k3 is marked bad" in out
     assert set(marker_counts()) == {row["key"] for row in rows if not row["bad"]}
 
 
@@ -506,7 +506,7 @@ def test_failed_items_exit_1():
     )
     assert result.returncode == 1, result.stderr
     assert "3 items: 2 ok, 1 failed" in result.stdout
-    assert "item 1 (3): ValueError: 3 is odd" in result.stdout
+    assert "line 2 (item 1) (3): ValueError: 3 is odd" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -57,12 +57,13 @@ from bulkpool.journal import InputChanged, Journal, job_identity
 from bulkpool.journal import RunStatus as Status
 from bulkpool.options import Options
 from bulkpool.outcomes import Failure, Report
-from bulkpool.protocol import Chunk, ChunkLost, ChunkResult, Task
+from bulkpool.protocol import Chunk, ChunkLost, ChunkResult, ErrorInfo, Task, Unreadable
 from bulkpool.scheduling import Drop, Fail, Scheduler, SendAgain
 
 logger = logging.getLogger("bulkpool")
 
 POLL_SECONDS = 0.5
+EARLY_STOP_AFTER = 100  # items that all fail alike before early_stop stops the run
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,11 @@ class Engine:
         )  # fmt: skip
         self._workers_started = False
         self._said_waiting = False
+        # The errors seen while every item failed (None: early_stop is off, or an item went well).
+        self._alike: set[tuple[str, str]] | None = set() if self.options.early_stop else None
+        self._line_of = getattr(self.items, "line_of", None)
         abandon = False
-        self._bar = _progress_bar(self.options.progress, known_length(self.items))
+        self._bar = _progress_bar(self.options.progress, self.items)
         self._rejects = _open_rejects(
             self.options.rejects, append=bool(self.journal and self.journal.resumed)
         )
@@ -232,11 +236,12 @@ class Engine:
             self.journal.begin(self.resume_hint)  # the input checks out: this is an attempt
         settled = []
         for piece, done_before in pieces:
-            if done_before is None:
-                pending.append(piece)
-            else:
-                self._record(piece, done_before)
-                settled += self._scheduler.settled(piece, done_before)
+            for part, result in [(piece, done_before)] if done_before else _unreadable_apart(piece):
+                if result is None:
+                    pending.append(part)
+                else:
+                    self._record(part, result)
+                    settled += self._scheduler.settled(part, result)
         return False, settled
 
     def _send(self, chunk: Chunk) -> list[tuple[Chunk, ChunkResult]]:
@@ -289,7 +294,7 @@ class Engine:
 
     def _record(self, chunk: Chunk, result: ChunkResult) -> None:
         report = self.report
-        self._bar.update(len(chunk))
+        self._progress(len(chunk))
         report.retried += result.retried
         if result.skipped:
             report.skipped += len(chunk) - len(result.errors)
@@ -297,17 +302,57 @@ class Engine:
             report.ok += len(chunk) - len(result.errors)
         first: Failure | None = None
         for offset, error in sorted(result.errors.items()):
-            failure = Failure.of(chunk.start + offset, chunk.items[offset], error)
+            failure = self._failure(chunk, offset, error)
             report.add_failure(failure, earlier=result.skipped)
             if not result.skipped:
                 first = first or failure
                 _write_reject(self._rejects, failure)
         for offset, error in sorted(result.callback_errors.items()):
-            callback = Failure.of(chunk.start + offset, chunk.items[offset], error)
+            callback = self._failure(chunk, offset, error)
             report.add_callback_error(callback)
             logger.warning("An on_commit callback raised after its item was written: %s", callback.summary())
         if first is not None:
             self._stop_for_failures(first)
+        if not result.skipped:
+            self._stop_if_every_item_fails_alike(chunk, result)
+
+    def _failure(self, chunk: Chunk, offset: int, error: ErrorInfo) -> Failure:
+        item = chunk.items[offset]
+        line = self._line_of(chunk.start + offset) if self._line_of else None
+        if isinstance(item, Unreadable):
+            return Failure.of(chunk.start + offset, item.text, error, item.line)
+        return Failure.of(chunk.start + offset, item, error, line)
+
+    def _stop_if_every_item_fails_alike(self, chunk: Chunk, result: ChunkResult) -> None:
+        """The first items all failing with one error is a mistake in the function or the
+        columns, not in the data: stop, rather than fail every item of the input."""
+        seen = self._alike
+        if seen is None:
+            return
+        if len(result.errors) < len(chunk):  # an item went well: it is the data that fails
+            self._alike = None
+            return
+        seen.update((error.exc_type, error.message) for error in result.errors.values())
+        if len(seen) > 1:
+            self._alike = None
+            return
+        if self.report.failed - self.report.failed_before < EARLY_STOP_AFTER:
+            return
+        ((exc_type, message),) = seen
+        self._alike = None
+        self._stop(
+            _Stop(
+                f"the first {EARLY_STOP_AFTER:,} items all failed with {exc_type}: {message}",
+                Status.STOPPED,
+                lambda r: TooManyFailures(
+                    f"The first {EARLY_STOP_AFTER:,} items all failed with the same error "
+                    f"({exc_type}: {message}): this looks like a mistake in the function or the "
+                    "columns, not in the data. Fix it and run again, or pass early_stop=False "
+                    "(--no-early-stop) to run every item anyway.",
+                    r,
+                ),
+            )
+        )
 
     def _stop_for_failures(self, first: Failure) -> None:
         report, options = self.report, self.options
@@ -367,6 +412,12 @@ class Engine:
             if report.interrupted:
                 how = "Abandoned the chunks in flight: their transactions rolled back.\n" if abandon else ""
                 logger.warning("%s%s\n%s", how, report, self.resume_hint)
+
+    def _progress(self, items_done: int) -> None:
+        if getattr(self._bar, "unit", "") == "B":
+            self._bar.update(self.items.position - self._bar.n)  # type: ignore[attr-defined]
+        else:
+            self._bar.update(items_done)
 
     def _bar_write(self, message: str) -> None:
         if isinstance(self._bar, tqdm):
@@ -450,6 +501,24 @@ def _workers_lost(error: WorkerStartupError) -> _Stop:
     return _Stop("a worker died and none could be started in its place", Status.STOPPED, raise_it)
 
 
+def _unreadable_apart(piece: Chunk) -> list[tuple[Chunk, ChunkResult | None]]:
+    """The piece in runs of items to send, and items the input could not read, which fail
+    at once without running (``on_bad_line="skip"``)."""
+    if not any(isinstance(item, Unreadable) for item in piece.items):
+        return [(piece, None)]
+    parts: list[tuple[Chunk, ChunkResult | None]] = []
+    start = piece.start
+    for index, item in piece.indexed():
+        if isinstance(item, Unreadable):
+            if start < index:
+                parts.append((piece.piece(start, index), None))
+            parts.append((piece.piece(index, index + 1), ChunkResult(piece.number, None, {0: item.error})))
+            start = index + 1
+    if start < piece.end:
+        parts.append((piece.piece(start, piece.end), None))
+    return parts
+
+
 def _default_resume_hint(options: Options) -> str:
     if options.run_id:
         return (
@@ -515,11 +584,16 @@ class _NoBar:
         pass
 
 
-def _progress_bar(progress: bool | None, total: int | None) -> Any:
+def _progress_bar(progress: bool | None, items: Any) -> Any:
+    """A tqdm bar: in bytes for a file of known size (so it has a total and an ETA), else in items."""
     show = sys.stderr.isatty() if progress is None else progress
     if not show:
         return _NoBar()
-    return tqdm(total=total, unit="item", desc="bulkpool", file=sys.stderr, smoothing=0.1)
+    if isinstance(getattr(items, "size", None), int):
+        return tqdm(
+            total=items.size, unit="B", unit_scale=True, desc="bulkpool", file=sys.stderr, smoothing=0.1
+        )
+    return tqdm(total=known_length(items), unit="item", desc="bulkpool", file=sys.stderr, smoothing=0.1)
 
 
 def _open_rejects(path: Any, *, append: bool) -> IO[str] | None:
@@ -536,6 +610,8 @@ def _write_reject(file: IO[str] | None, failure: Failure) -> None:
         "exc_type": failure.exc_type,
         "message": failure.message,
     }
+    if failure.line is not None:
+        line["line"] = failure.line
     if failure.unsafe:
         line["unsafe"] = True
     file.write(json.dumps(line, default=repr, ensure_ascii=False) + "\n")

@@ -22,23 +22,27 @@ running the items before it.
 
 from __future__ import annotations
 
+import bisect
+import codecs
 import csv
 import io
 import json
 import os
 import re
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from bulkpool.errors import InputError
+from bulkpool.protocol import ErrorInfo, Unreadable
 
 FORMATS = ("csv", "jsonl", "json")
 EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 STDIN = "-"
 REJECT_KEYS = frozenset({"index", "item", "exc_type", "message"})
-REJECT_ALLOWED_KEYS = REJECT_KEYS | {"unsafe", "run_id"}  # written when they apply
+REJECT_ALLOWED_KEYS = REJECT_KEYS | {"unsafe", "run_id", "line"}  # written when they apply
 READ_SIZE = 1 << 16  # characters per read of a JSON array
 
 
@@ -62,30 +66,49 @@ def guess_format(path: str | os.PathLike[str]) -> str:
 
 
 def open_input(
-    path: str | os.PathLike[str], format: str | None = None, *, include_unsafe: bool = False
+    path: str | os.PathLike[str],
+    format: str | None = None,
+    *,
+    include_unsafe: bool = False,
+    on_bad_line: str = "stop",
 ) -> Input:
     """Open ``path`` (``"-"``: stdin) now, so a missing file fails before any work; read it lazily."""
-    return Input(path, format, include_unsafe=include_unsafe)
+    return Input(path, format, include_unsafe=include_unsafe, on_bad_line=on_bad_line)
 
 
 class Input:
     """The items of one input file: iterate once; a context manager that closes the file.
 
-    ``items_read`` and ``line`` say how far reading got (for messages).
+    ``items_read`` and ``line`` say how far reading got (for messages); ``size`` (None for
+    a pipe) and ``position`` are in bytes, for a progress bar with a total; ``line_of(index)``
+    is the line an item started on (CSV, JSON Lines). With ``on_bad_line="skip"`` a line that
+    cannot be read (CSV, JSON Lines) comes as an ``Unreadable`` item, which fails without
+    running, and reading goes on.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], format: str | None = None, *, include_unsafe: bool = False
+        self,
+        path: str | os.PathLike[str],
+        format: str | None = None,
+        *,
+        include_unsafe: bool = False,
+        on_bad_line: str = "stop",
     ) -> None:
         self.path = os.fspath(path)
         if format is not None and format not in FORMATS:
             raise InputError(f"format={format!r}: use one of {', '.join(FORMATS)}.", path=self.path)
+        if on_bad_line not in ("stop", "skip"):
+            raise InputError(f"on_bad_line={on_bad_line!r}: use 'stop' or 'skip'.", path=self.path)
         self.format = format or guess_format(self.path)
         self.items_read = 0
         self.include_unsafe = include_unsafe
         self.unsafe_skipped = 0
+        self.skip_bad_lines = on_bad_line == "skip"
         self.line = 0
         self._file = _open(self.path)
+        self.size = _size_of(self._file)
+        self.position = 0
+        self._line_shifts: list[tuple[int, int]] = []  # (index, line - index) where it changes
         self._started = False
 
     def __iter__(self) -> Iterator[Any]:
@@ -94,30 +117,37 @@ class Input:
         self._started = True
         return self._items()
 
+    def line_of(self, index: int) -> int | None:
+        """The line item ``index`` started on (None for a JSON array, or an item not read yet)."""
+        if self.format == "json" or index >= self.items_read:
+            return None
+        at = bisect.bisect_right(self._line_shifts, (index, 1 << 62)) - 1
+        return index + self._line_shifts[at][1] if at >= 0 else None
+
     def _items(self) -> Iterator[Any]:
         readers = {"csv": self._csv, "jsonl": self._jsonl, "json": self._json}
         try:
-            for item in readers[self.format]():
+            for line, item in readers[self.format]():
+                shift = line - self.items_read
+                if not self._line_shifts or self._line_shifts[-1][1] != shift:
+                    self._line_shifts.append((self.items_read, shift))
                 self.items_read += 1
                 yield item
-        except UnicodeDecodeError as error:
-            raise self.error(
-                self.line + 1, f"not UTF-8 text ({error.reason})", "save the file as UTF-8"
-            ) from None
         finally:
             self.close()
 
     def error(self, line: int, problem: str, fix: str) -> InputError:
         return InputError(f"{self.path}: line {line}: {problem}. Fix: {fix}.", path=self.path, line=line)
 
+    def _bad(self, line: int, text: str, problem: str, fix: str) -> Unreadable:
+        """A line that cannot be read: raised, or with ``on_bad_line="skip"`` given as an item."""
+        error = self.error(line, problem, fix)
+        if not self.skip_bad_lines:
+            raise error
+        return Unreadable(line, text.rstrip("\r\n"), ErrorInfo("bulkpool.InputError", str(error), ""))
+
     def close(self) -> None:
-        if self.path == STDIN:
-            if isinstance(self._file, io.TextIOWrapper) and self._file is not sys.stdin:
-                try:
-                    self._file.detach()  # leave stdin itself open
-                except ValueError:  # already detached
-                    pass
-        else:
+        if self.path != STDIN:
             self._file.close()
 
     def __enter__(self) -> Input:
@@ -129,80 +159,146 @@ class Input:
     def __repr__(self) -> str:
         return f"Input({self.path!r}, format={self.format!r})"
 
+    def _lines(self) -> Iterator[tuple[int, str, Unreadable | None]]:
+        """(number, text, problem) per line, each decoded alone, so a byte that is not UTF-8
+        is reported on its own line. ``problem``: that line could not be decoded (skip mode;
+        ``text`` is then decoded with replacement characters)."""
+        for number, raw in enumerate(self._file, 1):
+            self.line = number
+            self.position += len(raw)
+            if number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # as Excel writes: not part of the first name
+            try:
+                yield number, raw.decode("utf-8"), None
+            except UnicodeDecodeError as error:
+                text = raw.decode("utf-8", "replace")
+                problem = f"not UTF-8 text ({error.reason} at byte {error.start + 1} of the line)"
+                yield number, text, self._bad(number, text, problem, "save the file as UTF-8")
+
     # -- the formats ---------------------------------------------------------------------
 
-    def _csv(self) -> Iterator[dict[str, str]]:
-        reader = csv.reader(self._file, strict=True)
-        try:
-            header = next(reader, None)
-            self.line = reader.line_num
-            if header is None:
-                raise self.error(1, "the file is empty, with no header row", "put the column names first")
-            blank = [number for number, name in enumerate(header, 1) if not name.strip()]
-            if blank:
-                raise self.error(
-                    1, f"column {blank[0]} of the header row has no name", "name every column in line 1"
-                )
-            repeated = sorted({name for name in header if header.count(name) > 1})
-            if repeated:
-                raise self.error(
-                    1, f"the header names {repeated[0]!r} twice", "give each column its own name"
-                )
-            for row in reader:
-                start, self.line = self.line + 1, reader.line_num
-                if not row:
-                    continue  # a blank line
-                if len(row) != len(header):
-                    raise self.error(
+    def _csv(self) -> Iterator[tuple[int, Any]]:
+        undecodable: dict[int, Unreadable] = {}
+
+        def texts() -> Iterator[str]:
+            for number, text, problem in self._lines():
+                if problem is not None:
+                    undecodable[number] = problem
+                yield text
+
+        reader = csv.reader(texts(), strict=True)
+        header = self._header(reader)
+        while True:
+            start = reader.line_num + 1
+            try:
+                row = next(reader, None)
+            except csv.Error as error:
+                yield start, self._bad(start, "", f"not valid CSV ({error})", "check the quoting")
+                continue
+            if row is None:
+                return
+            if not row:
+                continue  # a blank line
+            broken = [undecodable.pop(n) for n in range(start, reader.line_num + 1) if n in undecodable]
+            if broken:
+                yield start, broken[0]
+            elif len(row) != len(header):
+                yield (
+                    start,
+                    self._bad(
                         start,
+                        ",".join(row),
                         f"{len(row)} fields, but the header row has {len(header)}",
                         "quote fields that contain commas, and give every row the header's columns",
-                    )
-                yield dict(zip(header, row, strict=True))
-        except csv.Error as error:
-            raise self.error(reader.line_num, f"not valid CSV ({error})", "check the quoting") from None
+                    ),
+                )
+            else:
+                yield start, dict(zip(header, row, strict=True))
 
-    def _jsonl(self) -> Iterator[Any]:
+    def _header(self, reader: Any) -> list[str]:
+        try:
+            header = next(reader, None)
+        except csv.Error as error:
+            raise self.error(1, f"not valid CSV ({error})", "check the quoting") from None
+        if header is None:
+            raise self.error(1, "the file is empty, with no header row", "put the column names first")
+        blank = [number for number, name in enumerate(header, 1) if not name.strip()]
+        if blank:
+            raise self.error(
+                1, f"column {blank[0]} of the header row has no name", "name every column in line 1"
+            )
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise self.error(1, f"the header names {repeated[0]!r} twice", "give each column its own name")
+        return list(header)
+
+    def _jsonl(self) -> Iterator[tuple[int, Any]]:
         rejects: bool | None = None  # decided by the first value
-        for number, text in enumerate(self._file, 1):
-            self.line = number
+        for number, text, problem in self._lines():
+            if problem is not None:
+                yield number, problem
+                continue
             if not text.strip():
                 continue
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as error:
-                raise self.error(
-                    self.line,
-                    f"not valid JSON ({error.msg}, column {error.colno})",
-                    "each line must hold one complete JSON value",
-                ) from None
+                why = f"not valid JSON ({error.msg}, column {error.colno})"
+                yield number, self._bad(number, text, why, "each line must hold one complete JSON value")
+                continue
             is_reject = isinstance(value, dict) and REJECT_KEYS <= value.keys() <= REJECT_ALLOWED_KEYS
             if rejects is None:
                 rejects = is_reject
             elif rejects and not is_reject:
                 raise self.error(
-                    self.line,
+                    number,
                     "not a rejects record (keys index, item, exc_type, message), though the first line is",
                     "feed back a rejects file as written, or keep only your own items",
                 )
             if rejects and value.get("unsafe") and not self.include_unsafe:
                 self.unsafe_skipped += 1  # it may have been written: feeding it again could write it twice
                 continue
-            yield value["item"] if rejects else value
+            yield number, value["item"] if rejects else value
 
-    def _json(self) -> Iterator[Any]:
-        return _JsonArray(self._file, self).values()
+    def _json(self) -> Iterator[tuple[int, Any]]:
+        # Elements have no line of their own worth tracking; 0 keeps line_of() silent.
+        return ((0, value) for value in _JsonArray(_Decoded(self._file, self), self).values())
 
 
-def _open(path: str) -> IO[str]:
+class _Decoded:
+    """The bytes of a file as text, ``read(n)`` at a time; a byte that is not UTF-8 is
+    reported on its line, counted from the newlines decoded before it."""
+
+    def __init__(self, file: IO[bytes], source: Input) -> None:
+        self.file = file
+        self.source = source
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self.newlines = 0
+
+    def read(self, size: int) -> str:
+        """Up to about ``size`` characters; "" only at the end of the file."""
+        while True:
+            raw = self.file.read(size)
+            self.source.position += len(raw)
+            try:
+                text = self.decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as error:
+                line = self.newlines + raw[: error.start].count(b"\n") + 1
+                problem = f"not UTF-8 text ({error.reason})"
+                raise self.source.error(line, problem, "save the file as UTF-8") from None
+            self.newlines += text.count("\n")
+            if text or not raw:  # an empty text with bytes read: a character cut by the read
+                return text
+
+
+def _open(path: str) -> IO[bytes]:
     if path == STDIN:
         buffer = getattr(sys.stdin, "buffer", None)
         if buffer is None:  # stdin replaced by a text stream (as in tests)
-            return sys.stdin
-        # utf-8-sig: a byte order mark (as Excel writes) is not part of the first column's name.
-        return io.TextIOWrapper(buffer, encoding="utf-8-sig", newline="")
+            return io.BytesIO(sys.stdin.read().encode())
+        return buffer
     try:
-        return open(path, encoding="utf-8-sig", newline="")
+        return open(path, "rb")
     except FileNotFoundError:
         raise InputError(
             f"{path}: no such file (looked for {Path(path).resolve()}). Fix: check the path.", path=path
@@ -213,6 +309,15 @@ def _open(path: str) -> IO[str]:
         ) from None
     except OSError as error:
         raise InputError(f"{path}: cannot be opened ({error.strerror or error}).", path=path) from None
+
+
+def _size_of(file: IO[bytes]) -> int | None:
+    """The file's size in bytes, for a progress bar; None for a pipe or a terminal."""
+    try:
+        status = os.fstat(file.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+    return status.st_size if stat.S_ISREG(status.st_mode) else None
 
 
 _NUMBER_TAIL = re.compile(r"[0-9eE.+-]*")
@@ -227,7 +332,7 @@ class _JsonArray:
     so an element that reaches the buffer's end is only trusted at the end of the file.
     """
 
-    def __init__(self, file: IO[str], source: Input) -> None:
+    def __init__(self, file: _Decoded, source: Input) -> None:
         self.file = file
         self.source = source
         self.decoder = json.JSONDecoder()
@@ -297,13 +402,7 @@ class _JsonArray:
             return False
         self.line, self.column = self._where(self.pos)
         self.buf, self.pos = self.buf[self.pos :], 0
-        try:
-            text = self.file.read(size)
-        except UnicodeDecodeError as error:
-            line, _ = self._where(len(self.buf))
-            raise self.source.error(
-                line, f"not UTF-8 text ({error.reason})", "save the file as UTF-8"
-            ) from None
+        text = self.file.read(size)
         if not text:
             self.eof = True
             return False

@@ -105,6 +105,14 @@ class Options:
         default=False,
         metadata=_meta("With run_id: forget what an earlier run of that name did.", cli="flag", resume=False),
     )
+    early_stop: bool = field(
+        default=True,
+        metadata=_meta(
+            f"Stop when the first {100} items all fail with the same error: a mistake in the "
+            "function or the columns, not in the data (--no-early-stop: run every item anyway).",
+            cli="switch",
+        ),
+    )
     dry_run: bool = field(
         default=False, metadata=_meta("Do everything, then roll every transaction back.", cli="flag")
     )
@@ -151,6 +159,7 @@ class Options:
         )
         _require(not self.restart or bool(self.run_id), "restart=True needs a run_id.")
         _require(self.dry_run in (True, False), "dry_run must be True or False.")
+        _require(self.early_stop in (True, False), "early_stop must be True or False.")
         if self.rejects is not None:
             parent = Path(self.rejects).resolve().parent
             _require(parent.is_dir(), f"rejects={str(self.rejects)!r}: folder {parent} does not exist.")

@@ -37,10 +37,11 @@ class Failure:
     message: str
     traceback: str
     unsafe: bool = False  # it may have been written all the same: do not feed it again blindly
+    line: int | None = None  # the line of the input file the item started on, when known
 
     @classmethod
-    def of(cls, index: int, item: Any, error: ErrorInfo) -> Failure:
-        return cls(index, item, error.exc_type, error.message, error.traceback, error.unsafe)
+    def of(cls, index: int, item: Any, error: ErrorInfo, line: int | None = None) -> Failure:
+        return cls(index, item, error.exc_type, error.message, error.traceback, error.unsafe, line)
 
     @property
     def kind(self) -> type[ItemError] | None:
@@ -55,7 +56,8 @@ class Failure:
         return kind(self.message) if kind is not None else None
 
     def summary(self) -> str:
-        return f"item {self.index} ({short_repr(self.item, 80)}): {self.exc_type}: {self.message}"
+        where = f"item {self.index}" if self.line is None else f"line {self.line} (item {self.index})"
+        return f"{where} ({short_repr(self.item, 80)}): {self.exc_type}: {self.message}"
 
     def __str__(self) -> str:
         return self.summary()

@@ -91,6 +91,16 @@ class ErrorInfo:
 
 
 @dataclass(frozen=True)
+class Unreadable:
+    """An item the input could not read (a malformed line, with ``on_bad_line="skip"``):
+    it fails with ``error`` without running, and the run goes on."""
+
+    line: int
+    text: str
+    error: ErrorInfo
+
+
+@dataclass(frozen=True)
 class Task:
     """The part of a job a worker needs: shipped once to every worker."""
 

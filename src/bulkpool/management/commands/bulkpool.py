@@ -104,6 +104,13 @@ class Command(BaseCommand):
             "--format", choices=FORMATS, help="Format of --input (default: from its extension; needed for -)."
         )
         run.add_argument(
+            "--on-bad-line",
+            choices=("stop", "skip"),
+            default="stop",
+            help="A line of --input that cannot be read (CSV, JSON Lines): stop the run there "
+            "(default), or skip it: it fails in the report and the rejects file, with its line.",
+        )
+        run.add_argument(
             "--include-unsafe",
             action="store_true",
             help="With a rejects file as --input: also feed the items marked unsafe (they may "
@@ -169,7 +176,12 @@ class Command(BaseCommand):
             given["backend"] = "serial"  # one transaction: it sees what chunks do to each other
         _check_rejects_path(options["input"], options["rejects"])
         try:
-            source = open_input(options["input"], options["format"], include_unsafe=options["include_unsafe"])
+            source = open_input(
+                options["input"],
+                options["format"],
+                include_unsafe=options["include_unsafe"],
+                on_bad_line=options["on_bad_line"],
+            )
         except InputError as error:
             raise CommandError(str(error), returncode=USAGE) from None
         with source:
@@ -447,6 +459,8 @@ def _command_line(options: dict[str, Any]) -> str:
     words = ["python", "manage.py", "bulkpool", "run", options["func"], "--input", options["input"]]
     if options["format"] is not None:
         words += ["--format", options["format"]]
+    if options.get("on_bad_line", "stop") != "stop":
+        words += ["--on-bad-line", options["on_bad_line"]]
     for option in table():
         meta, value = option.metadata, options.get(option.name)
         if meta["cli"] is None or value is None or not meta.get("resume", True):
