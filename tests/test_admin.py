@@ -15,6 +15,7 @@ from django.urls import reverse
 
 import bulkpool
 from bulkpool.admin import FAILURES_PER_PAGE, RunAdmin
+from bulkpool.inputs import open_input
 from bulkpool.models import Run, RunChunk, RunFailure
 from tests import jobs
 
@@ -209,3 +210,15 @@ def test_staff_need_the_view_permission():
     client.force_login(stranger)
     assert client.get(reverse(CHANGELIST)).status_code == 403
     assert client.get(reverse("admin:bulkpool_run_change", args=[run.pk])).status_code == 403
+
+
+def test_downloaded_failures_feed_back_as_input(admin_client: Client, tmp_path):
+    """The downloaded file is a rejects file: as input it gives back the failed items themselves."""
+    run = make_run("to-retry", chunks=1, failures=3)
+    response = admin_client.post(
+        reverse(CHANGELIST), {"action": "download_failures", "_selected_action": [run.pk]}
+    )
+    path = tmp_path / "failures.jsonl"
+    path.write_bytes(streamed(response))
+    with open_input(path) as items:
+        assert list(items) == [{"username": f"user{index}"} for index in range(3)]

@@ -6,8 +6,9 @@
 - CSV: one dict per row, keyed by the header row; values are strings.
 - JSON Lines (``.jsonl``, ``.ndjson``): one JSON value per line; blank lines are skipped.
   A *rejects file* written by a run (``rejects=...``: objects with exactly the keys
-  ``index``, ``item``, ``exc_type``, ``message``) gives back the original items, so the
-  failures of one run can be fed to the next.
+  ``index``, ``item``, ``exc_type``, ``message``, and optionally ``run_id``, as the admin's
+  "Download failures" writes them) gives back the original items, so the failures of one
+  run can be fed to the next.
 - JSON (``.json``): a top-level array, parsed one element at a time, so an array larger
   than memory can be read.
 
@@ -36,6 +37,7 @@ FORMATS = ("csv", "jsonl", "json")
 EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 STDIN = "-"
 REJECT_KEYS = frozenset({"index", "item", "exc_type", "message"})
+DOWNLOADED_REJECT_KEYS = REJECT_KEYS | {"run_id"}  # the admin's download of journaled failures
 READ_SIZE = 1 << 16  # characters per read of a JSON array
 
 
@@ -167,7 +169,7 @@ class Input:
                     f"not valid JSON ({error.msg}, column {error.colno})",
                     "each line must hold one complete JSON value",
                 ) from None
-            is_reject = isinstance(value, dict) and value.keys() == REJECT_KEYS
+            is_reject = isinstance(value, dict) and value.keys() in (REJECT_KEYS, DOWNLOADED_REJECT_KEYS)
             if rejects is None:
                 rejects = is_reject
             elif rejects and not is_reject:
