@@ -117,11 +117,14 @@ class RunAdminInABrowser(StaticLiveServerTestCase):
             run_id="weekly-sync", func="myapp.jobs.sync", chunk_size=100, status=Run.Status.INTERRUPTED
         )
 
-    def screenshot(self, name: str) -> None:
-        """Keep a picture of the page when BULKPOOL_BROWSER_SCREENSHOTS names a folder."""
+    def screenshot(self, name: str, element: Any = None) -> None:
+        """Keep a picture of the page (scrolled to ``element``) when BULKPOOL_BROWSER_SCREENSHOTS
+        names a folder."""
         folder = os.environ.get("BULKPOOL_BROWSER_SCREENSHOTS")
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
+            if element is not None:
+                self.driver.execute_script("arguments[0].scrollIntoView()", element)
             self.driver.save_screenshot(str(Path(folder) / f"{name}.png"))
 
     def wait_for(self, css: str) -> Any:
@@ -170,6 +173,7 @@ class RunAdminInABrowser(StaticLiveServerTestCase):
 
         failures = self.wait_for("#bulkpool-failures")
         self.screenshot("3-run")
+        self.screenshot("4-run-failures", failures)
         self.assertIn("Failed items (3)", failures.text)
         rows = failures.find_elements(By.CSS_SELECTOR, "tr.bulkpool-failure")
         self.assertEqual([row.find_element(By.TAG_NAME, "td").text for row in rows], ["2", "5", "8"])
