@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from django.contrib import admin
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
 from django.http import HttpRequest, StreamingHttpResponse
 
-from bulkpool.models import Run, RunFailure
+from bulkpool.models import Run, RunFailure, RunQuerySet
 
 FAILURES_PER_PAGE = 50
 FAILURES_PAGE_VAR = "failures"  # not "p", which the changelist uses
@@ -57,7 +57,7 @@ class RunAdmin(admin.ModelAdmin):
     change_form_template = "admin/bulkpool/run/change_form.html"
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Run]:
-        return super().get_queryset(request).with_totals()  # type: ignore[attr-defined]
+        return cast(RunQuerySet, super().get_queryset(request)).with_totals()
 
     # -- read-only ---------------------------------------------------------------------------
 
