@@ -41,7 +41,7 @@ def new_project(root: Path, quickstart: dict[str, str]) -> Path:
     settings.write_text(settings.read_text() + '\nINSTALLED_APPS += ["myapp"]\n' + quickstart["settings"])
     for name in ("myapp/jobs.py", "users.csv"):
         (root / name).write_text(quickstart[name])
-    migrated = sh("python manage.py migrate", root)
+    migrated = sh(quickstart["migrate"], root)
     assert migrated.returncode == 0, migrated.stderr
     assert "Applying bulkpool.0001_initial... OK" in migrated.stdout
     return root
@@ -52,7 +52,7 @@ def new_project(root: Path, quickstart: dict[str, str]) -> Path:
 def test_readme_quickstart_works_as_pasted(tmp_path):
     """The command and the shell snippet of the README each write the good rows and report the bad one."""
     quickstart = blocks()
-    assert set(quickstart) == {"settings", "myapp/jobs.py", "users.csv", "command", "shell"}
+    assert set(quickstart) == {"settings", "migrate", "myapp/jobs.py", "users.csv", "command", "shell"}
 
     (tmp_path / "cli").mkdir()
     project = new_project(tmp_path / "cli", quickstart)
