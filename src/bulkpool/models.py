@@ -10,6 +10,7 @@ of writing its rows again.
 from __future__ import annotations
 
 from django.db import models
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from bulkpool.journal import RunStatus
@@ -21,6 +22,19 @@ class RunQuerySet(models.QuerySet["Run"]):
 
     def finished(self) -> RunQuerySet:
         return self.filter(status=Run.Status.FINISHED)
+
+    def with_totals(self) -> RunQuerySet:
+        """Annotate what every attempt together has done, from the committed chunks.
+
+        ``done_items``, ``done_ok`` and ``done_failed`` (0 for a run with no chunk yet): a
+        run's own ``total`` / ``ok`` / ``failed`` count its last attempt only.
+        """
+
+        def total(field: str) -> Coalesce:
+            big = models.BigIntegerField()
+            return Coalesce(models.Sum(f"chunks__{field}"), models.Value(0), output_field=big)
+
+        return self.annotate(done_items=total("size"), done_ok=total("ok"), done_failed=total("failed"))
 
 
 class Run(models.Model):
@@ -38,6 +52,9 @@ class Run(models.Model):
     started_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    command = models.TextField(
+        blank=True, help_text="How to resume it, as the caller that started it wrote it."
+    )
 
     objects = RunQuerySet.as_manager()
 

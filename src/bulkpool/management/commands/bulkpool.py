@@ -14,11 +14,12 @@ import shlex
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, DatabaseError
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
@@ -44,6 +45,7 @@ Run a function over the items of a file, concurrently, and look at journaled run
   bulkpool run myapp.jobs.import_user --input users.csv --workers 4 --run-id users-2024
   bulkpool runs [--unfinished]
   bulkpool show RUN_ID
+  bulkpool prune --older-than DAYS [--include-unfinished] [--dry-run]
 
 Exit status: 0 all done, 1 some items failed, 2 usage error (bad flags, bad input,
 unknown function), 130 interrupted. Needs "bulkpool" in INSTALLED_APPS (that is how Django
@@ -84,7 +86,9 @@ class Command(BaseCommand):
         return super().create_parser(prog_name, subcommand, **kwargs)
 
     def add_arguments(self, parser: CommandParser) -> None:
-        commands = parser.add_subparsers(dest="subcommand", required=True, metavar="{run,runs,show,rejects}")
+        commands = parser.add_subparsers(
+            dest="subcommand", required=True, metavar="{run,runs,show,rejects,prune}"
+        )
         run = commands.add_parser(
             "run",
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -144,7 +148,24 @@ class Command(BaseCommand):
             "--database", default=DEFAULT_DB_ALIAS, metavar="ALIAS", help="Where the journal is."
         )
 
-        for sub in (run, runs, show, rejects):
+        prune = commands.add_parser(
+            "prune",
+            help="Delete journaled runs not updated for DAYS days, with their chunks and failures.",
+        )
+        prune.add_argument(
+            "--older-than", type=non_negative_int, required=True, metavar="DAYS", help="Age in days."
+        )
+        prune.add_argument(
+            "--include-unfinished",
+            action="store_true",
+            help="Delete unfinished runs too (they can no longer be resumed).",
+        )
+        prune.add_argument("--dry-run", action="store_true", help="Only say how many runs would go.")
+        prune.add_argument(
+            "--database", default=DEFAULT_DB_ALIAS, metavar="ALIAS", help="Where the journal is."
+        )
+
+        for sub in (run, runs, show, rejects, prune):
             _accept_base_options(sub)
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -164,6 +185,8 @@ class Command(BaseCommand):
                 self.runs(options)
             elif subcommand == "rejects":
                 self.rejects(options)
+            elif subcommand == "prune":
+                self.prune(options)
             else:
                 self.show(options)
 
@@ -326,6 +349,43 @@ class Command(BaseCommand):
         hidden = failure_count - len(shown)
         if hidden > 0:
             self.stdout.write(f"  ... and {hidden:,} more (--limit 0 shows all)")
+
+    # -- prune -------------------------------------------------------------------------------
+
+    def prune(self, options: dict[str, Any]) -> None:
+        from bulkpool.models import Run, RunChunk, RunFailure
+
+        alias, days = options["database"], options["older_than"]
+        old = Run.objects.using(alias).filter(updated_at__lt=timezone.now() - timedelta(days=days))
+        runs = old if options["include_unfinished"] else old.finished()
+        chunks = RunChunk.objects.using(alias).filter(run__in=runs)
+        failures = RunFailure.objects.using(alias).filter(chunk__in=chunks)
+        try:
+            with transaction.atomic(using=alias):
+                counts = runs.count(), chunks.count(), failures.count()
+                kept = 0 if options["include_unfinished"] else old.unfinished().count()
+                if not options["dry_run"]:
+                    # Leaves first: a cascade from the runs would load every chunk into memory.
+                    failures.delete()
+                    chunks.delete()
+                    runs.delete()
+        except DatabaseError as error:
+            raise CommandError(
+                f"Cannot read the run journal in database {alias!r} ({str(error).strip()}): "
+                f"run `python manage.py migrate bulkpool --database {alias}`.",
+                returncode=USAGE,
+            ) from None
+        verb = "Would delete" if options["dry_run"] else "Deleted"
+        which = "runs" if options["include_unfinished"] else "finished runs"
+        self.stdout.write(
+            f"{verb} {counts[0]:,} {which} not updated for {days} days "
+            f"({counts[1]:,} chunks, {counts[2]:,} failed items)."
+        )
+        if kept:
+            self.stdout.write(
+                f"Kept {kept:,} unfinished runs as old, which can still be resumed: "
+                "--include-unfinished deletes them too."
+            )
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""The documentation cites only files that are in the repository.
+
+Every Markdown page (README.md, CHANGELOG.md, docs/, bench/README.md) is read for
+- relative links, ``[text](target)``: the target must exist, relative to the page;
+- code spans that name a repository path, such as ``tests/faults/driver.py`` or a bare
+  ``work.py``: the path must exist from the repository's root (a bare file name somewhere
+  in the tree). ``bulkpool/operations.py`` is checked too, and fails: it is
+  ``src/bulkpool/operations.py``.
+Paths of the user's own files (``users.csv``, ``/tmp/f.jsonl``) are not repository paths
+and are left alone: only spans starting with a top-level folder of the repository, or bare
+names ending in a source extension, are checked.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = sorted(
+    [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "bench" / "README.md", *(ROOT / "docs").rglob("*.md")]
+)
+TOP_LEVEL = ("src/", "tests/", "docs/", "bench/", "examples/", "scripts/", ".ci/", "bulkpool/")
+SOURCE_SUFFIXES = (".py", ".md", ".toml", ".yml", ".yaml", ".html", ".sh", ".cfg")
+SEARCHED = ("src", "tests", "docs", "bench", "examples", "scripts")
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+CODE_SPAN = re.compile(r"`([^`\s]+)`")
+PATH_LIKE = re.compile(r"[\w.\-/]+")
+
+
+def cited_paths(text: str) -> list[str]:
+    cited = []
+    for span in CODE_SPAN.findall(text):
+        if not PATH_LIKE.fullmatch(span):
+            continue
+        if span.startswith(TOP_LEVEL) or ("/" not in span and span.endswith(SOURCE_SUFFIXES)):
+            cited.append(span)
+    cited += [
+        span for span in ("README.md", "CHANGELOG.md", "pyproject.toml", "mkdocs.yml") if f"`{span}`" in text
+    ]
+    return cited
+
+
+def exists(path: str, page: Path) -> bool:
+    if (ROOT / path).exists() or (page.parent / path).exists():
+        return True
+    if "/" not in path:  # a bare file name, e.g. `work.py`: anywhere in the tree
+        return any(next((ROOT / folder).rglob(path), None) for folder in SEARCHED)
+    return False
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(page.relative_to(ROOT)) for page in PAGES])
+def test_every_file_a_page_cites_is_in_the_repository(page):
+    """Links and cited paths resolve to files of this repository."""
+    text = page.read_text()
+    missing = []
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue  # a URL, or an anchor on the same page
+        if not (page.parent / target.split("#")[0]).exists():
+            missing.append(f"link {target}")
+    missing += [f"`{path}`" for path in cited_paths(text) if not exists(path, page)]
+    assert not missing, f"{page.relative_to(ROOT)} cites what is not in the repository: {', '.join(missing)}"
+
+
+def test_the_check_finds_a_missing_file(tmp_path):
+    """The check itself: a made-up path and a broken link are reported, real ones are not."""
+    page = tmp_path / "page.md"
+    text = (
+        "See `tests/nowhere.py`, `src/bulkpool/operations.py`, `bulkpool/api.py`, `work.py`, "
+        "[x](missing.md), `users.csv`."
+    )
+    missing = [path for path in cited_paths(text) if not exists(path, page)]
+    assert missing == ["tests/nowhere.py", "bulkpool/api.py"]
+    assert LINK.findall(text) == ["missing.md"]
+
+
+def test_the_api_reference_covers_every_public_name():
+    """docs/reference.md renders each name of bulkpool.__all__ (and nothing that is not there)."""
+    import bulkpool
+
+    documented = re.findall(r"^::: bulkpool\.(\w+)$", (ROOT / "docs" / "reference.md").read_text(), re.M)
+    assert sorted(documented) == sorted(bulkpool.__all__)
