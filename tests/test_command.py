@@ -378,15 +378,20 @@ def journal_rows() -> Run:
 
 @pytest.mark.django_db(transaction=True)
 def test_runs_lists_journaled_runs_newest_first():
-    """`runs` shows run id, status, counts, start and function, newest first."""
+    """`runs` shows run id, status, totals across attempts, the last attempt, start and function,
+    newest first."""
     journal_rows()
     code, out, _ = call("runs")
     assert code == 0
     header, newer, older = out.splitlines()
-    assert header.split() == ["RUN", "ID", "STATUS", "OK", "FAILED", "SKIPPED", "STARTED", "FUNCTION"]
-    assert newer.split()[:5] == ["users-2024", "interrupted", "27", "3", "10"]
+    assert header.split() == [
+        *("RUN", "ID", "STATUS", "DONE", "OK", "FAILED", "LAST", "ATTEMPT", "STARTED", "FUNCTION")
+    ]
+    assert newer.split()[:5] == ["users-2024", "interrupted", "30", "27", "3"]  # its 3 chunks
+    assert "#2: 27 ok, 3 failed, 10 skipped" in newer
     assert newer.endswith("myapp.jobs.import_user")
-    assert older.split()[:5] == ["old-import", "finished", "300", "0", "0"]
+    assert older.split()[:5] == ["old-import", "finished", "0", "0", "0"]  # no chunk recorded
+    assert "#1: 300 ok, 0 failed, 0 skipped" in older
 
 
 @pytest.mark.django_db(transaction=True)
@@ -457,7 +462,7 @@ def test_show_a_run_the_command_journaled(tmp_path):
     )
     assert code == 1
     _, out, _ = call("runs")
-    assert out.splitlines()[1].split()[:5] == ["real", "finished", "11", "1", "0"]
+    assert out.splitlines()[1].split()[:5] == ["real", "finished", "12", "11", "1"]
     _, out, _ = call("show", "real")
     assert "chunks done:  3 (12 items; chunk size 5)" in out
     assert "item 6: ValueError: row k6 is marked bad" in out

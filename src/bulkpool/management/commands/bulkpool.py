@@ -285,16 +285,17 @@ class Command(BaseCommand):
     def runs(self, options: dict[str, Any]) -> None:
         from bulkpool.models import Run
 
-        runs = Run.objects.using(options["database"]).all()
+        runs = Run.objects.using(options["database"]).with_totals()
         if options["unfinished"]:
             runs = runs.unfinished()
         rows = [
             [
                 run.run_id,
                 run.status,
-                f"{run.ok:,}",
-                f"{run.failed:,}",
-                f"{run.skipped:,}",
+                f"{run.done_items:,}",
+                f"{run.done_ok:,}",
+                f"{run.done_failed:,}",
+                f"#{run.attempts}: {run.ok:,} ok, {run.failed:,} failed, {run.skipped:,} skipped",
                 _when(run.started_at),
                 run.func,
             ]
@@ -303,7 +304,8 @@ class Command(BaseCommand):
         if not rows:
             self.stdout.write("No unfinished runs." if options["unfinished"] else "No journaled runs.")
             return
-        header = ["RUN ID", "STATUS", "OK", "FAILED", "SKIPPED", "STARTED", "FUNCTION"]
+        # DONE / OK / FAILED: what every attempt together committed; then the last attempt.
+        header = ["RUN ID", "STATUS", "DONE", "OK", "FAILED", "LAST ATTEMPT", "STARTED", "FUNCTION"]
         for line in _table(header, rows, right={2, 3, 4}):
             self.stdout.write(line)
 
@@ -320,7 +322,7 @@ class Command(BaseCommand):
             )
         chunks = RunChunk.objects.using(alias).filter(run=run)
         chunk_count = chunks.count()
-        chunk_items = sum(chunks.values_list("size", flat=True))
+        totals = Run.objects.using(alias).with_totals().get(pk=run.pk)
         failures = RunFailure.objects.using(alias).filter(chunk__run=run).order_by("index")
         failure_count = failures.count()
         status_style = self.style.SUCCESS if run.status == Run.Status.FINISHED else self.style.WARNING
@@ -329,10 +331,17 @@ class Command(BaseCommand):
             ("function", run.func),
             ("attempts", f"{run.attempts}"),
             (
+                "all attempts",
+                f"{totals.done_items:,} items done: {totals.done_ok:,} ok, {totals.done_failed:,} failed",
+            ),
+            (
                 "last attempt",
                 f"{run.total:,} items: {run.ok:,} ok, {run.failed:,} failed, {run.skipped:,} skipped",
             ),
-            ("chunks done", f"{chunk_count:,} ({chunk_items:,} items; chunk size {run.chunk_size})"),
+            (
+                "chunks done",
+                f"{chunk_count:,} ({totals.done_items:,} items; chunk size {run.chunk_size})",
+            ),
             ("started", _when(run.started_at)),
             ("updated", _when(run.updated_at)),
             ("finished", _when(run.finished_at)),
