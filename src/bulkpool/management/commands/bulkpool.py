@@ -285,7 +285,7 @@ class Command(BaseCommand):
     def runs(self, options: dict[str, Any]) -> None:
         from bulkpool.models import Run
 
-        runs = Run.objects.using(options["database"]).with_totals()
+        runs = Run.objects.using(options["database"]).with_totals().order_by("-started_at")
         if options["unfinished"]:
             runs = runs.unfinished()
         rows = [
