@@ -241,3 +241,22 @@ def test_a_worker_that_cannot_be_replaced_stops_the_run_with_the_partial_report(
     assert report.ok + report.failed + report.not_run == report.total
     assert report.not_run > 0
     assert Run.objects.get(run_id="lost").status == Run.Status.STOPPED
+
+
+# -- executors that may deliver a chunk twice ----------------------------------------------
+
+
+class AtLeastOnceSerial(bulkpool.SerialExecutor):
+    """A serial executor that declares what a broker does: a chunk may arrive twice."""
+
+    delivery = "at_least_once"
+
+
+def test_an_at_least_once_executor_always_runs_journaled(caplog):
+    """Without a run_id, a backend that may deliver a chunk twice gets a made-up one, logged."""
+    report = bulkpool.run(jobs.write_marker, range(30), backend=AtLeastOnceSerial(), chunk_size=10)
+    assert report.ok == 30
+    (run,) = Run.objects.all()
+    assert run.run_id.startswith("run-") and run.status == Run.Status.FINISHED
+    assert f"Journaled as run_id={run.run_id!r}" in caplog.text
+    assert RunChunk.objects.filter(run=run).count() == 3

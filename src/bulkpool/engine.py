@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import secrets
 import signal
 import sys
 import threading
@@ -89,8 +90,16 @@ class Engine:
         if not callable(func):
             raise ConfigurationError(f"func must be callable, not {type(func).__name__}.")
         self.items = items
-        self.options = options
         self.executor = resolve(options.backend)
+        if getattr(self.executor, "delivery", "exactly_once") != "exactly_once" and not options.run_id:
+            options = replace(options, run_id=_made_up_run_id())
+            logger.warning(
+                "Journaled as run_id=%r: the %s backend may deliver a chunk twice, and the journal "
+                "applies it once. Run again with that run_id to resume.",
+                options.run_id,
+                self.executor.name,
+            )
+        self.options = options
         self.workers = self.executor.workers or options.workers
         self._whole_run_dry = options.dry_run and self.executor.supports_caller_transaction
         self.task = Task(
@@ -440,11 +449,6 @@ class Engine:
         if options.dry_run and options.atomic is False:
             raise ConfigurationError("dry_run needs transactions to roll back: use atomic='chunk' or 'item'.")
         name = self.executor.name or type(self.executor).__name__
-        if getattr(self.executor, "delivery", "exactly_once") != "exactly_once" and not options.run_id:
-            raise ConfigurationError(
-                f"The {name} backend may deliver a chunk twice, and only the journal keeps it from "
-                "being applied twice: give a run_id."
-            )
         database = self.options.database
         connection = connections[database]
         if not self.executor.supports_caller_transaction and connection.in_atomic_block:
@@ -517,6 +521,10 @@ def _unreadable_apart(piece: Chunk) -> list[tuple[Chunk, ChunkResult | None]]:
     if start < piece.end:
         parts.append((piece.piece(start, piece.end), None))
     return parts
+
+
+def _made_up_run_id() -> str:
+    return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def _default_resume_hint(options: Options) -> str:
