@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import replace
 
-from bulkpool.executors.base import Executor
+from bulkpool.executors.base import Executor, crashed
 from bulkpool.protocol import Chunk, ChunkDone, Event, Task
 from bulkpool.work import Worker
 
@@ -16,6 +16,8 @@ class SerialExecutor(Executor):
     name = "serial"
     supports_caller_transaction = True
     supports_memory_sqlite = True
+    delivery = "exactly_once"
+    detects_loss = True
 
     def start(self, task: Task, workers: int) -> None:
         self._worker = Worker(replace(task, own_connections=False))
@@ -26,7 +28,14 @@ class SerialExecutor(Executor):
         return 1
 
     def submit(self, chunk: Chunk) -> None:
-        self._done.append(ChunkDone(chunk, self._worker.run(chunk)))
+        try:
+            result = self._worker.run(chunk)
+        except Exception as error:
+            # Ctrl-C and SystemExit stay the caller's own (this is its thread); anything
+            # else that escapes the worker is that chunk's loss, not the end of the run.
+            self._done.append(crashed(chunk, error, in_doubt=getattr(self._worker, "committing", False)))
+            return
+        self._done.append(ChunkDone(chunk, result))
 
     def events(self, timeout: float | None = None) -> list[Event]:
         done = list(self._done)
