@@ -156,6 +156,35 @@ def test_result_that_cannot_be_sent_back_is_lost_in_doubt(monkeypatch):
     assert isinstance(found[2], ChunkDone)
 
 
+def explode() -> None:
+    raise ValueError("this item cannot be rebuilt here")
+
+
+class Unshippable:
+    """Pickles in the parent; unpickling it raises (as a class only the caller can import would)."""
+
+    def __reduce__(self):
+        return (explode, ())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_chunk_the_worker_cannot_unpickle_is_lost_and_the_worker_goes_on():
+    """A chunk that cannot be unpickled in the worker comes back lost, saying why; the next one runs."""
+    executor = ProcessExecutor(start_method="fork")
+    executor.start(make_task(), 1)
+    try:
+        executor.submit(Chunk(0, 0, [Unshippable()]))
+        executor.submit(Chunk(1, 1, [1]))
+        found = collect(executor, 2)
+    finally:
+        executor.stop()
+    lost = found[0]
+    assert isinstance(lost, ChunkLost)
+    assert "could not read the chunk it was sent (ValueError: this item cannot be" in lost.reason
+    assert lost.in_doubt is False
+    assert isinstance(found[1], ChunkDone)
+
+
 def test_process_task_checks_values_only_when_they_are_kept():
     """Values sent back over the pipe are checked with pickle on the worker, before COMMIT."""
     for keep_values in (True, False):

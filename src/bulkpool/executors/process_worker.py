@@ -55,6 +55,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -104,6 +105,10 @@ def _run_and_report(conn: Connection, worker: Any, chunk: Any) -> None:
     from bulkpool.executors.base import crashed
 
     where = f"the worker process (pid {os.getpid()})"
+    if isinstance(chunk, _Unreadable):  # nothing ran; the parent knows which chunk it sent
+        reason = f"{where} could not read the chunk it was sent ({chunk.error})"
+        conn.send(("lost", (reason, False, chunk.traceback)))
+        return
     try:
         result = worker.run(chunk)
     except BaseException as error:
@@ -143,7 +148,12 @@ class _Inbox:
                 data = self._queue.get(timeout=self.WAIT_SLICE)
             except queue.Empty:
                 continue
-            return None if data is None else pickle.loads(data)
+            if data is None:
+                return None
+            try:
+                return pickle.loads(data)
+            except Exception as error:  # e.g. an item of a class only the parent can import
+                return _Unreadable(f"{type(error).__name__}: {error}", traceback.format_exc())
 
     def _read(self, conn: Connection) -> None:
         _leave_signals_to_the_main_thread()
@@ -152,6 +162,14 @@ class _Inbox:
                 self._queue.put(conn.recv_bytes())
         except (EOFError, OSError):
             self._queue.put(None)
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """A chunk that came over the pipe but could not be unpickled here."""
+
+    error: str
+    traceback: str
 
 
 def _leave_signals_to_the_main_thread() -> None:
