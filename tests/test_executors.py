@@ -11,7 +11,8 @@ import pytest
 
 import bulkpool
 from bulkpool import ProcessExecutor
-from bulkpool.executors import EXECUTORS, Executor, ThreadExecutor
+from bulkpool.executors import EXECUTORS, Executor, SerialExecutor, ThreadExecutor
+from bulkpool.executors.base import CommitWatch
 from bulkpool.protocol import Chunk, ChunkDone, ChunkLost, Event, Task
 from bulkpool.work import Worker
 from tests import jobs
@@ -47,6 +48,13 @@ def collect(executor: Executor, count: int, within: float = 60.0) -> dict[int, E
     return found
 
 
+def make_executor(backend: str) -> Executor:
+    """The executor named ``backend``; process workers are forked, so they inherit test patches."""
+    if backend == "process":
+        return ProcessExecutor(start_method="fork")
+    return {"serial": SerialExecutor, "thread": ThreadExecutor}[backend]()
+
+
 def crash_on_chunk_one(worker, original, chunk):
     """Worker.run, except that chunk 1 raises SystemExit outside any item."""
     if chunk.number == CRASHING_CHUNK:
@@ -71,7 +79,7 @@ def test_local_executors_declare_delivery_and_loss_detection():
 @pytest.mark.parametrize("backend", ["thread", "process"])
 def test_crash_outside_items_comes_back_lost_with_its_traceback(backend, crashing_worker):
     """A Worker that raises SystemExit outside any item: its chunk comes back lost, with the traceback."""
-    executor = ThreadExecutor() if backend == "thread" else ProcessExecutor(start_method="fork")
+    executor = make_executor(backend)
     executor.start(make_task(), 1)
     try:
         for chunk in chunks(3):
@@ -86,6 +94,29 @@ def test_crash_outside_items_comes_back_lost_with_its_traceback(backend, crashin
     assert lost.in_doubt is False
     # The worker goes on: the chunks before and after it ran.
     assert [found[n].result.values for n in (0, 2)] == [[0, 1, 2], [6, 7, 8]]  # type: ignore[union-attr]
+
+
+def crash_after_commit_began(worker, chunk):
+    """Worker.run that gets as far as its COMMIT, then raises (as an on_commit callback might)."""
+    worker._before_commit()
+    raise ZeroDivisionError("an on_commit callback failed")
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("backend", ["serial", "thread", "process"])
+def test_crash_once_commit_began_leaves_the_chunk_in_doubt(backend, monkeypatch):
+    """A Worker that raises after its COMMIT began: the chunk comes back lost in doubt, never plainly lost."""
+    monkeypatch.setattr(Worker, "run", crash_after_commit_began)
+    executor = make_executor(backend)
+    executor.start(make_task(), 1)
+    try:
+        executor.submit(chunks(1)[0])
+        lost = collect(executor, 1)[0]
+    finally:
+        executor.stop()
+    assert isinstance(lost, ChunkLost)
+    assert lost.in_doubt is True
+    assert "ZeroDivisionError: an on_commit callback failed" in lost.reason
 
 
 @pytest.mark.django_db(transaction=True)
@@ -103,10 +134,10 @@ def test_run_whose_worker_crashes_on_every_chunk_finishes(backend, monkeypatch):
 class DyingThreadExecutor(ThreadExecutor):
     """A thread executor whose thread running chunk 1 dies outright, holding the chunk."""
 
-    def _run(self, worker: Worker, chunk: Chunk) -> Event:
+    def _run(self, worker: Worker, chunk: Chunk, commit: CommitWatch) -> Event:
         if chunk.number == CRASHING_CHUNK:
             raise SystemExit  # past the executor's own guard: the thread ends, silently
-        return super()._run(worker, chunk)
+        return super()._run(worker, chunk, commit)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import traceback
 from abc import ABC, abstractmethod
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from bulkpool.protocol import Chunk, ChunkLost, Event, Task
 
@@ -80,3 +81,27 @@ def crashed(chunk: Chunk, error: BaseException, *, in_doubt: bool, where: str = 
         in_doubt=in_doubt,
         traceback="".join(traceback.format_exception(type(error), error, error.__traceback__)),
     )
+
+
+class CommitWatch:
+    """Whether the chunk a Worker runs got as far as its COMMIT: a crash from then on leaves
+    the chunk in doubt (it may be committed), so it must not simply run again.
+
+    Give it to the Worker as ``before_commit`` (with ``then``, what else that hook does) and
+    ``reset`` it before each chunk. A Worker that keeps ``committing`` itself is asked too.
+    """
+
+    def __init__(self, then: Callable[[], None] | None = None) -> None:
+        self.reached = False
+        self._then = then
+
+    def __call__(self) -> None:
+        self.reached = True
+        if self._then is not None:
+            self._then()
+
+    def reset(self) -> None:
+        self.reached = False
+
+    def in_doubt(self, worker: Any) -> bool:
+        return self.reached or bool(getattr(worker, "committing", False))

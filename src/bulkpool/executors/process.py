@@ -161,7 +161,10 @@ class ProcessExecutor(Executor):
             kind, detail = PICKLE.decode(data)
         except Exception as error:  # a result this process cannot rebuild (a class it cannot import)
             handle.committing = False
-            reason = f"its result could not be read back ({type(error).__name__}: {error})"
+            reason = (
+                f"the result sent by the worker process (pid {handle.pid}) could not be read "
+                f"here ({type(error).__name__}: {error})"
+            )
             return [ChunkLost(handle.in_flight.popleft(), reason, in_doubt=True)]
         handle.committing = kind == "committing"
         if kind == "done":

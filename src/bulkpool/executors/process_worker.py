@@ -76,9 +76,11 @@ def serve(conn: Connection) -> None:
 
 
 def run_worker(conn: Connection, task: Any) -> None:
+    from bulkpool.executors.base import CommitWatch
     from bulkpool.work import Worker
 
-    worker = Worker(task, before_commit=lambda: conn.send(("committing", None)))
+    commit = CommitWatch(then=lambda: conn.send(("committing", None)))
+    worker = Worker(task, before_commit=commit)
     try:
         try:
             worker.start()
@@ -93,14 +95,15 @@ def run_worker(conn: Connection, task: Any) -> None:
             if chunk is None:  # told to finish, or the parent is gone
                 return
             with termination.deferred():
-                _run_and_report(conn, worker, chunk)
+                commit.reset()
+                _run_and_report(conn, worker, commit, chunk)
     except (BrokenPipeError, ConnectionResetError, _Terminated):
         return  # the parent is gone or gave up on this worker, or SIGTERM found us idle
     finally:
         worker.close()
 
 
-def _run_and_report(conn: Connection, worker: Any, chunk: Any) -> None:
+def _run_and_report(conn: Connection, worker: Any, commit: Any, chunk: Any) -> None:
     """Run one chunk and send its result; whatever goes wrong is that chunk's loss, reported."""
     from bulkpool.executors.base import crashed
 
@@ -112,7 +115,7 @@ def _run_and_report(conn: Connection, worker: Any, chunk: Any) -> None:
     try:
         result = worker.run(chunk)
     except BaseException as error:
-        lost = crashed(chunk, error, in_doubt=getattr(worker, "committing", False), where=where)
+        lost = crashed(chunk, error, in_doubt=commit.in_doubt(worker), where=where)
         conn.send(("lost", (lost.reason, lost.in_doubt, lost.traceback)))
         worker.close()  # the next chunk starts on a fresh connection, whatever state this one was left in
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import replace
 
-from bulkpool.executors.base import Executor, crashed
+from bulkpool.executors.base import CommitWatch, Executor, crashed
 from bulkpool.protocol import Chunk, ChunkDone, Event, Task
 from bulkpool.work import Worker
 
@@ -20,7 +20,8 @@ class SerialExecutor(Executor):
     detects_loss = True
 
     def start(self, task: Task, workers: int) -> None:
-        self._worker = Worker(replace(task, own_connections=False))
+        self._commit = CommitWatch()
+        self._worker = Worker(replace(task, own_connections=False), before_commit=self._commit)
         self._worker.start()
         self._done: deque[Event] = deque()
 
@@ -28,12 +29,13 @@ class SerialExecutor(Executor):
         return 1
 
     def submit(self, chunk: Chunk) -> None:
+        self._commit.reset()
         try:
             result = self._worker.run(chunk)
         except Exception as error:
             # Ctrl-C and SystemExit stay the caller's own (this is its thread); anything
             # else that escapes the worker is that chunk's loss, not the end of the run.
-            self._done.append(crashed(chunk, error, in_doubt=getattr(self._worker, "committing", False)))
+            self._done.append(crashed(chunk, error, in_doubt=self._commit.in_doubt(self._worker)))
             return
         self._done.append(ChunkDone(chunk, result))
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import replace
 
 from bulkpool.errors import WorkerStartupError
-from bulkpool.executors.base import Executor, crashed
+from bulkpool.executors.base import CommitWatch, Executor, crashed
 from bulkpool.protocol import Chunk, ChunkDone, ChunkLost, ErrorInfo, Event, Task
 from bulkpool.work import Worker
 
@@ -45,7 +45,7 @@ class ThreadExecutor(Executor):
         # The lock makes "no longer held" and "reported" one step, so a chunk is never
         # reported both done and lost.
         self._lock = threading.Lock()
-        self._held: dict[threading.Thread, tuple[Chunk, Worker]] = {}
+        self._held: dict[threading.Thread, tuple[Chunk, Worker, CommitWatch]] = {}
         self._lost: list[Event] = []
         self._threads: list[threading.Thread] = []
         self._numbers = itertools.count()
@@ -96,7 +96,8 @@ class ThreadExecutor(Executor):
 
     def _serve(self) -> None:
         me = threading.current_thread()
-        worker = Worker(self._task)
+        commit = CommitWatch()
+        worker = Worker(self._task, before_commit=commit)
         try:
             try:
                 worker.start()
@@ -106,23 +107,24 @@ class ThreadExecutor(Executor):
             while (chunk := self._inbox.get()) is not None:
                 if self._cancelled.is_set():
                     continue
+                commit.reset()
                 with self._lock:
-                    self._held[me] = (chunk, worker)
-                event = self._run(worker, chunk)
+                    self._held[me] = (chunk, worker, commit)
+                event = self._run(worker, chunk, commit)
                 with self._lock:
                     del self._held[me]
                     self._outbox.put(event)
         finally:
             worker.close()
 
-    def _run(self, worker: Worker, chunk: Chunk) -> Event:
+    def _run(self, worker: Worker, chunk: Chunk, commit: CommitWatch) -> Event:
         try:
             return ChunkDone(chunk, worker.run(chunk))
         except BaseException as error:
             lost = crashed(
                 chunk,
                 error,
-                in_doubt=getattr(worker, "committing", False),
+                in_doubt=commit.in_doubt(worker),
                 where=f"the worker thread {threading.current_thread().name}",
             )
             worker.close()  # the next chunk starts on a fresh connection, whatever state this one was left in
@@ -134,9 +136,9 @@ class ThreadExecutor(Executor):
             for thread in [t for t in self._threads if not t.is_alive()]:
                 self._threads.remove(thread)
                 if thread in self._held:
-                    chunk, worker = self._held.pop(thread)
+                    chunk, worker, commit = self._held.pop(thread)
                     reason = f"the worker thread {thread.name} died"
-                    self._lost.append(ChunkLost(chunk, reason, in_doubt=getattr(worker, "committing", False)))
+                    self._lost.append(ChunkLost(chunk, reason, in_doubt=commit.in_doubt(worker)))
             if not self._threads:  # nobody left to take what waits in the inbox
                 while not self._inbox.empty():
                     if (waiting := self._inbox.get_nowait()) is not None:
