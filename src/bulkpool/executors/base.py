@@ -63,7 +63,12 @@ class Executor(ABC):
 
     @abstractmethod
     def events(self, timeout: float | None = None) -> list[Event]:
-        """Wait up to ``timeout`` seconds for finished or lost chunks; return them (maybe none)."""
+        """Wait up to ``timeout`` seconds for finished or lost chunks; return them (maybe none).
+
+        Every submitted chunk comes back once: ``ChunkDone`` with its result, or (with
+        ``detects_loss``) ``ChunkLost`` -- its worker died, or raised outside any item
+        (``traceback`` says where). ``in_doubt`` once the chunk's COMMIT had begun.
+        """
 
     @abstractmethod
     def stop(self, *, cancel: bool = False) -> None:
