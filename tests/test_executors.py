@@ -243,7 +243,9 @@ def wide_rows(count: int):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+# A deadlocked pipe also blocks the executor's stop(): the thread method ends the session
+# loudly where the signal method would leave it hanging in the teardown.
+@pytest.mark.timeout(180, method="thread")
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("start_method", START_METHODS)
 def test_big_chunks_and_big_results_do_not_deadlock_the_pipes(start_method):
