@@ -1,14 +1,18 @@
 """The small interface every executor implements, and the events it hands back.
 
 The engine drives an executor through four calls -- ``start``, ``submit``, ``events``,
-``stop`` -- and reads its ``supports_*`` flags instead of asking what class it is.
+``stop`` -- and reads its flags (``supports_*``, ``delivery``, ``detects_loss``) instead of
+asking what class it is.
 """
 
 from __future__ import annotations
 
+import traceback
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, Literal
 
-from bulkpool.protocol import Chunk, Event, Task
+from bulkpool.protocol import Chunk, ChunkLost, Event, Task
 
 
 class Executor(ABC):
@@ -22,11 +26,22 @@ class Executor(ABC):
         see uncommitted rows and are refused inside a transaction.
     ``supports_memory_sqlite``
         Can run against an in-memory SQLite database (only the caller's connection sees it).
+    ``delivery``
+        ``"exactly_once"``: a chunk is given to one worker at a time, and runs again only
+        when the engine sends it again (every local executor). ``"at_least_once"``: the
+        transport may run a chunk twice by itself (a broker redelivering a task), so the
+        run needs the journal to apply each chunk once.
+    ``detects_loss``
+        The executor notices by itself when a chunk will not come back (its worker died or
+        crashed) and reports it as ``ChunkLost``; without it, the engine must time chunks out.
     """
 
     name: str = ""
     supports_caller_transaction: bool = False
     supports_memory_sqlite: bool = False
+    # The cautious answers, for an executor that does not say: each one sets its own.
+    delivery: Literal["exactly_once", "at_least_once"] = "at_least_once"
+    detects_loss: bool = False
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers
@@ -48,7 +63,12 @@ class Executor(ABC):
 
     @abstractmethod
     def events(self, timeout: float | None = None) -> list[Event]:
-        """Wait up to ``timeout`` seconds for finished or lost chunks; return them (maybe none)."""
+        """Wait up to ``timeout`` seconds for finished or lost chunks; return them (maybe none).
+
+        Every submitted chunk comes back once: ``ChunkDone`` with its result, or (with
+        ``detects_loss``) ``ChunkLost`` -- its worker died, or raised outside any item
+        (``traceback`` says where). ``in_doubt`` once the chunk's COMMIT had begun.
+        """
 
     @abstractmethod
     def stop(self, *, cancel: bool = False) -> None:
@@ -56,3 +76,37 @@ class Executor(ABC):
 
         With ``cancel``, abandon work in flight at once (its transactions roll back).
         """
+
+
+def crashed(chunk: Chunk, error: BaseException, *, in_doubt: bool, where: str = "the worker") -> ChunkLost:
+    """``chunk`` lost because its worker raised ``error`` outside any item, with the traceback."""
+    return ChunkLost(
+        chunk,
+        f"{where} crashed outside any item ({type(error).__name__}: {error})",
+        in_doubt=in_doubt,
+        traceback="".join(traceback.format_exception(type(error), error, error.__traceback__)),
+    )
+
+
+class CommitWatch:
+    """Whether the chunk a Worker runs got as far as its COMMIT: a crash from then on leaves
+    the chunk in doubt (it may be committed), so it must not simply run again.
+
+    Give it to the Worker as ``before_commit`` (with ``then``, what else that hook does) and
+    ``reset`` it before each chunk. A Worker that keeps ``committing`` itself is asked too.
+    """
+
+    def __init__(self, then: Callable[[], None] | None = None) -> None:
+        self.reached = False
+        self._then = then
+
+    def __call__(self) -> None:
+        self.reached = True
+        if self._then is not None:
+            self._then()
+
+    def reset(self) -> None:
+        self.reached = False
+
+    def in_doubt(self, worker: Any) -> bool:
+        return self.reached or bool(getattr(worker, "committing", False))

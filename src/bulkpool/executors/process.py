@@ -4,9 +4,14 @@ Data flow: every worker has one duplex pipe to the parent (see ``process_worker`
 messages). The parent keeps at most ``PREFETCH`` chunks in each worker's pipe, so a worker
 never waits for work and the parent never holds more than a few chunks. ``events`` waits
 on every pipe at once; end-of-file on a pipe means its worker died: the chunks it held
-come back as ``ChunkLost`` and a new worker takes its place. A worker says "committing"
-just before it commits a chunk, so a chunk whose worker died during COMMIT comes back
-``in_doubt``.
+come back as ``ChunkLost`` and a new worker takes its place (when work is next sent). A
+worker says "committing" just before it commits a chunk, so a chunk whose worker died
+during COMMIT comes back ``in_doubt``; a worker that crashed outside any item, or could
+not send a result, says "lost" with the traceback, and goes on with the next chunk.
+
+The parent never closes its own connections for the workers' sake: a forked worker sets
+the copies it inherits aside, untouched (see ``process_worker``), so the caller's session
+-- its locks, its temporary tables -- outlives any number of workers forked mid-run.
 
 Why not ``concurrent.futures.ProcessPoolExecutor``: one dead worker breaks the whole pool,
 and under spawn/forkserver its workers re-run the caller's ``__main__``.
@@ -23,20 +28,19 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
-from django.db import connections
 
 import bulkpool
 from bulkpool.errors import ConfigurationError, WorkerStartupError
 from bulkpool.executors.base import Executor
 from bulkpool.executors.environment import DjangoEnvironment
 from bulkpool.executors.process_worker import serve_forked
-from bulkpool.protocol import Chunk, ChunkDone, ChunkLost, ChunkResult, ErrorInfo, Event, Task
+from bulkpool.protocol import PICKLE, Chunk, ChunkDone, ChunkLost, ChunkResult, ErrorInfo, Event, Task
 
 START_METHODS = ("fork", "forkserver", "spawn")
 START_TIMEOUT = 120.0  # seconds for a worker to import Django and run setup
@@ -65,6 +69,8 @@ class ProcessExecutor(Executor):
     """Worker processes started with ``start_method`` (default: multiprocessing's)."""
 
     name = "process"
+    delivery = "exactly_once"
+    detects_loss = True
 
     def __init__(self, workers: int | None = None, *, start_method: str | None = None) -> None:
         super().__init__(workers)
@@ -84,6 +90,8 @@ class ProcessExecutor(Executor):
 
     def _bootstrap_for(self, task: Task) -> bytes:
         """The first message every worker gets: the caller's Django, and the task."""
+        if task.keep_values:  # a value that cannot cross the pipe fails its item, before COMMIT
+            task = replace(task, check_value=PICKLE.check_value)
         try:
             task_bytes = cloudpickle.dumps(task)
         except Exception as error:
@@ -100,9 +108,7 @@ class ProcessExecutor(Executor):
         self._bootstrap = self._bootstrap_for(task)
         self._local_events: list[Event] = []
         self._zygote: tuple[subprocess.Popen[bytes], Connection, socket.socket] | None = None
-        if self.start_method == "fork":
-            connections.close_all()  # a forked child must not share the parent's sockets
-        elif self.start_method == "forkserver":
+        if self.start_method == "forkserver":
             self._zygote = self._start_zygote()
         self._size = workers
         self._handles: list[_WorkerHandle] = []
@@ -142,14 +148,31 @@ class ProcessExecutor(Executor):
         for conn in wait(list(by_conn), timeout):
             handle = by_conn[conn]  # type: ignore[index]
             try:
-                kind, result = handle.conn.recv()
+                data = handle.conn.recv_bytes()
             except (EOFError, OSError):
                 found.extend(self._bury(handle))
                 continue
-            handle.committing = kind == "committing"
-            if kind == "done":
-                found.append(ChunkDone(handle.in_flight.popleft(), result))
+            found.extend(self._receive(handle, data))
         return found
+
+    def _receive(self, handle: _WorkerHandle, data: bytes) -> list[Event]:
+        """What one message from a worker means for the chunk it is running."""
+        try:
+            kind, detail = PICKLE.decode(data)
+        except Exception as error:  # a result this process cannot rebuild (a class it cannot import)
+            handle.committing = False
+            reason = (
+                f"the result sent by the worker process (pid {handle.pid}) could not be read "
+                f"here ({type(error).__name__}: {error})"
+            )
+            return [ChunkLost(handle.in_flight.popleft(), reason, in_doubt=True)]
+        handle.committing = kind == "committing"
+        if kind == "done":
+            return [ChunkDone(handle.in_flight.popleft(), detail)]
+        if kind == "lost":
+            reason, in_doubt, traceback = detail
+            return [ChunkLost(handle.in_flight.popleft(), reason, in_doubt=in_doubt, traceback=traceback)]
+        return []
 
     def stop(self, *, cancel: bool = False) -> None:
         for handle in self._handles:

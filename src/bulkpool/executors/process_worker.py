@@ -6,14 +6,22 @@ Data flow over the worker's duplex pipe (``multiprocessing.connection.Connection
     worker -> parent   ("ready", pid) once setup ran, or ("failed", traceback text)
     parent -> worker   a Chunk, any number of times; None to finish
     worker -> parent   ("committing", None) just before a chunk's COMMIT, if it gets there
-    worker -> parent   ("done", ChunkResult) per chunk
+    worker -> parent   per chunk, ("done", ChunkResult), or ("lost", (reason, in_doubt,
+                       traceback)) when the Worker raised outside any item or its result
+                       cannot be pickled (then it committed: in doubt)
+
+Inside the worker, a reader thread takes the parent's chunks off the pipe as soon as they
+arrive and queues them for the main thread, which runs them. So the parent's send of a
+big chunk never waits for the worker to finish sending a big result: without the reader,
+each would block on a full pipe, waiting for the other to read. The queue stays small:
+the parent sends at most ``PREFETCH`` chunks ahead. Only the main thread handles signals.
 
 A worker never imports the caller's ``__main__``: functions defined there travel by value
 (cloudpickle), so scripts without an ``if __name__ == "__main__":`` guard are safe.
 
 Started three ways (``ProcessExecutor(start_method=...)``):
 
-    fork        the parent forks; the child calls ``serve`` directly.
+    fork        the parent forks; the child calls ``serve_forked`` directly.
     spawn       ``python -c "...main()" serve FD``: a fresh interpreter per worker.
     forkserver  ``python -c "...main()" zygote FD SOCK``: one fresh interpreter sets Django
                 up once, then forks a worker for every pipe end the parent passes it
@@ -25,6 +33,13 @@ then ends the worker; idle, it ends at once; a second SIGTERM ends it at once. T
 forkserver ignores SIGTERM: it holds no work. Workers exit
 quietly when the parent hangs up on them, and on their own when the parent dies, so no
 worker outlives the run with a connection open.
+
+A forked worker (fork, and the forkserver's children) starts with a copy of the parent's
+open database connections, sharing their sockets with the parent. It never uses them nor
+closes them -- closing one, or letting the driver close it when it is garbage-collected,
+would end the parent's session, its locks and temporary tables: right after the fork, it
+sets Django's per-thread connection storage aside (kept referenced until the process
+ends, which never runs finalizers) and opens connections of its own.
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import queue
 import signal
 import socket
 import sys
@@ -39,10 +55,14 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 ORPHAN_CHECK_INTERVAL = 0.5
+# In a forked worker: the parent's connections, referenced so that they are never
+# garbage-collected here (the driver would close the parent's session on its way out).
+_INHERITED: list[Any] = []
 
 
 def serve(conn: Connection) -> None:
@@ -56,9 +76,11 @@ def serve(conn: Connection) -> None:
 
 
 def run_worker(conn: Connection, task: Any) -> None:
+    from bulkpool.executors.base import CommitWatch
     from bulkpool.work import Worker
 
-    worker = Worker(task, before_commit=lambda: conn.send(("committing", None)))
+    commit = CommitWatch(then=lambda: conn.send(("committing", None)))
+    worker = Worker(task, before_commit=commit)
     try:
         try:
             worker.start()
@@ -66,20 +88,97 @@ def run_worker(conn: Connection, task: Any) -> None:
             conn.send(("failed", traceback.format_exc()))
             return
         conn.send(("ready", os.getpid()))
+        inbox = _Inbox(conn)
         termination = _Termination()
         while not termination.requested:
-            try:
-                chunk = conn.recv()
-            except EOFError:  # the parent is gone
-                return
-            if chunk is None:
+            chunk = inbox.get()
+            if chunk is None:  # told to finish, or the parent is gone
                 return
             with termination.deferred():
-                conn.send(("done", worker.run(chunk)))
+                commit.reset()
+                _run_and_report(conn, worker, commit, chunk)
     except (BrokenPipeError, ConnectionResetError, _Terminated):
         return  # the parent is gone or gave up on this worker, or SIGTERM found us idle
     finally:
         worker.close()
+
+
+def _run_and_report(conn: Connection, worker: Any, commit: Any, chunk: Any) -> None:
+    """Run one chunk and send its result; whatever goes wrong is that chunk's loss, reported."""
+    from bulkpool.executors.base import crashed
+
+    where = f"the worker process (pid {os.getpid()})"
+    if isinstance(chunk, _Unreadable):  # nothing ran; the parent knows which chunk it sent
+        reason = f"{where} could not read the chunk it was sent ({chunk.error})"
+        conn.send(("lost", (reason, False, chunk.traceback)))
+        return
+    try:
+        result = worker.run(chunk)
+    except BaseException as error:
+        lost = crashed(chunk, error, in_doubt=commit.in_doubt(worker), where=where)
+        conn.send(("lost", (lost.reason, lost.in_doubt, lost.traceback)))
+        worker.close()  # the next chunk starts on a fresh connection, whatever state this one was left in
+        return
+    try:
+        message = pickle.dumps(("done", result), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as error:
+        reason = (
+            f"{where} could not send back the result of a chunk it ran, which may have "
+            f"committed ({type(error).__name__}: {error})"
+        )
+        conn.send(("lost", (reason, True, traceback.format_exc())))
+        return
+    conn.send_bytes(message)
+
+
+class _Inbox:
+    """The parent's chunks, taken off the pipe by a thread of their own as soon as they come.
+
+    ``get`` waits in short slices: a signal handler (SIGTERM) runs only in the main thread,
+    between bytecodes, and a wait on a lock is not interrupted by a signal.
+    """
+
+    WAIT_SLICE = 0.2  # seconds
+
+    def __init__(self, conn: Connection) -> None:
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        threading.Thread(target=self._read, args=(conn,), name="bulkpool-inbox", daemon=True).start()
+
+    def get(self) -> Any:
+        """The next chunk; None once the parent said to finish, or hung up."""
+        while True:
+            try:
+                data = self._queue.get(timeout=self.WAIT_SLICE)
+            except queue.Empty:
+                continue
+            if data is None:
+                return None
+            try:
+                return pickle.loads(data)
+            except Exception as error:  # e.g. an item of a class only the parent can import
+                return _Unreadable(f"{type(error).__name__}: {error}", traceback.format_exc())
+
+    def _read(self, conn: Connection) -> None:
+        _leave_signals_to_the_main_thread()
+        try:
+            while True:
+                self._queue.put(conn.recv_bytes())
+        except (EOFError, OSError):
+            self._queue.put(None)
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """A chunk that came over the pipe but could not be unpickled here."""
+
+    error: str
+    traceback: str
+
+
+def _leave_signals_to_the_main_thread() -> None:
+    # A process-directed signal goes to any thread that does not block it, and one that
+    # lands on a helper thread would not wake the main thread to run its handler.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
 class _Terminated(BaseException):
@@ -151,6 +250,7 @@ def _serve_zygote(conn: Connection, fd_socket: socket.socket) -> None:
         if not fds:  # the parent closed the socket: no more workers wanted
             return
         if os.fork() == 0:
+            _forget_inherited_connections()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             fd_socket.close()
@@ -166,6 +266,7 @@ def _watch_parent() -> None:
     parent = os.getppid()
 
     def watch() -> None:
+        _leave_signals_to_the_main_thread()
         while True:
             time.sleep(ORPHAN_CHECK_INTERVAL)
             if os.getppid() != parent:
@@ -183,8 +284,19 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _forget_inherited_connections() -> None:
+    """Give a freshly forked process Django connection storage of its own (see the module docstring)."""
+    from asgiref.local import Local
+    from django.db import connections
+
+    _INHERITED.append(connections._connections)  # type: ignore[attr-defined]
+    _INHERITED.extend(connections.all(initialized_only=True))
+    connections._connections = Local(connections.thread_critical)  # type: ignore[attr-defined]
+
+
 def serve_forked(conn: Connection) -> None:
     """Entry point of a worker forked from the parent."""
+    _forget_inherited_connections()
     _ignore_interrupts()
     _watch_parent()
     serve(conn)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import replace
 
-from bulkpool.executors.base import Executor
+from bulkpool.executors.base import CommitWatch, Executor, crashed
 from bulkpool.protocol import Chunk, ChunkDone, Event, Task
 from bulkpool.work import Worker
 
@@ -16,9 +16,13 @@ class SerialExecutor(Executor):
     name = "serial"
     supports_caller_transaction = True
     supports_memory_sqlite = True
+    delivery = "exactly_once"
+    detects_loss = True
 
     def start(self, task: Task, workers: int) -> None:
-        self._worker = Worker(replace(task, own_connections=False), in_caller_thread=True)
+        self._commit = CommitWatch()
+        worker_task = replace(task, own_connections=False)
+        self._worker = Worker(worker_task, before_commit=self._commit, in_caller_thread=True)
         self._worker.start()
         self._done: deque[Event] = deque()
 
@@ -26,7 +30,15 @@ class SerialExecutor(Executor):
         return 1
 
     def submit(self, chunk: Chunk) -> None:
-        self._done.append(ChunkDone(chunk, self._worker.run(chunk)))
+        self._commit.reset()
+        try:
+            result = self._worker.run(chunk)
+        except Exception as error:
+            # Ctrl-C and SystemExit stay the caller's own (this is its thread); anything
+            # else that escapes the worker is that chunk's loss, not the end of the run.
+            self._done.append(crashed(chunk, error, in_doubt=self._commit.in_doubt(self._worker)))
+            return
+        self._done.append(ChunkDone(chunk, result))
 
     def events(self, timeout: float | None = None) -> list[Event]:
         done = list(self._done)

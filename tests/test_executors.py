@@ -1,0 +1,268 @@
+"""Executors on their own: crashes outside any item, dead threads, big messages, their flags."""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import time
+
+import psutil
+import pytest
+
+import bulkpool
+from bulkpool import ProcessExecutor
+from bulkpool.executors import EXECUTORS, Executor, SerialExecutor, ThreadExecutor
+from bulkpool.executors.base import CommitWatch
+from bulkpool.protocol import Chunk, ChunkDone, ChunkLost, Event, Task
+from bulkpool.work import Worker
+from tests import jobs
+
+START_METHODS = ["fork", "forkserver", "spawn"]
+CRASHING_CHUNK = 1
+
+
+def make_task(**changes) -> Task:
+    values = dict(
+        func=jobs.identity,
+        setup=None,
+        atomic="chunk",
+        database="default",
+        retries=0,
+        keep_values=True,
+        own_connections=True,
+    )
+    return Task(**{**values, **changes})
+
+
+def chunks(count: int, size: int = 3) -> list[Chunk]:
+    return [Chunk(n, n * size, list(range(n * size, (n + 1) * size))) for n in range(count)]
+
+
+def collect(executor: Executor, count: int, within: float = 60.0) -> dict[int, Event]:
+    """The next ``count`` events, by chunk number (fails if they take longer than ``within``)."""
+    found: dict[int, Event] = {}
+    deadline = time.monotonic() + within
+    while len(found) < count:
+        assert time.monotonic() < deadline, f"only {len(found)} of {count} events within {within}s"
+        found.update((event.chunk.number, event) for event in executor.events(0.5))
+    return found
+
+
+def make_executor(backend: str) -> Executor:
+    """The executor named ``backend``; process workers are forked, so they inherit test patches."""
+    if backend == "process":
+        return ProcessExecutor(start_method="fork")
+    return {"serial": SerialExecutor, "thread": ThreadExecutor}[backend]()
+
+
+def crash_on_chunk_one(worker, original, chunk):
+    """Worker.run, except that chunk 1 raises SystemExit outside any item."""
+    if chunk.number == CRASHING_CHUNK:
+        raise SystemExit("the worker bailed out")
+    return original(worker, chunk)
+
+
+@pytest.fixture
+def crashing_worker(monkeypatch):
+    """Worker.run raises SystemExit on chunk 1 (forked workers inherit the patch)."""
+    monkeypatch.setattr(Worker, "run", functools.partialmethod(crash_on_chunk_one, Worker.run))
+
+
+def test_local_executors_declare_delivery_and_loss_detection():
+    """Serial, thread and process give each chunk to one worker and notice lost chunks themselves."""
+    for executor in EXECUTORS.values():
+        assert (executor.delivery, executor.detects_loss) == ("exactly_once", True), executor
+    assert (Executor.delivery, Executor.detects_loss) == ("at_least_once", False)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_crash_outside_items_comes_back_lost_with_its_traceback(backend, crashing_worker):
+    """A Worker that raises SystemExit outside any item: its chunk comes back lost, with the traceback."""
+    executor = make_executor(backend)
+    executor.start(make_task(), 1)
+    try:
+        for chunk in chunks(3):
+            executor.submit(chunk)
+        found = collect(executor, 3)
+    finally:
+        executor.stop()
+    lost = found[CRASHING_CHUNK]
+    assert isinstance(lost, ChunkLost)
+    assert "SystemExit: the worker bailed out" in lost.reason
+    assert "crash_on_chunk_one" in lost.traceback
+    assert lost.in_doubt is False
+    # The worker goes on: the chunks before and after it ran.
+    assert [found[n].result.values for n in (0, 2)] == [[0, 1, 2], [6, 7, 8]]  # type: ignore[union-attr]
+
+
+def crash_after_commit_began(worker, chunk):
+    """Worker.run that gets as far as its COMMIT, then raises (as an on_commit callback might)."""
+    worker._before_commit()
+    raise ZeroDivisionError("an on_commit callback failed")
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("backend", ["serial", "thread", "process"])
+def test_crash_once_commit_began_leaves_the_chunk_in_doubt(backend, monkeypatch):
+    """A Worker that raises after its COMMIT began: the chunk comes back lost in doubt, never plainly lost."""
+    monkeypatch.setattr(Worker, "run", crash_after_commit_began)
+    executor = make_executor(backend)
+    executor.start(make_task(), 1)
+    try:
+        executor.submit(chunks(1)[0])
+        lost = collect(executor, 1)[0]
+    finally:
+        executor.stop()
+    assert isinstance(lost, ChunkLost)
+    assert lost.in_doubt is True
+    assert "ZeroDivisionError: an on_commit callback failed" in lost.reason
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_run_whose_worker_crashes_on_every_chunk_finishes(backend, monkeypatch):
+    """Every chunk crashing its Worker ends the run with every item failed, instead of hanging."""
+    monkeypatch.setattr(Worker, "run", lambda worker, chunk: (_ for _ in ()).throw(SystemExit(3)))
+    executor = backend if backend == "thread" else ProcessExecutor(start_method="fork")
+    report = bulkpool.run(jobs.identity, range(12), backend=executor, workers=2, chunk_size=4, retries=0)
+    assert (report.ok, report.failed) == (0, 12)
+    assert {f.exc_type for f in report.failures} == {"bulkpool.WorkerDied"}
+
+
+class DyingThreadExecutor(ThreadExecutor):
+    """A thread executor whose thread running chunk 1 dies outright, holding the chunk."""
+
+    def _run(self, worker: Worker, chunk: Chunk, commit: CommitWatch) -> Event:
+        if chunk.number == CRASHING_CHUNK:
+            raise SystemExit  # past the executor's own guard: the thread ends, silently
+        return super()._run(worker, chunk, commit)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # it dies on purpose
+def test_dead_thread_hands_its_chunk_back_and_is_replaced():
+    """A thread that dies holding a chunk: the chunk comes back lost, and the next chunk sent runs."""
+    executor = DyingThreadExecutor()
+    executor.start(make_task(), 1)
+    try:
+        executor.submit(chunks(2)[1])
+        lost = collect(executor, 1)[CRASHING_CHUNK]
+        assert isinstance(lost, ChunkLost)
+        assert "died" in lost.reason
+        executor.submit(chunks(1)[0])
+        done = collect(executor, 1)[0]
+    finally:
+        executor.stop()
+    assert isinstance(done, ChunkDone)
+    assert done.result.values == [0, 1, 2]
+
+
+def unpicklable_result(worker, original, chunk):
+    """Worker.run, except that chunk 1's result holds a lambda (pickle refuses it)."""
+    result = original(worker, chunk)
+    if chunk.number == CRASHING_CHUNK:
+        result.values = [lambda: None]
+    return result
+
+
+@pytest.mark.django_db(transaction=True)
+def test_result_that_cannot_be_sent_back_is_lost_in_doubt(monkeypatch):
+    """A result that cannot be pickled: its chunk (committed) comes back lost in doubt; the worker goes on."""
+    monkeypatch.setattr(Worker, "run", functools.partialmethod(unpicklable_result, Worker.run))
+    executor = ProcessExecutor(start_method="fork")
+    executor.start(make_task(), 1)
+    try:
+        for chunk in chunks(3):
+            executor.submit(chunk)
+        found = collect(executor, 3)
+    finally:
+        executor.stop()
+    lost = found[CRASHING_CHUNK]
+    assert isinstance(lost, ChunkLost)
+    assert lost.in_doubt is True
+    assert "could not send back the result" in lost.reason
+    assert "pickle" in lost.traceback.lower()
+    assert isinstance(found[2], ChunkDone)
+
+
+def explode() -> None:
+    raise ValueError("this item cannot be rebuilt here")
+
+
+class Unshippable:
+    """Pickles in the parent; unpickling it raises (as a class only the caller can import would)."""
+
+    def __reduce__(self):
+        return (explode, ())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_chunk_the_worker_cannot_unpickle_is_lost_and_the_worker_goes_on():
+    """A chunk that cannot be unpickled in the worker comes back lost, saying why; the next one runs."""
+    executor = ProcessExecutor(start_method="fork")
+    executor.start(make_task(), 1)
+    try:
+        executor.submit(Chunk(0, 0, [Unshippable()]))
+        executor.submit(Chunk(1, 1, [1]))
+        found = collect(executor, 2)
+    finally:
+        executor.stop()
+    lost = found[0]
+    assert isinstance(lost, ChunkLost)
+    assert "could not read the chunk it was sent (ValueError: this item cannot be" in lost.reason
+    assert lost.in_doubt is False
+    assert isinstance(found[1], ChunkDone)
+
+
+def test_process_task_checks_values_only_when_they_are_kept():
+    """Values sent back over the pipe are checked with pickle on the worker, before COMMIT."""
+    for keep_values in (True, False):
+        bootstrap = ProcessExecutor(start_method="spawn")._bootstrap_for(make_task(keep_values=keep_values))
+        _, task_bytes = pickle.loads(bootstrap)
+        check = pickle.loads(task_bytes).check_value
+        if keep_values:
+            with pytest.raises(Exception):  # noqa: B017 - whatever pickle raises for a lambda
+                check(lambda: None)
+            assert check({"a": 1})
+        else:
+            assert check is None
+
+
+WIDE = 20_000  # characters per row
+
+
+def fail_wide_row(row: dict) -> None:
+    """Fail with a message that carries the row, as validation errors often do: results are big too."""
+    raise ValueError(f"row {row['n']} is not valid: {row['payload']}")
+
+
+def wide_rows(count: int):
+    return ({"n": n, "payload": "x" * WIDE} for n in range(count))
+
+
+@pytest.mark.slow
+# A deadlocked pipe also blocks the executor's stop(): the thread method ends the session
+# loudly where the signal method would leave it hanging in the teardown.
+@pytest.mark.timeout(180, method="thread")
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_big_chunks_and_big_results_do_not_deadlock_the_pipes(start_method):
+    """3,000 rows of 20 KB that all fail, in chunks of 1,000: big sends both ways at once finish."""
+    parent = psutil.Process()
+    before = parent.memory_info().rss
+    report = bulkpool.run(
+        fail_wide_row,
+        wide_rows(3000),
+        backend=ProcessExecutor(start_method=start_method),
+        workers=2,
+        chunk_size=1000,
+        progress=False,
+    )
+    grown_mb = (parent.memory_info().rss - before) / 2**20
+    assert (report.ok, report.failed) == (0, 3000)
+    assert sorted(f.index for f in report.failures) == list(range(3000))
+    # The report keeps every failure (about 40 MB of rows and messages here); the chunks
+    # themselves are let go once they are reported.
+    assert grown_mb < 400, f"the parent grew by {grown_mb:.0f} MB"
