@@ -144,8 +144,8 @@ class Scheduler:
 def _commit_unknown(event: ChunkLost) -> ErrorInfo:
     return ErrorInfo.of_kind(
         CommitUnknown,
-        f"{event.reason} during COMMIT, so whether this item was written is unknown; it was not "
-        "run again, so that it cannot be written twice. Check it, or use run_id=..., with which "
-        "bulkpool finds out and resumes exactly",
+        f"{event.reason}, once its chunk's COMMIT had begun: whether this item was written is "
+        "unknown; it was not run again, so that it cannot be written twice. Check it, or use "
+        "run_id=..., with which bulkpool finds out and resumes exactly",
         event.traceback,
     )

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from bulkpool.protocol import Chunk, ChunkLost, Event, Task
 
+Delivery = Literal["exactly_once", "at_least_once"]
+
 
 class Executor(ABC):
     """Runs chunks of a task on workers.
@@ -40,7 +42,7 @@ class Executor(ABC):
     supports_caller_transaction: bool = False
     supports_memory_sqlite: bool = False
     # The cautious answers, for an executor that does not say: each one sets its own.
-    delivery: Literal["exactly_once", "at_least_once"] = "at_least_once"
+    delivery: Delivery = "at_least_once"
     detects_loss: bool = False
 
     def __init__(self, workers: int | None = None) -> None:

@@ -37,7 +37,7 @@ import cloudpickle
 
 import bulkpool
 from bulkpool.errors import ConfigurationError, WorkerStartupError
-from bulkpool.executors.base import Executor
+from bulkpool.executors.base import Delivery, Executor
 from bulkpool.executors.environment import DjangoEnvironment
 from bulkpool.executors.process_worker import serve_forked
 from bulkpool.protocol import PICKLE, Chunk, ChunkDone, ChunkLost, ChunkResult, ErrorInfo, Event, Task
@@ -69,7 +69,7 @@ class ProcessExecutor(Executor):
     """Worker processes started with ``start_method`` (default: multiprocessing's)."""
 
     name = "process"
-    delivery = "exactly_once"
+    delivery: Delivery = "exactly_once"
     detects_loss = True
 
     def __init__(self, workers: int | None = None, *, start_method: str | None = None) -> None:

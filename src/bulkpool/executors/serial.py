@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import replace
 
-from bulkpool.executors.base import CommitWatch, Executor, crashed
+from bulkpool.executors.base import CommitWatch, Delivery, Executor, crashed
 from bulkpool.protocol import Chunk, ChunkDone, Event, Task
 from bulkpool.work import Worker
 
@@ -16,7 +16,7 @@ class SerialExecutor(Executor):
     name = "serial"
     supports_caller_transaction = True
     supports_memory_sqlite = True
-    delivery = "exactly_once"
+    delivery: Delivery = "exactly_once"
     detects_loss = True
 
     def start(self, task: Task, workers: int) -> None:

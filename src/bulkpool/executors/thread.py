@@ -23,7 +23,7 @@ import time
 from dataclasses import replace
 
 from bulkpool.errors import WorkerStartupError
-from bulkpool.executors.base import CommitWatch, Executor, crashed
+from bulkpool.executors.base import CommitWatch, Delivery, Executor, crashed
 from bulkpool.protocol import Chunk, ChunkDone, ChunkLost, ErrorInfo, Event, Task
 from bulkpool.work import Worker
 
@@ -32,7 +32,7 @@ LIVENESS_CHECK = 0.2  # seconds between looks for dead threads while waiting for
 
 class ThreadExecutor(Executor):
     name = "thread"
-    delivery = "exactly_once"
+    delivery: Delivery = "exactly_once"
     detects_loss = True
 
     def start(self, task: Task, workers: int) -> None:
