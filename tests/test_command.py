@@ -663,3 +663,78 @@ def test_ctrl_c_exits_130_with_a_hint(tmp_path, backend):
         "an interrupted run then resumes by running the same command again."
     )
     assert "Traceback" not in err
+
+
+# -- a command that helps ------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_on_bad_line_skip_fails_the_line_and_goes_on(tmp_path):
+    """--on-bad-line skip: a malformed line fails in the report and the rejects file with its
+    line number, and every other line runs."""
+    path = tmp_path / "rows.jsonl"
+    lines = [json.dumps({"key": f"k{i}"}) for i in range(12)]
+    lines[4] = "{oops"
+    path.write_text("\n".join(lines) + "\n")
+    rejects = tmp_path / "rejects.jsonl"
+    code, out, _ = call(
+        "run", f"{JOBS}.write_row", "--input", str(path), "--backend", "thread", "--chunk-size", "5",
+        "--on-bad-line", "skip", "--rejects", str(rejects),
+    )  # fmt: skip
+    assert code == 1
+    assert "12 items: 11 ok, 1 failed" in out
+    assert "line 5 (item 4) ('{oops'): bulkpool.InputError" in out
+    assert marker_counts() == Counter({f"k{i}": 1 for i in range(12) if i != 4})
+    (reject,) = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert (reject["index"], reject["line"], reject["item"]) == (4, 5, "{oops")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_wrong_column_stops_early_saying_it_looks_like_a_mistake(tmp_path):
+    """Every row failing alike (a KeyError for a misspelt column) stops after the first 100,
+    instead of failing the whole file; --no-early-stop runs them all."""
+    path = write_csv(tmp_path / "rows.csv", [{"name": f"n{i}"} for i in range(2000)])
+    code, out, _ = call("run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial")
+    assert code == 1
+    assert "Stopped early: the first 100 items all failed with KeyError: 'key'" in out
+    assert "items: 0 ok" in out and "2,000 items" not in out
+    code, out, _ = call(
+        "run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial", "--no-early-stop"
+    )
+    assert code == 1
+    assert "2,000 items: 0 ok, 2,000 failed" in out
+
+
+@pytest.mark.django_db(transaction=True)
+def test_journal_commands_before_migrate_say_so_in_one_line():
+    """`runs` and `show` without the journal tables: one line saying to migrate, no SQL dump."""
+    from django.db import connection
+
+    with connection.schema_editor() as editor:
+        for model in (RunFailure, RunChunk, Run):
+            editor.delete_model(model)
+    try:
+        for args in (["runs"], ["show", "x"], ["rejects", "x"]):
+            code, _, err = call(*args)
+            assert code == 2
+            (line,) = err.strip().splitlines()
+            assert "migrate bulkpool" in line
+    finally:
+        with connection.schema_editor() as editor:
+            for model in (Run, RunChunk, RunFailure):
+                editor.create_model(model)
+
+
+def test_a_closed_output_pipe_ends_quietly():
+    """The reader of stdout going away (`| head`) ends the command without a traceback."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "django", "bulkpool", "run", "tests.command_jobs.fail_odd", "--input", "-",
+         "--format", "jsonl", "--backend", "serial", "--settings=tests.settings", "--skip-checks"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert process.stdin is not None and process.stdout is not None
+    process.stdout.close()  # nobody will read the report
+    _, err = process.communicate("".join(f"{i}\n" for i in range(50)).encode(), timeout=120)
+    assert b"Traceback" not in err, err.decode()
+    assert b"BrokenPipeError" not in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import pickle
 import time
 
@@ -248,10 +249,11 @@ def wide_rows(count: int):
 @pytest.mark.timeout(180, method="thread")
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("start_method", START_METHODS)
-def test_big_chunks_and_big_results_do_not_deadlock_the_pipes(start_method):
+def test_big_chunks_and_big_results_do_not_deadlock_the_pipes(start_method, tmp_path):
     """3,000 rows of 20 KB that all fail, in chunks of 1,000: big sends both ways at once finish."""
     parent = psutil.Process()
     before = parent.memory_info().rss
+    rejects = tmp_path / "rejects.jsonl"
     report = bulkpool.run(
         fail_wide_row,
         wide_rows(3000),
@@ -259,10 +261,14 @@ def test_big_chunks_and_big_results_do_not_deadlock_the_pipes(start_method):
         workers=2,
         chunk_size=1000,
         progress=False,
+        early_stop=False,  # every row fails alike on purpose
+        rejects=str(rejects),
     )
     grown_mb = (parent.memory_info().rss - before) / 2**20
     assert (report.ok, report.failed) == (0, 3000)
-    assert sorted(f.index for f in report.failures) == list(range(3000))
-    # The report keeps every failure (about 40 MB of rows and messages here); the chunks
-    # themselves are let go once they are reported.
+    assert (len(report.failures), report.failures_left_out) == (1000, 2000)
+    with rejects.open(encoding="utf-8") as file:
+        assert sorted(json.loads(line)["index"] for line in file) == list(range(3000))
+    # The report keeps the first 1,000 failures (about 20 MB of rows and messages here); the
+    # chunks themselves are let go once they are reported.
     assert grown_mb < 400, f"the parent grew by {grown_mb:.0f} MB"

@@ -323,3 +323,71 @@ def _json_error_column(text: str) -> int:
     except json.JSONDecodeError as error:
         return error.colno
     raise AssertionError(f"{text!r} is valid JSON")
+
+
+# -- the right line for every error, skipping bad lines, lines and bytes for the caller -----
+
+
+@pytest.mark.parametrize("name", ["big.csv", "big.jsonl"])
+def test_a_byte_that_is_not_utf8_is_reported_on_its_own_line(tmp_path, name):
+    """Far into a file (past any read-ahead buffer), a bad byte is reported on its own line."""
+    if name.endswith(".csv"):
+        lines = [b"name,email\n"] + [f"user{i},u{i}@example.com\n".encode() for i in range(1, 20001)]
+    else:
+        lines = [json.dumps({"n": i}).encode() + b"\n" for i in range(1, 20002)]
+    lines[20001 - 1] = lines[20001 - 1][:3] + b"\xff" + lines[20001 - 1][4:]  # line 20001
+    path = write(tmp_path, name, b"".join(lines))
+    error = error_of(path)
+    assert error.line == 20001, error
+    assert "not UTF-8" in str(error)
+
+
+def test_a_bad_byte_in_a_json_array_is_reported_on_its_line(tmp_path):
+    """A JSON array is read in blocks; a bad byte in a late block still names its line."""
+    elements = [json.dumps({"n": i}).encode() for i in range(30000)]
+    elements[25000] = b'{"n": "\xff"}'
+    path = write(tmp_path, "big.json", b"[\n" + b",\n".join(elements) + b"\n]\n")
+    error = error_of(path)
+    assert error.line == 25002  # "[" is line 1, element 0 is line 2
+
+
+def test_skip_gives_unreadable_items_in_place_of_bad_lines(tmp_path):
+    """on_bad_line="skip": bad lines come as Unreadable items with their line; the rest go on."""
+    from bulkpool.protocol import Unreadable
+
+    path = write(tmp_path, "a.jsonl", '1\n{oops\n3\n"\xe9"\n')
+    path.write_bytes(path.read_bytes().replace("\xe9".encode(), b"\xff"))
+    with open_input(path, on_bad_line="skip") as source:
+        items = list(source)
+    assert items[0] == 1 and items[2] == 3
+    assert isinstance(items[1], Unreadable) and items[1].line == 2 and items[1].text == "{oops"
+    assert isinstance(items[3], Unreadable) and items[3].line == 4
+    assert "not valid JSON" in items[1].error.message and "not UTF-8" in items[3].error.message
+
+
+def test_skip_in_csv_covers_rows_with_the_wrong_number_of_fields(tmp_path):
+    """A CSV row with too many fields is skipped as one Unreadable item naming its line."""
+    from bulkpool.protocol import Unreadable
+
+    path = write(tmp_path, "a.csv", "a,b\n1,2\n3,4,5\n6,7\n")
+    with open_input(path, on_bad_line="skip") as source:
+        items = list(source)
+    assert items[0] == {"a": "1", "b": "2"} and items[2] == {"a": "6", "b": "7"}
+    assert isinstance(items[1], Unreadable) and items[1].line == 3
+
+
+def test_line_of_an_item_counts_headers_blank_lines_and_multiline_fields(tmp_path):
+    """line_of(index) is the line an item started on, whatever came before it."""
+    path = write(tmp_path, "a.csv", 'a,b\n1,2\n\n"x\ny",3\n4,5\n')
+    with open_input(path) as source:
+        items = list(source)
+        assert [source.line_of(i) for i in range(len(items))] == [2, 4, 6]
+
+
+def test_size_and_position_are_in_bytes(tmp_path):
+    """A file's size is known up front and the position reaches it: a progress bar's total."""
+    path = write(tmp_path, "a.jsonl", "".join(f"{i}\n" for i in range(1000)))
+    with open_input(path) as source:
+        assert source.size == path.stat().st_size
+        list(source)
+        assert source.position == source.size

@@ -551,8 +551,9 @@ def _journal(queryset: Any, alias: str) -> Iterator[Any]:
     try:
         rows = list(queryset)
     except DatabaseError as error:
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CommandError(
-            f"Cannot read the run journal in database {alias!r} ({str(error).strip()}): "
+            f"Cannot read the run journal in database {alias!r} ({why}): "
             f"run `python manage.py migrate bulkpool --database {alias}`.",
             returncode=USAGE,
         ) from None
