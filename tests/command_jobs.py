@@ -62,3 +62,9 @@ def press_ctrl_c_at_first_item(item: Any) -> None:
     write_row(item)
     if Marker.objects.count() == 1:
         os.kill(os.getpid(), signal.SIGINT)
+
+
+def slow_write_row(item: Any) -> None:
+    """``write_row``, taking 10 ms: a run long enough to interrupt by hand."""
+    time.sleep(0.01)
+    write_row(item)

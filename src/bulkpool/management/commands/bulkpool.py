@@ -260,16 +260,8 @@ class Command(BaseCommand):
     # -- runs, show and rejects ----------------------------------------------------------------
 
     def rejects(self, options: dict[str, Any]) -> None:
-        from bulkpool.models import Run
-
         alias = options["database"]
-        run = next(_journal(Run.objects.using(alias).filter(run_id=options["run_id"]), alias), None)
-        if run is None:
-            raise CommandError(
-                f"No journaled run {options['run_id']!r} in database {alias!r}: "
-                "`bulkpool runs` lists the runs there are.",
-                returncode=USAGE,
-            )
+        run = _one_run(options["run_id"], alias)
         lines = _reject_lines(run, alias)
         if options["output"] == "-":
             for line in lines:
@@ -313,13 +305,7 @@ class Command(BaseCommand):
         from bulkpool.models import Run, RunChunk, RunFailure
 
         alias = options["database"]
-        run = next(_journal(Run.objects.using(alias).filter(run_id=options["run_id"]), alias), None)
-        if run is None:
-            raise CommandError(
-                f"No journaled run {options['run_id']!r} in database {alias!r}: "
-                "`bulkpool runs` lists the runs there are.",
-                returncode=USAGE,
-            )
+        run = _one_run(options["run_id"], alias)
         chunks = RunChunk.objects.using(alias).filter(run=run)
         chunk_count = chunks.count()
         totals = Run.objects.using(alias).with_totals().get(pk=run.pk)
@@ -544,6 +530,19 @@ def _command_line(options: dict[str, Any]) -> str:
     if options.get("settings"):
         words.append(f"--settings={options['settings']}")
     return shlex.join(words)
+
+
+def _one_run(run_id: str, alias: str) -> Any:
+    """The journaled run named ``run_id``, or a usage error that says how to find one."""
+    from bulkpool.models import Run
+
+    run = next(_journal(Run.objects.using(alias).filter(run_id=run_id), alias), None)
+    if run is None:
+        raise CommandError(
+            f"No journaled run {run_id!r} in database {alias!r}: `bulkpool runs` lists the runs there are.",
+            returncode=USAGE,
+        )
+    return run
 
 
 def _journal(queryset: Any, alias: str) -> Iterator[Any]:
