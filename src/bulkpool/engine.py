@@ -20,28 +20,24 @@ happened (``finished`` only when every item ran), and one exception carrying the
 report is raised: a ``RunAborted`` subclass, or ``RunInterrupted`` for Ctrl-C / SIGTERM.
 A second Ctrl-C abandons the chunks in flight (their transactions roll back).
 
-Signal handlers only set a flag (``_Interrupts``); the engine reads it between events.
+Signal handlers only set a flag (``Interrupts``); the engine reads it between events.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import secrets
-import signal
-import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import IO, Any
+from typing import Any
 
 from django.db import connections, transaction
 from tqdm import tqdm
 
-from bulkpool.chunking import chunked, known_length
+from bulkpool.chunking import chunked
 from bulkpool.errors import (
     ConfigurationError,
     InputError,
@@ -54,11 +50,13 @@ from bulkpool.errors import (
     WorkerStartupError,
 )
 from bulkpool.executors import resolve
+from bulkpool.interrupts import Interrupts
 from bulkpool.journal import InputChanged, Journal, job_identity
 from bulkpool.journal import RunStatus as Status
 from bulkpool.options import Options
 from bulkpool.outcomes import Failure, Report
 from bulkpool.protocol import Chunk, ChunkLost, ChunkResult, ErrorInfo, Task, Unreadable
+from bulkpool.reporting import open_rejects, progress_bar, write_reject
 from bulkpool.scheduling import Drop, Fail, Scheduler, SendAgain
 
 logger = logging.getLogger("bulkpool")
@@ -146,11 +144,9 @@ class Engine:
         self._alike: set[tuple[str, str]] | None = set() if self.options.early_stop else None
         self._line_of = getattr(self.items, "line_of", None)
         abandon = False
-        self._bar = _progress_bar(self.options.progress, self.items)
-        self._rejects = _open_rejects(
-            self.options.rejects, append=bool(self.journal and self.journal.resumed)
-        )
-        with _Interrupts() as self._interrupts, self._dry_run_transaction():
+        self._bar = progress_bar(self.options.progress, self.items)
+        self._rejects = open_rejects(self.options.rejects, append=bool(self.journal and self.journal.resumed))
+        with Interrupts() as self._interrupts, self._dry_run_transaction():
             try:
                 yield from self._pump()
             except GeneratorExit:  # the imap consumer stopped reading: finish without yielding
@@ -315,7 +311,7 @@ class Engine:
             report.add_failure(failure, earlier=result.skipped)
             if not result.skipped:
                 first = first or failure
-                _write_reject(self._rejects, failure)
+                write_reject(self._rejects, failure)
         for offset, error in sorted(result.callback_errors.items()):
             callback = self._failure(chunk, offset, error)
             report.add_callback_error(callback)
@@ -538,89 +534,3 @@ def _default_resume_hint(options: Options) -> str:
 
 def _span(chunk: Chunk) -> str:
     return f"{chunk.start}..{chunk.end - 1}"
-
-
-class _Interrupts:
-    """Ctrl-C (SIGINT) and SIGTERM while a run goes on, in the main thread.
-
-    The first sets ``received``, which the engine reads between events: it stops sending
-    work and drains the chunks in flight. A second raises ``KeyboardInterrupt`` where the
-    caller's thread is, which abandons them. Elsewhere than the main thread no handler can
-    be installed, and nothing changes.
-    """
-
-    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
-
-    def __init__(self) -> None:
-        self.received = ""
-        self._raise = False
-        self._previous: dict[int, Any] = {}
-
-    @contextlib.contextmanager
-    def raising(self) -> Iterator[None]:
-        """Meanwhile, the first signal raises at once too (while workers start: nothing to wait for)."""
-        self._raise = True
-        try:
-            if self.received:
-                raise KeyboardInterrupt
-            yield
-        finally:
-            self._raise = False
-
-    def __enter__(self) -> _Interrupts:
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.NAMES:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        first = not self.received
-        self.received = self.received or self.NAMES.get(signal.Signals(signum), signal.Signals(signum).name)
-        if self._raise or not first:
-            raise KeyboardInterrupt
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(progress: bool | None, items: Any) -> Any:
-    """A tqdm bar: in bytes for a file of known size (so it has a total and an ETA), else in items."""
-    show = sys.stderr.isatty() if progress is None else progress
-    if not show:
-        return _NoBar()
-    if isinstance(getattr(items, "size", None), int):
-        return tqdm(
-            total=items.size, unit="B", unit_scale=True, desc="bulkpool", file=sys.stderr, smoothing=0.1
-        )
-    return tqdm(total=known_length(items), unit="item", desc="bulkpool", file=sys.stderr, smoothing=0.1)
-
-
-def _open_rejects(path: Any, *, append: bool) -> IO[str] | None:
-    """The rejects file: started afresh, or added to when resuming a journaled run."""
-    return open(path, "a" if append else "w", encoding="utf-8") if path else None
-
-
-def _write_reject(file: IO[str] | None, failure: Failure) -> None:
-    if file is None:
-        return
-    line = {
-        "index": failure.index,
-        "item": failure.item,
-        "exc_type": failure.exc_type,
-        "message": failure.message,
-    }
-    if failure.line is not None:
-        line["line"] = failure.line
-    if failure.unsafe:
-        line["unsafe"] = True
-    file.write(json.dumps(line, default=repr, ensure_ascii=False) + "\n")
-    file.flush()
