@@ -62,3 +62,8 @@ def press_ctrl_c_at_first_item(item: Any) -> None:
     write_row(item)
     if Marker.objects.count() == 1:
         os.kill(os.getpid(), signal.SIGINT)
+
+
+def prepare_row(item: dict[str, Any]) -> dict[str, Any]:
+    """--prepare: the row with its key marked as prepared."""
+    return {**item, "key": f"prepared:{item['key']}"}

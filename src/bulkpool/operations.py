@@ -66,9 +66,11 @@ from bulkpool.outcomes import Report
 
 
 def create(
-    model: type[Model] | str, rows: Iterable[Mapping[str, Any]], *, validate: bool = False, **options: Any
+    model: type[Model] | str, rows: Iterable[Any], *, validate: bool = False, **options: Any
 ) -> Report:
     """Create one object per row (a dict of field values) with ``save()``, signals and M2M.
+
+    With ``prepare``, ``rows`` are any items, and ``prepare(item)`` returns each row.
 
     ``report.results`` holds the new primary keys in input order (None for a failed row).
     """
