@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,9 +65,16 @@ from bulkpool.errors import ConfigurationError
 from bulkpool.journal import func_name
 from bulkpool.outcomes import Report
 
+logger = logging.getLogger("bulkpool")
+
 
 def create(
-    model: type[Model] | str, rows: Iterable[Any], *, validate: bool = False, **options: Any
+    model: type[Model] | str,
+    rows: Iterable[Any],
+    *,
+    validate: bool = False,
+    fast: bool = False,
+    **options: Any,
 ) -> Report:
     """Create one object per row (a dict of field values) with ``save()``, signals and M2M.
 
@@ -77,6 +85,18 @@ def create(
     model = _concrete_model(model)
     options.setdefault("database", router.db_for_write(model))
     func = CreateRow(model._meta.label, bool(validate), options["database"])
+    if fast is True:
+        from bulkpool import fast as bulk
+
+        reason = bulk.why_not(model, options["database"])
+        if reason is None:
+            func = bulk.FastCreateRow(model._meta.label, bool(validate), options["database"])
+        else:
+            logger.info(
+                "create(%s, fast=True) uses the exact path (save() per row): %s.", model._meta.label, reason
+            )
+    elif fast is not False:
+        raise ConfigurationError(f"fast must be True or False, not {fast!r}.")
     return _run_with_results(build_engine(func, rows, options, keep_values=True))
 
 

@@ -137,6 +137,8 @@ class Worker:
         self.committing = False
         self._call: Any = task.func
         self._prepare: Any = task.prepare
+        # A func with a ``batch(items)`` method (fast=True) does a whole piece at once.
+        self._batch: Any = getattr(task.func, "batch", None)
         self._before_commit = before_commit
         self._careful = FAST
         # Per run(): the chunk's result as pieces settle, which offsets are settled, the
@@ -162,6 +164,9 @@ class Worker:
             self.state = self.task.setup()
             func, state = self.task.func, self.state
             self._call = lambda item: func(item, state)
+            if self._batch is not None:
+                batch = self._batch
+                self._batch = lambda items: batch(items, state)
             if self.task.prepare is not None:
                 prepare = self.task.prepare
                 self._prepare = lambda item: prepare(item, state)
@@ -305,7 +310,12 @@ class Worker:
             ) as txn:
                 if task.journal and self._journal_has(piece):
                     raise AlreadyDone
-                for offset, item in self._inputs(piece, result):
+                if self._batch is not None and level == FAST:
+                    self._run_batch(piece, result)
+                    inputs = []
+                else:
+                    inputs = self._inputs(piece, result)
+                for offset, item in inputs:
                     index = piece.start + offset
                     if index in self._failed_before:  # it ran once and failed: do not run it twice
                         result.errors[offset] = self._failed_before[index]
@@ -327,6 +337,37 @@ class Worker:
             if txn is not None:
                 self._times["commit"] += txn.commit_seconds
         return txn
+
+    def _run_batch(self, piece: Chunk, result: ChunkResult) -> None:
+        """The piece's items in one call of ``func.batch`` (the bulk path of ``fast=True``).
+        Anything it raises but a transient error rolls the piece back, to be run again item
+        by item with savepoints (the exact path), so a failing item fails alone."""
+        pairs = []
+        for offset, item in self._inputs(piece, result):
+            index = piece.start + offset
+            if index in self._failed_before:
+                result.errors[offset] = self._failed_before[index]
+            else:
+                pairs.append((offset, item))
+        started = time.perf_counter()
+        try:
+            values = self._batch([item for _, item in pairs])
+            if self.task.check_value is not None and self.task.keep_values:
+                for value in values:
+                    self.task.check_value(value)
+        except KeyboardInterrupt:
+            if self.in_caller_thread:
+                raise
+            raise _Redo(-1, None) from None
+        except BaseException as error:
+            if is_transient(error):
+                raise Transient(error) from error
+            raise _Redo(-1, None) from error
+        finally:
+            self._times["work"] += time.perf_counter() - started
+        if result.values is not None:
+            for (offset, _), value in zip(pairs, values, strict=True):
+                result.values[offset] = value
 
     def _journal_has(self, piece: Chunk) -> bool:
         try:

@@ -1,0 +1,204 @@
+"""The bulk path behind ``fast=True``: a chunk's rows in bulk statements, every object's signals kept.
+
+Data flow of one chunk of ``create(model, rows, fast=True)`` (in the chunk's transaction,
+which the worker opens as for any chunk):
+
+    rows --> objects      model(**fields) per row; full_clean() with validate=True;
+                          the related objects' keys synced, as save() does
+         --> pre_save     per object: sender, instance, raw=False, using, update_fields=None
+         --> INSERT       per concrete table, parents first (multi-table inheritance): one
+                          multi-row INSERT per table (in batches the database accepts),
+                          with the keys the database returns set on the objects, and each
+                          child's parent link set from its parent's key
+         --> post_save    per object: created=True, update_fields=None, raw=False, using
+         --> many-to-many per relation: m2m_changed pre_add per object, one INSERT of the
+                          through rows, post_add per object (what ``.set()`` sends for a
+                          new object; nothing for an empty list, as in Django)
+         <-- the new primary keys, in input order
+
+If anything in the chunk raises, the worker rolls the chunk back and runs it again on the
+exact path (``CreateRow``, a savepoint per row), so the row that fails fails alone and its
+chunk-mates are written. A COMMIT refused by a deferred constraint is handled as for any
+chunk (per-row checks on PostgreSQL, halving elsewhere).
+
+Where the bulk path cannot be equivalent, ``create`` uses the exact path for that model
+and logs why once (``why_not``): the model or a parent overrides ``save()`` or
+``save_base()``; the model has ``order_with_respect_to`` (``_order`` is computed per
+save); a composite primary key; or the database cannot return rows from a bulk insert
+(MySQL, SQLite < 3.35) while the model needs keys or other values back from it.
+
+Documented differences from ``save()``: every ``pre_save`` of the chunk runs before its
+INSERT, so a receiver that queries the table does not see its chunk-mates; every
+``post_save`` runs after the INSERT of the whole chunk; the ``m2m_changed`` signals of the
+chunk come after every ``post_save`` of the chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from django.apps import apps
+from django.db import connections, router
+from django.db.models import Model
+from django.db.models.signals import m2m_changed, post_save, pre_save
+
+from bulkpool.operations import CreateRow, split_values
+
+
+def why_not(model: type[Model], database: str) -> str | None:
+    """Why ``model`` cannot take the bulk path on ``database``, or None if it can."""
+    for cls in model.__mro__:
+        if cls is Model:
+            break
+        for name in ("save", "save_base"):
+            if name in vars(cls):
+                return f"{cls.__qualname__} overrides {name}()"
+    chain = concrete_chain(model)
+    for cls in chain:
+        meta = cls._meta
+        if meta.order_with_respect_to is not None:
+            return f"{cls.__qualname__} has order_with_respect_to (save() computes _order per object)"
+        if len(getattr(meta, "pk_fields", [meta.pk])) > 1:
+            return f"{cls.__qualname__} has a composite primary key"
+    features = connections[database].features
+    if not features.can_return_rows_from_bulk_insert:
+        needs = [cls for cls in chain if cls._meta.db_returning_fields]
+        if needs:
+            return (
+                f"the {connections[database].display_name} database cannot return the keys of "
+                f"a multi-row INSERT, which {needs[0].__qualname__} needs"
+            )
+    return None
+
+
+def concrete_chain(model: type[Model]) -> list[type[Model]]:
+    """The concrete models whose tables an object of ``model`` has a row in, parents first."""
+    chain: list[type[Model]] = []
+
+    def visit(cls: type[Model]) -> None:
+        for parent in cls._meta.parents:
+            visit(parent)
+        concrete = cls._meta.concrete_model
+        assert concrete is not None  # a concrete model's own
+        if concrete not in chain:
+            chain.append(concrete)
+
+    visit(model._meta.concrete_model or model)
+    return chain
+
+
+@dataclass(frozen=True)
+class FastCreateRow(CreateRow):
+    """``CreateRow`` (the exact path, per row) with ``batch``: a whole piece of a chunk at once."""
+
+    def batch(self, rows: list[Any], *state: Any) -> list[Any]:
+        model = apps.get_model(self.model)
+        using = self.database
+        objects: list[Model] = []
+        m2m_values: list[dict[str, Any]] = []
+        for row in rows:
+            if not isinstance(row, Mapping):
+                raise TypeError(f"a row must be a dict of field values, not {type(row).__name__}")
+            plain, m2m = split_values(model, row)
+            obj = model(**plain)
+            if self.validate:
+                obj.full_clean()
+            obj._prepare_related_fields_for_save(operation_name="save")
+            objects.append(obj)
+            m2m_values.append(m2m)
+        for obj in objects:
+            pre_save.send(sender=model, instance=obj, raw=False, using=using, update_fields=None)
+        insert(model, objects, using)
+        for obj in objects:
+            obj._state.db = using
+            obj._state.adding = False
+            post_save.send(
+                sender=model, instance=obj, created=True, update_fields=None, raw=False, using=using
+            )
+        _add_many_to_many(objects, m2m_values)
+        return [obj.pk for obj in objects]
+
+    def journal_identity(self) -> str:
+        return f"create({self.model}, validate={self.validate})"  # the same job as fast=False
+
+
+def insert(model: type[Model], objects: list[Model], using: str) -> None:
+    """INSERT the objects' rows, table by table, parents first, as ``save(force_insert=True)``
+    would one object at a time (``Model._save_parents`` / ``_save_table``)."""
+    chain = concrete_chain(model)
+    for cls in chain:
+        meta = cls._meta
+        for obj in objects:
+            # Each parent link gets its parent's key, which the INSERT before this one set.
+            for parent, link in meta.parents.items():
+                if link is not None:
+                    setattr(obj, link.attname, obj._get_pk_val(parent._meta))
+                    cache: Any = link  # a OneToOneField: it caches the related object
+                    if cache.is_cached(obj):
+                        cache.delete_cached_value(obj)
+            if obj._get_pk_val(meta) is None:
+                setattr(obj, meta.pk.attname, meta.pk.get_pk_value_on_save(obj))
+        with_pk = [obj for obj in objects if obj._get_pk_val(meta) is not None]
+        without_pk = [obj for obj in objects if obj._get_pk_val(meta) is None]
+        for group, pk_set in ((with_pk, True), (without_pk, False)):
+            if group:
+                _insert_table(cls, group, using, pk_set=pk_set)
+
+
+def _insert_table(cls: type[Model], objects: list[Model], using: str, *, pk_set: bool) -> None:
+    meta = cls._meta
+    fields = [
+        f
+        for f in meta.local_concrete_fields
+        if not getattr(f, "generated", False) and (pk_set or f is not meta.auto_field)
+    ]
+    returning = list(meta.db_returning_fields)
+    connection = connections[using]
+    size = max(1, connection.ops.bulk_batch_size(fields or [meta.pk], objects))
+    manager = cls._base_manager
+    for start in range(0, len(objects), size):
+        batch = objects[start : start + size]
+        rows = manager._insert(batch, fields=fields, returning_fields=returning or None, using=using)
+        if returning and rows:
+            for obj, values in zip(batch, rows, strict=True):
+                for field, value in zip(returning, values, strict=False):
+                    setattr(obj, field.attname, value)
+
+
+def _add_many_to_many(objects: list[Model], values: list[dict[str, Any]]) -> None:
+    """What ``getattr(obj, name).set(value)`` does for each new object, one INSERT per relation."""
+    names = sorted({name for m2m in values for name in m2m})
+    for name in names:
+        plans = []
+        for obj, m2m in zip(objects, values, strict=True):
+            if name not in m2m:
+                continue
+            manager = getattr(obj, name)
+            targets = list(m2m[name])
+            if not targets:  # .set([]) on a new object sends nothing
+                continue
+            ids = manager._get_target_ids(manager.target_field_name, targets)
+            plans.append((obj, manager, ids))
+        if not plans:
+            continue
+        manager = plans[0][1]
+        db = router.db_for_write(manager.through, instance=plans[0][0])
+        can_ignore_conflicts, must_send_signals, _ = manager._get_add_plan(db, manager.source_field_name)
+        signal = {"sender": manager.through, "reverse": manager.reverse, "model": manager.model, "using": db}
+        if must_send_signals:
+            for obj, _, ids in plans:
+                m2m_changed.send(action="pre_add", instance=obj, pk_set=ids, **signal)
+        source, target = f"{manager.source_field_name}_id", f"{manager.target_field_name}_id"
+        manager.through._default_manager.using(db).bulk_create(
+            [
+                manager.through(**{source: each.related_val[0], target: target_id})
+                for _, each, ids in plans
+                for target_id in ids
+            ],
+            ignore_conflicts=can_ignore_conflicts,
+        )
+        if must_send_signals:
+            for obj, _, ids in plans:
+                m2m_changed.send(action="post_add", instance=obj, pk_set=ids, **signal)
