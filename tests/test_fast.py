@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from auditlog.models import LogEntry
+from django.contrib.auth.models import User
 from django.db import connection
 from django.db.models import Model
 from django.db.models.signals import m2m_changed, post_save, pre_save
@@ -120,6 +121,7 @@ def table_rows() -> dict[str, list[Any]]:
         "document": rows(Document, "title"),
         "marker": rows(Marker, "key", "value"),
         "customer": rows(Customer, "name", "email"),
+        "user": rows(User, "username", "email", "password", "is_staff"),
         "history": rows(Customer.history.model, "name", "email", "history_type"),
         "logentry": sorted(
             (e.object_repr, e.action, {k: v for k, v in (e.changes or {}).items() if k != "id"})
@@ -216,6 +218,14 @@ def test_third_party_history_and_audit_rows_are_written_alike():
     rows = [{"name": f"c{i}", "email": f"c{i}@example.com"} for i in range(9)]
     both_paths(Customer, rows, {"thirdparty.Customer"})
     assert Customer.history.count() == 9 and LogEntry.objects.count() == 9
+
+
+@pytest.mark.django_db
+def test_users_take_the_fast_path():
+    """auth.User: Django's own AbstractBaseUser.save() is known, so users are created in bulk, alike."""
+    assert why_not(User, "default") is None
+    rows = [{"username": f"u{i}", "email": f"u{i}@example.com", "password": "!"} for i in range(6)]
+    both_paths(User, rows, {"auth.User"})
 
 
 @pytest.mark.django_db

@@ -23,9 +23,11 @@ chunk (per-row checks on PostgreSQL, halving elsewhere).
 
 Where the bulk path cannot be equivalent, ``create`` uses the exact path for that model
 and logs why once (``why_not``): the model or a parent overrides ``save()`` or
-``save_base()``; the model has ``order_with_respect_to`` (``_order`` is computed per
-save); a composite primary key; or the database cannot return rows from a bulk insert
-(MySQL, SQLite < 3.35) while the model needs keys or other values back from it.
+``save_base()`` (Django's own ``AbstractBaseUser.save()`` excepted: what it adds, a
+``password_changed()`` after ``set_password()``, the bulk path does too); the model has
+``order_with_respect_to`` (``_order`` is computed per save); a composite primary key; or
+the database cannot return rows from a bulk insert (MySQL, SQLite < 3.35) while the
+model needs keys or other values back from it.
 
 Documented differences from ``save()``: every ``pre_save`` of the chunk runs before its
 INSERT, so a receiver that queries the table does not see its chunk-mates; every
@@ -53,7 +55,7 @@ def why_not(model: type[Model], database: str) -> str | None:
         if cls is Model:
             break
         for name in ("save", "save_base"):
-            if name in vars(cls):
+            if name in vars(cls) and not _is_users_save(cls, name):
                 return f"{cls.__qualname__} overrides {name}()"
     chain = concrete_chain(model)
     for cls in chain:
@@ -71,6 +73,26 @@ def why_not(model: type[Model], database: str) -> str | None:
                 f"a multi-row INSERT, which {needs[0].__qualname__} needs"
             )
     return None
+
+
+def _is_users_save(cls: type, name: str) -> bool:
+    """Django's own ``AbstractBaseUser.save()``: it only adds ``password_changed()`` after
+    a ``set_password()``, which ``batch`` does too, after ``post_save`` as it does."""
+    if name != "save" or cls.__module__ != "django.contrib.auth.base_user":
+        return False
+    from django.contrib.auth.base_user import AbstractBaseUser
+
+    return cls is AbstractBaseUser
+
+
+def _password_changed(obj: Model) -> None:
+    """The rest of ``AbstractBaseUser.save()``, for a user saved in bulk."""
+    password = getattr(obj, "_password", None)
+    if password is not None:
+        from django.contrib.auth import password_validation
+
+        password_validation.password_changed(password, obj)  # type: ignore[arg-type]
+        obj._password = None  # type: ignore[attr-defined]
 
 
 def concrete_chain(model: type[Model]) -> list[type[Model]]:
@@ -117,6 +139,7 @@ class FastCreateRow(CreateRow):
             post_save.send(
                 sender=model, instance=obj, created=True, update_fields=None, raw=False, using=using
             )
+            _password_changed(obj)
         _add_many_to_many(objects, m2m_values)
         return [obj.pk for obj in objects]
 
