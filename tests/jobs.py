@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from typing import Any
 
 from django.db import connection
 
@@ -169,3 +170,10 @@ def echo_with_state(value: str, state: str) -> str:
 
 def marker_row(i: int) -> dict[str, object]:
     return {"key": f"m{i}", "value": i * 10}
+
+
+def refuse_c3(customer: Any) -> None:
+    """update func: set the email, and refuse the customer named c3."""
+    if customer.name == "c3":
+        raise ValueError("c3 is refused")
+    customer.email = "done@example.com"

@@ -18,10 +18,11 @@ from auditlog.models import LogEntry
 from django.contrib.auth.models import User
 from django.db import connection
 from django.db.models import Model
-from django.db.models.signals import m2m_changed, post_save, pre_save
+from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete, pre_save
 
 import bulkpool
 from bulkpool.fast import why_not
+from tests import jobs
 from tests.testapp.models import AuditLog, Author, Book, Document, Marker, Place, Restaurant, Tag
 from tests.thirdparty.models import Customer
 
@@ -82,10 +83,18 @@ def recorded() -> Iterator[list[tuple[Any, ...]]]:
             ("m2m_changed", sender._meta.label, action, reverse, model._meta.label, targets, kw["using"])
         )
 
+    def on_pre_delete(sender: Any, instance: Model, using: str, **kw: Any) -> None:
+        seen.append(("pre_delete", sender._meta.label, using, _fields(instance, pks)))
+
+    def on_post_delete(sender: Any, instance: Model, using: str, **kw: Any) -> None:
+        seen.append(("post_delete", sender._meta.label, using, _fields(instance, pks)))
+
     receivers: list[tuple[Any, Callable[..., None]]] = [
         (pre_save, on_pre_save),
         (post_save, on_post_save),
         (m2m_changed, on_m2m),
+        (pre_delete, on_pre_delete),
+        (post_delete, on_post_delete),
     ]
     for signal, receiver in receivers:
         signal.connect(receiver, weak=False, dispatch_uid=f"test_fast.{receiver.__name__}")
@@ -299,3 +308,113 @@ def test_without_returned_keys_the_exact_path_is_used(monkeypatch, caplog):
         report = bulkpool.create(Marker, [{"key": "a"}, {"key": "b"}], fast=True, backend="serial")
     assert report.ok == 2 and None not in results(report)
     assert any("cannot return the keys" in r.getMessage() for r in caplog.records)
+
+
+def same_signals(
+    fast: list[tuple[Any, ...]], exact: list[tuple[Any, ...]], labels: set[str], *, in_order: bool = True
+) -> None:
+    """The same signals of each kind; ``in_order=False``: in any order (a queryset delete()
+    sends a chunk's delete signals in the order of Django's collector)."""
+    fast_own, exact_own = own_signals(fast, labels), own_signals(exact, labels)
+    for kind in exact_own:
+        if in_order:
+            assert fast_own.get(kind) == exact_own[kind], kind
+        else:
+            assert sorted(map(repr, fast_own.get(kind, []))) == sorted(map(repr, exact_own[kind])), kind
+    assert fast_own.keys() == exact_own.keys()
+    assert len(fast) == len(exact)
+
+
+def add_x(book: Book) -> None:
+    book.title += "x"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("model", "options"),
+    [
+        (Book, {"values": {"pages": 7}, "update_fields": ["pages"]}),
+        (Book, {"func": add_x}),
+        (Customer, {"values": {"email": "new@example.com"}}),
+        (User, {"values": {"is_staff": True}, "update_fields": ["is_staff"]}),
+    ],
+)
+def test_update_is_alike(model, options):
+    """update(fast=True): the same rows and save signals (update_fields included) as the exact path."""
+    author = Author.objects.create(name="ann")
+    for i in range(7):
+        if model is Book:
+            Book.objects.create(title=f"b{i}", author=author)
+        elif model is Customer:
+            Customer.objects.create(name=f"c{i}")
+        else:
+            User.objects.create(username=f"u{i}")
+    before = list(model.objects.order_by("pk").values())
+    since = marks()
+    run: dict[str, Any] = {"backend": "serial", "chunk_size": 3, "progress": False}
+    with recorded() as exact_signals:
+        exact = bulkpool.update(model.objects.all(), **options, **run)
+    exact_rows = table_rows()
+    for row in before:  # back as they were, without signals
+        model.objects.filter(pk=row["pk" if "pk" in row else "id"]).update(**row)
+    undo(Marker, [], since)
+    with recorded() as fast_signals:
+        fast = bulkpool.update(model.objects.all(), fast=True, **options, **run)
+    assert (fast.ok, fast.failed) == (exact.ok, exact.failed) == (7, 0)
+    assert table_rows() == exact_rows
+    same_signals(fast_signals, exact_signals, {model._meta.label})
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("model", [Book, Customer])
+def test_delete_is_alike(model):
+    """delete(fast=True): one queryset delete() per chunk; the same rows left and the same delete signals."""
+    author = Author.objects.create(name="ann")
+    red = Tag.objects.create(name="red")
+
+    def make() -> None:
+        for i in range(7):
+            if model is Book:
+                Book.objects.create(title=f"b{i}", author=author).tags.set([red])
+            else:
+                Customer.objects.create(name=f"c{i}")
+
+    run: dict[str, Any] = {"backend": "serial", "chunk_size": 3, "progress": False}
+    make()
+    with recorded() as exact_signals:
+        exact = bulkpool.delete(model.objects.all(), **run)
+    exact_rows = table_rows()
+    make()
+    for log, mark in marks().items():  # the rows the second make() logged
+        log._default_manager.filter(pk__gt=mark).delete()
+    undo(Marker, [], {})
+    with recorded() as fast_signals:
+        fast = bulkpool.delete(model.objects.all(), fast=True, **run)
+    assert (fast.ok, fast.failed) == (exact.ok, exact.failed) == (7, 0)
+    assert model.objects.count() == 0
+    same_signals(fast_signals, exact_signals, {model._meta.label}, in_order=False)
+    assert {k: v for k, v in table_rows().items() if k not in ("history", "logentry", "auditlog")} == {
+        k: v for k, v in exact_rows.items() if k not in ("history", "logentry", "auditlog")
+    }
+
+
+@pytest.mark.django_db
+def test_delete_of_a_model_that_overrides_delete_takes_the_exact_path(caplog):
+    """Author overrides delete(): fast=True calls it per object, and says so."""
+    Author.objects.create(name="ann")
+    with caplog.at_level(logging.INFO, logger="bulkpool"):
+        report = bulkpool.delete(Author.objects.all(), fast=True, backend="serial")
+    assert report.ok == 1 and AuditLog.objects.filter(action="delete()").count() == 1
+    assert any("Author overrides delete()" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.django_db
+def test_a_failing_update_fails_alone():
+    """A row that func refuses fails alone; the chunk runs again on the exact path and the rest are saved."""
+    for i in range(6):
+        Customer.objects.create(name=f"c{i}")
+    report = bulkpool.update(
+        Customer.objects.all(), jobs.refuse_c3, fast=True, backend="serial", chunk_size=6
+    )
+    assert (report.ok, report.failed) == (5, 1)
+    assert Customer.objects.filter(email="done@example.com").count() == 5

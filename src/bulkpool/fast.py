@@ -42,11 +42,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.apps import apps
-from django.db import connections, router
+from django.db import DatabaseError, connections, router
 from django.db.models import Model
 from django.db.models.signals import m2m_changed, post_save, pre_save
 
-from bulkpool.operations import CreateRow, split_values
+from bulkpool.operations import CreateRow, DeleteRow, UpdateRow, split_values
 
 
 def why_not(model: type[Model], database: str) -> str | None:
@@ -225,3 +225,108 @@ def _add_many_to_many(objects: list[Model], values: list[dict[str, Any]]) -> Non
         if must_send_signals:
             for obj, _, ids in plans:
                 m2m_changed.send(action="post_add", instance=obj, pk_set=ids, **signal)
+
+
+def why_not_update(model: type[Model], m2m: Mapping[str, Any]) -> str | None:
+    """Why ``update(fast=True)`` cannot use ``bulk_update`` for ``model``, or None."""
+    for cls in model.__mro__:
+        if cls is Model:
+            break
+        for name in ("save", "save_base"):
+            if name in vars(cls) and not _is_users_save(cls, name):
+                return f"{cls.__qualname__} overrides {name}()"
+    if m2m:
+        return "many-to-many values are set per object with .set()"
+    return None
+
+
+def why_not_delete(model: type[Model]) -> str | None:
+    """Why ``delete(fast=True)`` cannot use one queryset ``delete()`` per chunk, or None."""
+    for cls in model.__mro__:
+        if cls is Model:
+            break
+        if "delete" in vars(cls):
+            return f"{cls.__qualname__} overrides delete()"
+    return None
+
+
+@dataclass(frozen=True)
+class FastUpdateRow(UpdateRow):
+    """``UpdateRow`` with ``batch``: ``pre_save`` per object, one ``bulk_update`` of the
+    chunk per set of fields, ``post_save(created=False)`` per object."""
+
+    def batch(self, objects: list[Model], *state: Any) -> list[Any]:
+        if not objects:
+            return []
+        model = type(objects[0])
+        using = self.database
+        groups: dict[frozenset[str] | None, list[Model]] = {}
+        for obj in objects:
+            for name, value in self.values.items():
+                setattr(obj, name, value)
+            if self.func is not None:
+                self.func(obj, *state)
+            groups.setdefault(_update_fields_of(obj, self.update_fields), []).append(obj)
+        saved: list[tuple[Model, frozenset[str] | None]] = []
+        for update_fields, group in groups.items():
+            fields = _columns(model, update_fields)
+            for obj in group:
+                pre_save.send(sender=model, instance=obj, raw=False, using=using, update_fields=update_fields)
+                for field in fields:  # auto_now and the like, as _save_table does
+                    setattr(obj, field.attname, field.pre_save(obj, False))
+            if fields:
+                changed = model._base_manager.using(using).bulk_update(group, [f.name for f in fields])
+                if changed != len(group):
+                    raise DatabaseError(f"bulk_update changed {changed} rows of {len(group)}: a row is gone")
+            saved.extend((obj, update_fields) for obj in group)
+        by_object = dict((id(obj), fields) for obj, fields in saved)
+        for obj in objects:  # post_save in the chunk's order
+            obj._state.db = using
+            obj._state.adding = False
+            post_save.send(
+                sender=model,
+                instance=obj,
+                created=False,
+                update_fields=by_object[id(obj)],
+                raw=False,
+                using=using,
+            )
+            _password_changed(obj)
+        return [None] * len(objects)
+
+
+def _update_fields_of(obj: Model, given: tuple[str, ...] | None) -> frozenset[str] | None:
+    """The ``update_fields`` that ``obj.save(update_fields=given)`` sends and saves."""
+    if given is not None:
+        return frozenset(given)
+    deferred = obj.get_deferred_fields()
+    if deferred:  # save() then saves the loaded fields only
+        names = {
+            f.attname for f in obj._meta.concrete_fields if not f.primary_key and not hasattr(f, "through")
+        }
+        loaded = names - deferred
+        if loaded:
+            return frozenset(loaded)
+    return None
+
+
+def _columns(model: type[Model], update_fields: frozenset[str] | None) -> list[Any]:
+    fields = [
+        f for f in model._meta.concrete_fields if not f.primary_key and not getattr(f, "generated", False)
+    ]
+    if update_fields is not None:
+        fields = [f for f in fields if f.name in update_fields or f.attname in update_fields]
+    return fields
+
+
+@dataclass(frozen=True)
+class FastDeleteRow(DeleteRow):
+    """``DeleteRow`` with ``batch``: the chunk's objects deleted with one queryset ``delete()``
+    (Django's collector sends ``pre_delete`` / ``post_delete`` per object, and cascades)."""
+
+    def batch(self, objects: list[Model | None], *state: Any) -> list[Any]:
+        present = [obj for obj in objects if obj is not None]  # None: gone in an earlier cascade
+        if present:
+            model = type(present[0])
+            model._base_manager.using(self.database).filter(pk__in=[obj.pk for obj in present]).delete()
+        return [None] * len(objects)
