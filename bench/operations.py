@@ -29,6 +29,7 @@ update methods, each setting ``first_name`` on every user and saving only that f
     loop              for user in User.objects.all(): set; user.save(update_fields=[...])
     bulk_update       load all, set, User.objects.bulk_update(..., batch_size=1000)
     bulkpool_*        bulkpool.update(User.objects.all(), values=..., update_fields=[...])
+    bulkpool_fast_*   the same with fast=True (chunk_size=1000 for *_1000)
 
 The ``signalled`` column counts the users whose ``pre_save`` receiver ran (create) or
 whose row changed (update): what each method actually did, checked after it ran.
@@ -119,7 +120,7 @@ def update_methods(workers: int) -> dict[str, Callable[[str], None]]:
             user.first_name = value
         User.objects.bulk_update(users, ["first_name"], batch_size=BATCH)
 
-    def with_bulkpool(backend: str) -> Callable[[str], None]:
+    def with_bulkpool(backend: str, **options: Any) -> Callable[[str], None]:
         def update(value: str) -> None:
             bulkpool.update(
                 User.objects.all(),
@@ -128,6 +129,7 @@ def update_methods(workers: int) -> dict[str, Callable[[str], None]]:
                 backend=backend,
                 workers=workers,
                 progress=False,
+                **options,
             )
 
         return update
@@ -138,6 +140,9 @@ def update_methods(workers: int) -> dict[str, Callable[[str], None]]:
         "bulkpool_serial": with_bulkpool("serial"),
         "bulkpool_thread": with_bulkpool("thread"),
         "bulkpool_process": with_bulkpool("process"),
+        "bulkpool_fast_serial": with_bulkpool("serial", fast=True),
+        "bulkpool_fast_serial_1000": with_bulkpool("serial", fast=True, chunk_size=BATCH),
+        "bulkpool_fast_process": with_bulkpool("process", fast=True),
     }
 
 

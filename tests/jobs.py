@@ -177,3 +177,7 @@ def refuse_c3(customer: Any) -> None:
     if customer.name == "c3":
         raise ValueError("c3 is refused")
     customer.email = "done@example.com"
+
+
+def rename(obj: Any) -> None:
+    obj.name += "!"

@@ -418,3 +418,17 @@ def test_a_failing_update_fails_alone():
     )
     assert (report.ok, report.failed) == (5, 1)
     assert Customer.objects.filter(email="done@example.com").count() == 5
+
+
+@pytest.mark.django_db
+def test_update_of_an_only_queryset_saves_and_signals_the_loaded_fields():
+    """As save() does for a deferred object: update_fields is the loaded fields, and only they are written."""
+    Customer.objects.create(name="c0", email="old@example.com")
+    with recorded() as seen:
+        report = bulkpool.update(
+            Customer.objects.only("name"), jobs.rename, fast=True, backend="serial", progress=False
+        )
+    assert report.ok == 1
+    assert list(Customer.objects.values_list("name", "email")) == [("c0!", "old@example.com")]
+    saves = [s for s in seen if s[0] in ("pre_save", "post_save") and s[1] == "thirdparty.Customer"]
+    assert [s[4 if s[0] == "pre_save" else 5] for s in saves] == [frozenset({"name"})] * 2
