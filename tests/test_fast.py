@@ -432,3 +432,23 @@ def test_update_of_an_only_queryset_saves_and_signals_the_loaded_fields():
     assert list(Customer.objects.values_list("name", "email")) == [("c0!", "old@example.com")]
     saves = [s for s in seen if s[0] in ("pre_save", "post_save") and s[1] == "thirdparty.Customer"]
     assert [s[4 if s[0] == "pre_save" else 5] for s in saves] == [frozenset({"name"})] * 2
+
+
+@pytest.mark.django_db
+def test_reverse_many_to_many_values_are_set_alike():
+    """A Tag created with books=[...] (the reverse side): same through rows, m2m_changed(reverse=True)."""
+    author = Author.objects.create(name="ann")
+    books = [Book.objects.create(title=f"b{i}", author=author) for i in range(3)]
+    rows = [{"name": f"t{i}", "books": books[: i % 4]} for i in range(6)]
+    since = marks()
+    with recorded() as exact_signals:
+        exact = bulkpool.create(Tag, rows, backend="serial", chunk_size=4)
+    exact_links = sorted(Book.tags.through.objects.values_list("book__title", "tag__name"))
+    undo(Tag, results(exact), since)
+    with recorded() as fast_signals:
+        fast = bulkpool.create(Tag, rows, fast=True, backend="serial", chunk_size=4)
+    assert fast.ok == exact.ok == 6
+    assert sorted(Book.tags.through.objects.values_list("book__title", "tag__name")) == exact_links
+    exact_m2m = [s[:5] for s in exact_signals if s[0] == "m2m_changed"]
+    assert exact_m2m and all(s[3] is True for s in exact_m2m)
+    assert sorted(s[:5] for s in fast_signals if s[0] == "m2m_changed") == sorted(exact_m2m)

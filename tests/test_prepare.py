@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from django.db import connection
 
@@ -111,3 +113,19 @@ def test_create_rows_can_be_prepared():
     assert report.ok == 5
     assert sorted(Marker.objects.values_list("value", flat=True)) == [0, 10, 20, 30, 40]
     assert connection.in_atomic_block is False
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_journaled_run_with_prepare_resumes_on_its_raw_items():
+    """The journal records the items as given, not what prepare made of them: a rerun skips them all."""
+    options: dict[str, Any] = {
+        "prepare": jobs.marker_row,
+        "backend": "thread",
+        "workers": 2,
+        "chunk_size": 3,
+        "run_id": "p",
+    }
+    first = bulkpool.create(Marker, range(7), **options)
+    second = bulkpool.create(Marker, range(7), **options)
+    assert (first.ok, second.skipped) == (7, 7)
+    assert Marker.objects.count() == 7
