@@ -84,6 +84,12 @@ def create_user_after_hash(item: dict[str, str]) -> None:
     create_user(item)
 
 
+def prepare_item(work: Callable[[], None], item: dict[str, str]) -> dict[str, str]:
+    """``prepare=`` for the ``*_prepare`` methods: the workload's work, outside the transaction."""
+    work()
+    return item
+
+
 def run_atomically(job: Callable[[dict[str, str]], None], items: list[dict[str, str]]) -> None:
     """One transaction around ``job`` for each of ``items`` (for ``pool_atomic500``)."""
     with transaction.atomic():

@@ -73,6 +73,24 @@ def bulkpool_process_500(workload: Workload, items: Items) -> dict[str, Any]:
     return _bulkpool(workload, items, backend="process", workers=2, chunk_size=500)
 
 
+def bulkpool_serial_prepare(workload: Workload, items: Items) -> dict[str, Any]:
+    """The workload's work in ``prepare``, the create in ``func``, in the caller's process."""
+    return _bulkpool_prepared(workload, items, backend="serial")
+
+
+def bulkpool_process_prepare(workload: Workload, items: Items) -> dict[str, Any]:
+    """The same on 2 processes: the work runs outside the chunk's write transaction."""
+    return _bulkpool_prepared(workload, items, backend="process", workers=2)
+
+
+def _bulkpool_prepared(workload: Workload, items: Items, **options: Any) -> dict[str, Any]:
+    import bulkpool
+
+    prepare = functools.partial(jobs.prepare_item, workload.work)
+    report = bulkpool.run(jobs.create_user, items, prepare=prepare, progress=False, **options)
+    return _facts(report)
+
+
 def bulk_create(workload: Workload, items: Items) -> None:
     """For reference: one INSERT per 1,000 rows; no save(), no signals."""
     user = get_user_model()
@@ -88,6 +106,10 @@ def _bulkpool(workload: Workload, items: Items, **options: Any) -> dict[str, Any
     import bulkpool  # here, so the other methods run while the library cannot be imported
 
     report = bulkpool.run(workload.job, items, progress=False, **options)
+    return _facts(report)
+
+
+def _facts(report: Any) -> dict[str, Any]:
     first = report.failures[0] if report.failures else None
     return {
         "report_ok": report.ok,
@@ -111,5 +133,7 @@ METHODS: dict[str, Callable[[Workload, Items], dict[str, Any] | None]] = {
     "bulkpool_thread": bulkpool_thread,
     "bulkpool_process": bulkpool_process,
     "bulkpool_process_500": bulkpool_process_500,
+    "bulkpool_serial_prepare": bulkpool_serial_prepare,
+    "bulkpool_process_prepare": bulkpool_process_prepare,
     "bulk_create": bulk_create,
 }

@@ -36,6 +36,8 @@ METHODS = [
     "bulkpool_thread",
     "bulkpool_process",
     "bulkpool_process_500",
+    "bulkpool_serial_prepare",
+    "bulkpool_process_prepare",
     "bulk_create",
 ]
 WORKLOADS = ["trivial", "setup2ms", "hash2ms"]

@@ -68,3 +68,8 @@ def slow_write_row(item: Any) -> None:
     """``write_row``, taking 10 ms: a run long enough to interrupt by hand."""
     time.sleep(0.01)
     write_row(item)
+
+
+def prepare_row(item: dict[str, Any]) -> dict[str, Any]:
+    """--prepare: the row with its key marked as prepared."""
+    return {**item, "key": f"prepared:{item['key']}"}

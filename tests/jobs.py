@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from typing import Any
 
 from django.db import connection
 
@@ -141,3 +142,42 @@ def write_marker_with_state_then_die_at(flag_path: str, target: int, i: int, sta
         open(flag_path, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
     return write_marker(i)
+
+
+def prepare_outside_transaction(i: int) -> tuple[int, bool]:
+    """prepare: the item, and whether it runs inside a transaction (it must not)."""
+    if i == 13:
+        raise ValueError("13 cannot be prepared")
+    return i, connection.in_atomic_block
+
+
+def write_prepared(value: tuple[int, bool]) -> tuple[int, bool, bool]:
+    """func after prepare_outside_transaction: write a Marker for the item; return what
+    prepare saw and whether func itself runs in a transaction."""
+    i, prepared_in_transaction = value
+    Marker.objects.create(key=str(i), value=i)
+    return i, prepared_in_transaction, connection.in_atomic_block
+
+
+def prepare_with_state(i: int, state: str) -> str:
+    return f"{i}@{state}"
+
+
+def echo_with_state(value: str, state: str) -> str:
+    assert value.endswith(f"@{state}"), (value, state)
+    return value
+
+
+def marker_row(i: int) -> dict[str, object]:
+    return {"key": f"m{i}", "value": i * 10}
+
+
+def refuse_c3(customer: Any) -> None:
+    """update func: set the email, and refuse the customer named c3."""
+    if customer.name == "c3":
+        raise ValueError("c3 is refused")
+    customer.email = "done@example.com"
+
+
+def rename(obj: Any) -> None:
+    obj.name += "!"

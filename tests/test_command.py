@@ -240,6 +240,24 @@ def test_setup_gives_each_worker_its_state(tmp_path):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_prepare_names_a_function_whose_value_reaches_func(tmp_path):
+    """--prepare names a function run on each item before FUNC; FUNC gets what it returned."""
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS[:5])
+    code, _, _ = call(
+        "run",
+        f"{JOBS}.write_row",
+        "--input",
+        str(path),
+        "--backend",
+        "thread",
+        "--prepare",
+        f"{JOBS}.prepare_row",
+    )
+    assert code == 0
+    assert set(marker_counts()) == {f"prepared:k{i}" for i in range(5)}
+
+
+@pytest.mark.django_db(transaction=True)
 def test_verbosity_2_sets_the_bulkpool_logger_to_debug(tmp_path):
     """-v 2 (after the subcommand too) puts the "bulkpool" logger at DEBUG for the run, then restores it."""
     path = write_jsonl(tmp_path / "rows.jsonl", [1])

@@ -77,6 +77,14 @@ def build_engine(
             )
         return Engine(func, items, make_options(given), keep_values=keep_values, resume_hint=resume_hint)
     options = make_options({"database": querysets.database_of(items), **given})
+    if options.prepare is not None:
+        raise ConfigurationError(
+            "prepare= cannot be used with a QuerySet: its rows are loaded inside each chunk's "
+            "transaction, so that func sees them as they are when it writes them, and a value "
+            "prepared from a row read earlier, outside it, could write stale data back. Do the "
+            "work in func, or pass the values prepare needs as items (e.g. "
+            "queryset.values_list('pk', 'path')) and load the row in func."
+        )
     keys, load = querysets.split(items, options.database, missing_ok=missing_ok)
     return Engine(func, keys, options, keep_values=keep_values, load=load, resume_hint=resume_hint)
 

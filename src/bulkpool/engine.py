@@ -103,6 +103,7 @@ class Engine:
         self.task = Task(
             func=func,
             setup=options.setup,
+            prepare=options.prepare,
             atomic=options.atomic,
             database=options.database,
             retries=options.retries,

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,17 +65,34 @@ from bulkpool.errors import ConfigurationError
 from bulkpool.journal import func_name
 from bulkpool.outcomes import Report
 
+logger = logging.getLogger("bulkpool")
+
 
 def create(
-    model: type[Model] | str, rows: Iterable[Mapping[str, Any]], *, validate: bool = False, **options: Any
+    model: type[Model] | str,
+    rows: Iterable[Any],
+    *,
+    validate: bool = False,
+    fast: bool = False,
+    **options: Any,
 ) -> Report:
     """Create one object per row (a dict of field values) with ``save()``, signals and M2M.
+
+    With ``prepare``, ``rows`` are any items, and ``prepare(item)`` returns each row.
 
     ``report.results`` holds the new primary keys in input order (None for a failed row).
     """
     model = _concrete_model(model)
     options.setdefault("database", router.db_for_write(model))
     func = CreateRow(model._meta.label, bool(validate), options["database"])
+    if _checked_fast(fast):
+        from bulkpool import fast as bulk
+
+        reason = bulk.why_not(model, options["database"])
+        if reason is None:
+            func = bulk.FastCreateRow(model._meta.label, bool(validate), options["database"])
+        else:
+            _say_exact("create", model, reason)
     return _run_with_results(build_engine(func, rows, options, keep_values=True))
 
 
@@ -84,6 +102,7 @@ def update(
     *,
     values: Mapping[str, Any] | None = None,
     update_fields: Iterable[str] | None = None,
+    fast: bool = False,
     **options: Any,
 ) -> Report:
     """For every object of ``queryset``: assign ``values``, call ``func(obj)``, then
@@ -100,14 +119,30 @@ def update(
     fields = None if update_fields is None else _checked_update_fields(model, update_fields)
     options.setdefault("database", querysets.database_of(queryset))
     row = UpdateRow(model._meta.label, func, plain, m2m, fields, options["database"])
+    if _checked_fast(fast):
+        from bulkpool import fast as bulk
+
+        reason = bulk.why_not_update(model, m2m)
+        if reason is None:
+            row = bulk.FastUpdateRow(model._meta.label, func, plain, m2m, fields, options["database"])
+        else:
+            _say_exact("update", model, reason)
     return build_engine(row, queryset, options).run()
 
 
-def delete(queryset: QuerySet[Any], **options: Any) -> Report:
+def delete(queryset: QuerySet[Any], *, fast: bool = False, **options: Any) -> Report:
     """Call every object's own ``delete()``: overrides, ``pre_delete`` / ``post_delete``, cascades."""
     model = _model_of(queryset, "delete")
     options.setdefault("database", querysets.database_of(queryset))
     row = DeleteRow(model._meta.label, options["database"])
+    if _checked_fast(fast):
+        from bulkpool import fast as bulk
+
+        reason = bulk.why_not_delete(model)
+        if reason is None:
+            row = bulk.FastDeleteRow(model._meta.label, options["database"])
+        else:
+            _say_exact("delete", model, reason)
     return build_engine(row, queryset, options, missing_ok=True).run()
 
 
@@ -201,6 +236,23 @@ def split_values(model: type[Model], values: Mapping[str, Any]) -> tuple[dict[st
         else:
             plain[name] = value
     return plain, m2m
+
+
+def _checked_fast(fast: object) -> bool:
+    if fast not in (True, False):
+        raise ConfigurationError(f"fast must be True or False, not {fast!r}.")
+    return bool(fast)
+
+
+def _say_exact(operation: str, model: type[Model], reason: str) -> None:
+    method = "save()" if operation != "delete" else "delete()"
+    logger.info(
+        "%s(%s, fast=True) uses the exact path (%s per row): %s.",
+        operation,
+        model._meta.label,
+        method,
+        reason,
+    )
 
 
 def _run_with_results(engine: Engine) -> Report:

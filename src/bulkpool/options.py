@@ -66,6 +66,15 @@ class Options:
             "Run once per worker; its return value is FUNC's state.", cli="path", metavar="DOTTED_PATH"
         ),
     )
+    prepare: Callable[..., Any] | None = field(
+        default=None,
+        metadata=_meta(
+            "Run on the worker for each item, outside any transaction, before FUNC; FUNC gets "
+            "what it returns (PREPARE(item), or PREPARE(item, state) with --setup).",
+            cli="path",
+            metavar="DOTTED_PATH",
+        ),
+    )
     on_error: OnError = field(
         default="collect",
         metadata=_meta(
@@ -137,6 +146,7 @@ class Options:
             "(one per item) or False (no transaction).",
         )
         _require(self.setup is None or callable(self.setup), "setup must be a callable or None.")
+        _require(self.prepare is None or callable(self.prepare), "prepare must be a callable or None.")
         _require(
             self.on_error in ("collect", "raise"),
             f"on_error={self.on_error!r}: use 'collect' (report failures and go on) or 'raise'.",

@@ -115,6 +115,11 @@ class Task:
     # transaction (QuerySet input: primary keys -> model instances, one query per chunk).
     # An exception in an item's place is that item's failure.
     load: Callable[[list[Any]], list[Any]] | None = None
+    # Run on each item of a chunk, outside any transaction, before the chunk's transaction
+    # opens; func gets what it returned. Once per chunk delivery: redos, retries and
+    # splits of that chunk reuse the values (a chunk sent again after a worker died is
+    # prepared again). An exception is that item's failure; it never reaches func.
+    prepare: Callable[..., Any] | None = None
     journal: Any = None  # a journal.JournalRef: write each chunk's journal row in its transaction
     dry_run: bool = False  # roll every transaction back
     # Values must cross a pipe or a broker: one that cannot be encoded fails its item
@@ -126,6 +131,7 @@ class Task:
 class Timings:
     """Where a chunk's time went in the worker, in seconds: for sizing chunks and pools."""
 
+    prepare: float = 0.0  # calling prepare, outside any transaction
     load: float = 0.0  # QuerySet input: loading the rows
     work: float = 0.0  # calling func, with its queries
     commit: float = 0.0  # the constraint checks and COMMIT

@@ -8,7 +8,11 @@ never raises, except ``KeyboardInterrupt`` when it runs in the caller's own thre
 
 Data flow of one chunk under ``atomic="chunk"`` (the default):
 
-    chunk --> attempt: one transaction (transactions.open_transaction)
+    chunk --> prepare     with ``task.prepare``: each item prepared, outside any
+                          transaction (no write lock held); func gets the values; a
+                          failing item fails here and never reaches func. Done once per
+                          run(): the redos, retries and splits below reuse the values
+          --> attempt: one transaction (transactions.open_transaction)
                 fast          no savepoints (a savepoint per item costs two round trips)
                   an item fails          --> roll back; redo with a savepoint per item;
                                              the failed item keeps its error, is not rerun
@@ -52,6 +56,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 from django.db import DatabaseError, connections, transaction
@@ -101,6 +106,13 @@ class _Unsendable(Exception):
         self.error = error
 
 
+@dataclass(frozen=True)
+class _PrepareFailed:
+    """In place of a prepared value: ``task.prepare`` raised for that item."""
+
+    error: ErrorInfo
+
+
 class Worker:
     """Runs ``task.func`` over chunks; one per thread or process, set up once.
 
@@ -124,6 +136,9 @@ class Worker:
         self.in_caller_thread = in_caller_thread
         self.committing = False
         self._call: Any = task.func
+        self._prepare: Any = task.prepare
+        # A func with a ``batch(items)`` method (fast=True) does a whole piece at once.
+        self._batch: Any = getattr(task.func, "batch", None)
         self._before_commit = before_commit
         self._careful = FAST
         # Per run(): the chunk's result as pieces settle, which offsets are settled, the
@@ -132,7 +147,10 @@ class Worker:
         self._start = 0
         self._settled: set[int] = set()
         self._failed_before: dict[int, ErrorInfo] = {}
-        self._times = {"load": 0.0, "work": 0.0, "commit": 0.0}
+        self._times = {"prepare": 0.0, "load": 0.0, "work": 0.0, "commit": 0.0}
+        # Per run(), with task.prepare: func's argument for each offset in the chunk, or
+        # the ErrorInfo of a prepare that failed.
+        self._prepared: list[Any] | None = None
         # The offsets of the latest transaction, and whether it has begun to COMMIT: what
         # a crash of ours leaves in doubt.
         self._current = range(0)
@@ -146,6 +164,12 @@ class Worker:
             self.state = self.task.setup()
             func, state = self.task.func, self.state
             self._call = lambda item: func(item, state)
+            if self._batch is not None:
+                batch = self._batch
+                self._batch = lambda items: batch(items, state)
+            if self.task.prepare is not None:
+                prepare = self.task.prepare
+                self._prepare = lambda item: prepare(item, state)
 
     def close(self) -> None:
         """Close the connections this worker opened (never the caller's)."""
@@ -164,7 +188,10 @@ class Worker:
         self._failed_before = {}
         self._times = dict.fromkeys(self._times, 0.0)
         self._current, self._in_commit = range(0), False
+        self._prepared = None
         try:
+            if self._prepare is not None:
+                self._prepared = self._prepare_items(chunk)
             if self.task.atomic == "chunk":
                 self._run_piece(chunk, Retry(self.task.retries, **self._where()), whole=True)
                 if not self._result.errors:
@@ -180,6 +207,7 @@ class Worker:
             self._crashed(chunk, error)
         result = self._result
         result.timings = Timings(
+            prepare=self._times["prepare"],
             load=self._times["load"],
             work=self._times["work"],
             commit=self._times["commit"],
@@ -282,7 +310,12 @@ class Worker:
             ) as txn:
                 if task.journal and self._journal_has(piece):
                     raise AlreadyDone
-                for offset, item in self._inputs(piece, result):
+                if self._batch is not None and level == FAST:
+                    self._run_batch(piece, result)
+                    inputs = []
+                else:
+                    inputs = self._inputs(piece, result)
+                for offset, item in inputs:
                     index = piece.start + offset
                     if index in self._failed_before:  # it ran once and failed: do not run it twice
                         result.errors[offset] = self._failed_before[index]
@@ -304,6 +337,37 @@ class Worker:
             if txn is not None:
                 self._times["commit"] += txn.commit_seconds
         return txn
+
+    def _run_batch(self, piece: Chunk, result: ChunkResult) -> None:
+        """The piece's items in one call of ``func.batch`` (the bulk path of ``fast=True``).
+        Anything it raises but a transient error rolls the piece back, to be run again item
+        by item with savepoints (the exact path), so a failing item fails alone."""
+        pairs = []
+        for offset, item in self._inputs(piece, result):
+            index = piece.start + offset
+            if index in self._failed_before:
+                result.errors[offset] = self._failed_before[index]
+            else:
+                pairs.append((offset, item))
+        started = time.perf_counter()
+        try:
+            values = self._batch([item for _, item in pairs])
+            if self.task.check_value is not None and self.task.keep_values:
+                for value in values:
+                    self.task.check_value(value)
+        except KeyboardInterrupt:
+            if self.in_caller_thread:
+                raise
+            raise _Redo(-1, None) from None
+        except BaseException as error:
+            if is_transient(error):
+                raise Transient(error) from error
+            raise _Redo(-1, None) from error
+        finally:
+            self._times["work"] += time.perf_counter() - started
+        if result.values is not None:
+            for (offset, _), value in zip(pairs, values, strict=True):
+                result.values[offset] = value
 
     def _journal_has(self, piece: Chunk) -> bool:
         try:
@@ -438,9 +502,39 @@ class Worker:
 
     # -- one item --------------------------------------------------------------------------
 
+    def _prepare_items(self, chunk: Chunk) -> list[Any]:
+        """Each item's prepared value (or the ErrorInfo of its failure), outside any
+        transaction of ours. Errors in prepare are the item's, as in func; Ctrl-C in the
+        caller's thread is the caller's."""
+        started = time.perf_counter()
+        prepared: list[Any] = []
+        try:
+            for item in chunk.items:
+                try:
+                    prepared.append(self._prepare(item))
+                except KeyboardInterrupt as error:
+                    if self.in_caller_thread:
+                        raise
+                    prepared.append(_PrepareFailed(ErrorInfo.from_exception(error)))
+                except BaseException as error:
+                    prepared.append(_PrepareFailed(ErrorInfo.from_exception(error)))
+        finally:
+            self._times["prepare"] += time.perf_counter() - started
+        return prepared
+
     def _inputs(self, chunk: Chunk, result: ChunkResult) -> list[tuple[int, Any]]:
-        """(offset, argument) pairs to call func with: the chunk's items, or what ``task.load``
-        made of them; items that failed to load are recorded as failures and left out."""
+        """(offset, argument) pairs to call func with: the chunk's items, what ``task.prepare``
+        made of them, or what ``task.load`` made of them; items that failed to prepare or to
+        load are recorded as failures and left out."""
+        if self._prepared is not None:
+            base = chunk.start - self._start
+            inputs = []
+            for offset, value in enumerate(self._prepared[base : base + len(chunk)]):
+                if isinstance(value, _PrepareFailed):
+                    result.errors[offset] = value.error
+                else:
+                    inputs.append((offset, value))
+            return inputs
         if self.task.load is None:
             return list(enumerate(chunk.items))
         started = time.perf_counter()

@@ -96,7 +96,7 @@ class ProcessExecutor(Executor):
             task_bytes = cloudpickle.dumps(task)
         except Exception as error:
             raise ConfigurationError(
-                f"The function {_name(task.func)} (or its setup) cannot be sent to worker "
+                f"The function {_name(task.func)} (or its setup or prepare) cannot be sent to worker "
                 f"processes: {type(error).__name__}: {error}. Define it at module level, or "
                 "make it use only picklable values; backend='thread' runs any callable."
             ) from error
