@@ -89,8 +89,8 @@ class Engine:
         if not callable(func):
             raise ConfigurationError(f"func must be callable, not {type(func).__name__}.")
         self.items = items
-        self.options = options
         self.executor = resolve(options.backend)
+        self.options = options = self.executor.configure(options)
         self.workers = self.executor.workers or options.workers
         self._whole_run_dry = options.dry_run and self.executor.supports_caller_transaction
         self.task = Task(
@@ -440,7 +440,9 @@ class Engine:
         if options.dry_run and options.atomic is False:
             raise ConfigurationError("dry_run needs transactions to roll back: use atomic='chunk' or 'item'.")
         name = self.executor.name or type(self.executor).__name__
-        if getattr(self.executor, "delivery", "exactly_once") != "exactly_once" and not options.run_id:
+        delivery = getattr(self.executor, "delivery", "exactly_once")
+        # A dry run commits nothing, so a chunk delivered twice applies nothing twice.
+        if delivery != "exactly_once" and not options.run_id and not options.dry_run:
             raise ConfigurationError(
                 f"The {name} backend may deliver a chunk twice, and only the journal keeps it from "
                 "being applied twice: give a run_id."

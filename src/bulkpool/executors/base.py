@@ -7,8 +7,12 @@ The engine drives an executor through four calls -- ``start``, ``submit``, ``eve
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 from bulkpool.protocol import Chunk, Event, Task
+
+if TYPE_CHECKING:
+    from bulkpool.options import Options
 
 
 class Executor(ABC):
@@ -22,14 +26,27 @@ class Executor(ABC):
         see uncommitted rows and are refused inside a transaction.
     ``supports_memory_sqlite``
         Can run against an in-memory SQLite database (only the caller's connection sees it).
+    ``delivery``
+        ``"exactly_once"``: a chunk submitted once runs at most once. ``"at_least_once"``
+        (a broker): it may run twice, so the engine requires the journal (a ``run_id``),
+        whose record in the chunk's own transaction keeps the second run from applying it.
+    ``detects_loss``
+        The executor itself reports a chunk whose worker went away as ``ChunkLost``.
     """
 
     name: str = ""
     supports_caller_transaction: bool = False
     supports_memory_sqlite: bool = False
+    delivery: str = "exactly_once"
+    detects_loss: bool = True
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers
+
+    def configure(self, options: Options) -> Options:
+        """The options the run goes with, given the caller's: a hook called before anything
+        is checked (the celery executor makes up a ``run_id`` when none is given)."""
+        return options
 
     def check(self, task: Task) -> None:  # noqa: B027 - optional hook
         """Refuse, with a ``ConfigurationError``, a task this executor cannot run."""

@@ -1,0 +1,232 @@
+"""The celery backend with real Celery workers (prefork), on Redis and on RabbitMQ.
+
+Each broker gets a worker node started as ``celery -A tests.celery_app worker --pool prefork
+-c 2 -Q <queue>`` (a subprocess, stopped at the end of the module), writing to this
+session's test database. Every test counts the Marker rows: each item written exactly once.
+
+- ``BULKPOOL_CELERY_TESTS=0``: skipped (CI runs them on one leg only);
+- a broker that does not answer: skipped with the reason, except under ``CI=true``, where
+  that is an error, since a CI run that skipped them would test nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import psutil
+import pytest
+from django.db import connection
+
+import bulkpool
+from bulkpool import CeleryExecutor, ConfigurationError
+from tests.celery_app import RABBITMQ, REDIS, make_app
+from tests.celery_jobs import marker, marker_failing_every
+from tests.faults.support import record, tally
+
+REPO = Path(__file__).resolve().parent.parent.parent
+OFF = os.environ.get("BULKPOOL_CELERY_TESTS", "").strip() == "0"
+BROKERS = {"redis": REDIS, "rabbitmq": RABBITMQ}
+START_TIMEOUT = 60.0
+
+pytestmark = [
+    pytest.mark.skipif(OFF, reason="BULKPOOL_CELERY_TESTS=0"),
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.slow,
+]
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def _answers(url: str) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 0), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+class Node:
+    """One ``celery worker`` process (a node, with its prefork pool), started and stopped by the tests."""
+
+    def __init__(self, broker: str, queue: str, database: str, name: str, log: Path) -> None:
+        env = {
+            **os.environ,
+            "BULKPOOL_CELERY_BROKER": broker,
+            "BULKPOOL_CELERY_DB_NAME": database,
+            "PYTHONPATH": str(REPO),
+        }
+        self.name = f"{name}@{socket.gethostname()}"
+        self.log = log
+        command = [sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "--pool", "prefork"]
+        command += ["-c", "2", "-Q", queue, "-n", self.name, "--without-gossip", "--without-mingle"]
+        command += ["--without-heartbeat", "-l", "warning"]
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, app: Any) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"celery worker {self.name} exited: {self.log.read_text()[-3000:]}")
+            if app.control.ping(destination=[self.name], timeout=0.5):
+                return
+        raise RuntimeError(f"celery worker {self.name} did not answer in {START_TIMEOUT}s")
+
+    def children(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # warm shutdown: finish the task in hand
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        try:
+            everyone = [psutil.Process(self.process.pid), *self.children()]
+        except psutil.NoSuchProcess:
+            everyone = []
+        for process in everyone:
+            try:
+                process.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module", params=list(BROKERS))
+def broker(request: pytest.FixtureRequest) -> str:
+    url = BROKERS[request.param]
+    if not _answers(url):
+        message = f"the {request.param} broker does not answer at {url}"
+        if _in_ci():
+            pytest.fail(f"{message} (CI=true: .ci/run starts it)")
+        pytest.skip(f"{message}: start it to run the celery tests")
+    return url
+
+
+@pytest.fixture(scope="module")
+def celery_env(
+    broker: str, django_db_setup: Any, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """The caller's app, a queue of this module's own, and a running worker node on it."""
+    app = make_app(broker)
+    queue = f"bulkpool-test-{uuid.uuid4().hex[:8]}"
+    log = tmp_path_factory.mktemp("celery") / "worker.log"
+    database = connection.settings_dict["NAME"]
+    node = Node(broker, queue, database, f"a-{queue}", log)
+    try:
+        node.wait_ready(app)
+        yield {"app": app, "queue": queue, "node": node, "broker": broker, "database": database, "log": log}
+    finally:
+        node.stop()
+        with app.connection_for_write() as conn:
+            try:
+                conn.default_channel.queue_delete(queue)
+            except Exception:
+                pass
+
+
+def _executor(env: dict[str, Any], **extra: Any) -> CeleryExecutor:
+    return CeleryExecutor(app=env["app"], queue=env["queue"], lease=extra.pop("lease", 8.0), heartbeat=1.0)
+
+
+def _label(env: dict[str, Any]) -> str:
+    return "redis" if env["broker"].startswith("redis") else "rabbitmq"
+
+
+def test_every_item_is_written_once_by_two_worker_processes(celery_env):
+    """500 items through a node with 2 pool processes: each written exactly once, results back."""
+    results = bulkpool.imap(
+        functools.partial(marker, 0.0), range(500), backend=_executor(celery_env), workers=2, chunk_size=10
+    )
+    outcomes = list(results)
+    found = tally(range(500))
+    record(f"celery {_label(celery_env)}: clean run", found, results.report)
+    assert found.exactly_once, found
+    assert [o.value for o in outcomes] == [i * 2 for i in range(500)]
+    assert results.report.ok == 500
+
+
+def test_item_failures_come_back_with_index_type_message_and_traceback(celery_env):
+    """Per-item failures cross the broker as plain data, with the worker's traceback."""
+    report = bulkpool.run(
+        functools.partial(marker_failing_every, 25),
+        range(200),
+        backend=_executor(celery_env),
+        workers=2,
+        chunk_size=10,
+    )
+    assert report.ok == 192 and report.failed == 8
+    failure = report.failures[0]
+    assert failure.index == 0
+    assert failure.exc_type == "ValueError"
+    assert failure.message == "item 0 is refused"
+    assert "marker_failing_every" in failure.traceback
+    found = tally(i for i in range(200) if i % 25)
+    assert found.exactly_once, found
+
+
+def test_a_pool_child_killed_mid_run_loses_and_doubles_nothing(celery_env):
+    """SIGKILL a pool process while chunks run: the broker redelivers, the journal keeps it once."""
+    import threading
+
+    node: Node = celery_env["node"]
+    killed: list[int] = []
+
+    def kill_one_child() -> None:
+        from tests.testapp.models import Marker
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and Marker.objects.count() < 100:
+            time.sleep(0.05)
+        connection.close()
+        child = node.children()[0]
+        killed.append(child.pid)
+        child.send_signal(signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_one_child)
+    killer.start()
+    try:
+        report = bulkpool.run(
+            functools.partial(marker, 0.01),
+            range(500),
+            backend=_executor(celery_env),
+            workers=2,
+            chunk_size=10,
+        )
+    finally:
+        killer.join()
+    found = tally(range(500))
+    record(f"celery {_label(celery_env)}: pool child SIGKILL", found, report)
+    assert killed
+    assert found.exactly_once, found
+    assert report.failed == 0
+
+
+def test_a_lambda_is_refused_before_anything_is_sent(celery_env):
+    """func travels by dotted path: a lambda is refused, saying what to do."""
+    with pytest.raises(ConfigurationError, match="top level of an importable module"):
+        bulkpool.run(lambda i: i, range(10), backend=_executor(celery_env))
+
+
+def test_an_item_json_cannot_carry_is_refused_naming_it(celery_env):
+    """Items travel as JSON: an object JSON cannot carry is refused with its index."""
+    with pytest.raises(ConfigurationError, match=r"Item 0 \(<object object"):
+        bulkpool.run(functools.partial(marker, 0.0), [object()], backend=_executor(celery_env))
