@@ -144,7 +144,7 @@ def celery_env(
 
 
 def _executor(env: dict[str, Any], **extra: Any) -> CeleryExecutor:
-    return CeleryExecutor(app=env["app"], queue=env["queue"], lease=extra.pop("lease", 8.0), heartbeat=1.0)
+    return CeleryExecutor(app=env["app"], queue=env["queue"], lease=extra.get("lease", 8.0), heartbeat=1.0)
 
 
 def _label(env: dict[str, Any]) -> str:
@@ -230,3 +230,48 @@ def test_an_item_json_cannot_carry_is_refused_naming_it(celery_env):
     """Items travel as JSON: an object JSON cannot carry is refused with its index."""
     with pytest.raises(ConfigurationError, match=r"Item 0 \(<object object"):
         bulkpool.run(functools.partial(marker, 0.0), [object()], backend=_executor(celery_env))
+
+
+def test_a_whole_node_killed_mid_run_and_a_new_one_started_loses_and_doubles_nothing(celery_env):
+    """Two nodes share the run; one is SIGKILLed with its pool, a new one starts: each item once."""
+    import threading
+
+    from tests.testapp.models import Marker
+
+    app, queue, log = celery_env["app"], celery_env["queue"], celery_env["log"]
+    doomed = Node(celery_env["broker"], queue, celery_env["database"], f"b-{queue}", log)
+    doomed.wait_ready(app)
+    nodes: list[Node] = [doomed]
+    done_on_doomed: list[int] = []
+
+    def kill_the_node_then_start_another() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and Marker.objects.count() < 150:
+            time.sleep(0.05)
+        connection.close()
+        done_on_doomed.append(len(doomed.children()))
+        doomed.kill()
+        fresh = Node(celery_env["broker"], queue, celery_env["database"], f"c-{queue}", log)
+        nodes.append(fresh)
+        fresh.wait_ready(app)
+
+    killer = threading.Thread(target=kill_the_node_then_start_another)
+    killer.start()
+    try:
+        report = bulkpool.run(
+            functools.partial(marker, 0.02),
+            range(500),
+            backend=_executor(celery_env, lease=6.0),
+            workers=4,
+            chunk_size=10,
+        )
+    finally:
+        killer.join()
+        for node in nodes:
+            node.stop()
+    found = tally(range(500))
+    record(f"celery {_label(celery_env)}: node SIGKILL + new node", found, report)
+    assert done_on_doomed == [2]  # the node had its two pool processes when it was killed
+    assert found.exactly_once, found
+    assert report.failed == 0
+    assert report.ok + report.skipped == 500
