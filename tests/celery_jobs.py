@@ -20,3 +20,14 @@ def marker_failing_every(n: int, i: int) -> int:
         raise ValueError(f"item {i} is refused")
     Marker.objects.create(key=str(i), value=i)
     return i
+
+
+def marker_killing_at(poison: int, i: int) -> int:
+    """Write one Marker, except item ``poison``, which SIGKILLs the process running it, every time."""
+    import os
+    import signal
+
+    if i == poison:
+        os.kill(os.getpid(), signal.SIGKILL)
+    Marker.objects.create(key=str(i), value=i)
+    return i

@@ -31,7 +31,7 @@ from django.db import connection
 import bulkpool
 from bulkpool import CeleryExecutor, ConfigurationError
 from tests.celery_app import RABBITMQ, REDIS, make_app
-from tests.celery_jobs import marker, marker_failing_every
+from tests.celery_jobs import marker, marker_failing_every, marker_killing_at
 from tests.faults.support import record, tally
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -275,3 +275,20 @@ def test_a_whole_node_killed_mid_run_and_a_new_one_started_loses_and_doubles_not
     assert found.exactly_once, found
     assert report.failed == 0
     assert report.ok + report.skipped == 500
+
+
+def test_an_item_that_kills_every_worker_fails_alone(celery_env):
+    """A poison item: its chunk is split across deliveries until it fails alone (WorkerDied)."""
+    report = bulkpool.run(
+        functools.partial(marker_killing_at, 13),
+        range(40),
+        backend=_executor(celery_env),
+        workers=2,
+        chunk_size=4,
+        retries=0,
+    )
+    found = tally(i for i in range(40) if i != 13)
+    record(f"celery {_label(celery_env)}: poison item", found, report)
+    assert found.exactly_once, found
+    assert [(f.index, f.exc_type) for f in report.failures] == [(13, "bulkpool.WorkerDied")]
+    assert report.ok == 39
