@@ -292,3 +292,33 @@ def test_an_item_that_kills_every_worker_fails_alone(celery_env):
     assert found.exactly_once, found
     assert [(f.index, f.exc_type) for f in report.failures] == [(13, "bulkpool.WorkerDied")]
     assert report.ok == 39
+
+
+def test_create_update_and_delete_over_querysets_run_on_celery_workers(celery_env):
+    """bulkpool's operations travel as class path + fields; QuerySets as primary keys."""
+    from tests.testapp.models import Marker
+
+    report = bulkpool.create(
+        "testapp.Marker", ({"key": str(i), "value": i} for i in range(60)), backend=_executor(celery_env)
+    )
+    assert report.ok == 60 and tally(range(60)).exactly_once
+    report = bulkpool.update(
+        Marker.objects.filter(value__lt=30), values={"value": -1}, backend=_executor(celery_env)
+    )
+    assert report.ok == 30
+    assert Marker.objects.filter(value=-1).count() == 30
+    report = bulkpool.delete(Marker.objects.filter(value=-1), backend=_executor(celery_env))
+    assert report.ok == 30
+    assert sorted(int(k) for k in Marker.objects.values_list("key", flat=True)) == list(range(30, 60))
+
+
+def test_a_queryset_whose_shape_would_be_lost_is_refused(celery_env):
+    """Workers load rows with the base manager by primary key: annotate() would be lost, so it is refused."""
+    from django.db.models import F
+
+    from tests.testapp.models import Marker
+
+    with pytest.raises(ConfigurationError, match=r"uses annotate\(\)"):
+        bulkpool.update(
+            Marker.objects.annotate(twice=F("value") * 2), values={"value": 0}, backend=_executor(celery_env)
+        )
