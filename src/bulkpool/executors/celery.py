@@ -117,7 +117,17 @@ class CeleryExecutor(Executor):
     # -- before the run --------------------------------------------------------------------
 
     def configure(self, options: Options) -> Options:
-        if options.run_id or options.dry_run:
+        from django.apps import apps
+
+        if options.dry_run:
+            return options
+        if not apps.is_installed("bulkpool"):
+            raise ConfigurationError(
+                "The celery backend journals every run, so that a chunk delivered twice is applied "
+                'once: add "bulkpool" to INSTALLED_APPS (the workers need it too, for their task) '
+                "and run `python manage.py migrate bulkpool`."
+            )
+        if options.run_id:
             return options
         run_id = f"celery-{timezone.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         logger.warning(
