@@ -32,7 +32,8 @@ import bulkpool
 from bulkpool import CeleryExecutor, ConfigurationError
 from tests.celery_app import RABBITMQ, REDIS, make_app
 from tests.celery_jobs import marker, marker_failing_every, marker_killing_at
-from tests.faults.support import record, tally
+from tests.faults import jobs
+from tests.faults.support import finish, kill, marker_counts, record, start_driver, tally, wait_for_rows
 
 REPO = Path(__file__).resolve().parent.parent.parent
 OFF = os.environ.get("BULKPOOL_CELERY_TESTS", "").strip() == "0"
@@ -322,3 +323,36 @@ def test_a_queryset_whose_shape_would_be_lost_is_refused(celery_env):
         bulkpool.update(
             Marker.objects.annotate(twice=F("value") * 2), values={"value": 0}, backend=_executor(celery_env)
         )
+
+
+@pytest.mark.parametrize("fault", ["Ctrl-C", "SIGKILL"])
+def test_a_caller_stopped_mid_run_then_resumed_writes_every_item_once(celery_env, fault):
+    """Ctrl-C (or SIGKILL) of the caller mid-run, then the run_id run again: each item once."""
+    run_id = f"celery-{fault}-{uuid.uuid4().hex[:6]}"
+    driver = start_driver(
+        "--items", "400", "--pause", "0.02", "--chunk-size", "10", "--run-id", run_id,
+        "--celery-broker", celery_env["broker"], "--celery-queue", celery_env["queue"],
+    )  # fmt: skip
+    wait_for_rows(driver, 100)
+    if fault == "Ctrl-C":
+        driver.send_signal(signal.SIGINT)
+        status, _, err = finish(driver, within=60)
+        assert status == 130, err
+        assert f"run_id={run_id!r}" in err  # the resume hint
+    else:
+        kill(driver)
+        time.sleep(2)  # the chunks in flight commit on the workers, or roll back
+    before = len(marker_counts())
+    report = bulkpool.run(
+        functools.partial(jobs.slow_marker, 0.0),
+        range(400),
+        backend=_executor(celery_env),
+        workers=2,
+        chunk_size=10,
+        run_id=run_id,
+    )
+    found = tally(range(400))
+    record(f"celery {_label(celery_env)}: caller {fault}, then resumed", found, report, written_before=before)
+    assert found.exactly_once, (found, str(report))
+    assert 0 < report.skipped < 400
+    assert report.failed == 0
