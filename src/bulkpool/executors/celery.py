@@ -176,10 +176,16 @@ class CeleryExecutor(Executor):
     def submit(self, chunk: Chunk) -> None:
         payload = encode_chunk(chunk)
         key = uuid.uuid4().hex
+        try:
+            self._app.send_task(
+                TASK_NAME, args=[self._job, payload, key, self._reply], queue=self.queue, task_id=key
+            )
+        except Exception as error:  # the engine stops sending, drains what is in flight, reports
+            raise WorkerStartupError(
+                f"Could not send a chunk to the Celery broker ({self._app.conf.broker_url}): "
+                f"{type(error).__name__}: {error}"
+            ) from error
         self._flight[key] = _InFlight(chunk, time.monotonic())
-        self._app.send_task(
-            TASK_NAME, args=[self._job, payload, key, self._reply], queue=self.queue, task_id=key
-        )
 
     def events(self, timeout: float | None = None) -> list[Event]:
         deadline = time.monotonic() + (self.heartbeat if timeout is None else timeout)
