@@ -91,6 +91,43 @@ def _bulkpool_prepared(workload: Workload, items: Items, **options: Any) -> dict
     return _facts(report)
 
 
+def bulkpool_process_journaled(workload: Workload, items: Items) -> dict[str, Any]:
+    """As ``bulkpool_process``, journaled (a ``run_id``), as every celery run is."""
+    import uuid
+
+    return _bulkpool(workload, items, backend="process", workers=2, run_id=f"bench-{uuid.uuid4().hex}")
+
+
+def bulkpool_celery(workload: Workload, items: Items) -> dict[str, Any]:
+    """``bulkpool.run`` on ``backend="celery"``: a local node of 2 prefork processes on the
+    broker of ``bench.celery_app`` (Redis by default); the node's start is not timed."""
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from bench.celery_app import app
+
+    queue = f"bench-{uuid.uuid4().hex[:8]}"
+    node = f"bench-{queue}@localhost"
+    command = [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", "--pool", "prefork"]
+    command += ["-c", "2", "-Q", queue, "-n", node, "--without-gossip", "--without-mingle", "-l", "error"]
+    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not app.control.ping(destination=[node], timeout=0.5):
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError("the celery worker did not start")
+        started = time.perf_counter()
+        from bulkpool import CeleryExecutor
+
+        facts = _bulkpool(workload, items, backend=CeleryExecutor(app=app, queue=queue), workers=2)
+        return {**facts, "elapsed": time.perf_counter() - started}
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+
+
 def bulk_create(workload: Workload, items: Items) -> None:
     """For reference: one INSERT per 1,000 rows; no save(), no signals."""
     user = get_user_model()
@@ -135,5 +172,7 @@ METHODS: dict[str, Callable[[Workload, Items], dict[str, Any] | None]] = {
     "bulkpool_process_500": bulkpool_process_500,
     "bulkpool_serial_prepare": bulkpool_serial_prepare,
     "bulkpool_process_prepare": bulkpool_process_prepare,
+    "bulkpool_process_journaled": bulkpool_process_journaled,
+    "bulkpool_celery": bulkpool_celery,
     "bulk_create": bulk_create,
 }

@@ -10,6 +10,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.auth",
+    "bulkpool",  # the journal, which the celery method needs; its task, for the celery worker
     "bench.apps.BenchConfig",
 ]
 

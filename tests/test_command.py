@@ -617,7 +617,7 @@ def test_stdin_without_format_is_exit_2():
         (["--workers", "0"], "argument --workers: '0' is not a whole number, 1 or more"),
         (["--chunk-size", "ten"], "argument --chunk-size: 'ten' is not a whole number, 1 or more"),
         (["--retries", "-1"], "argument --retries: '-1' is not a whole number, 0 or more"),
-        (["--backend", "celery"], "argument --backend: invalid choice: 'celery'"),
+        (["--backend", "dask"], "argument --backend: invalid choice: 'dask'"),
         (["--atomic", "yes"], "argument --atomic: invalid choice: 'yes'"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ],

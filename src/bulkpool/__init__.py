@@ -11,11 +11,14 @@ Entry points:
 
 ``items`` may be a QuerySet: it is split by primary key and each worker loads its own rows.
 
-Executors: ``backend="serial" | "thread" | "process"``, or an instance such as
-``ProcessExecutor(start_method="spawn")``. Errors derive from ``BulkpoolError``.
+Executors: ``backend="serial" | "thread" | "process" | "celery"``, or an instance such as
+``ProcessExecutor(start_method="spawn")`` or ``CeleryExecutor(app=..., queue=...)`` (imported
+only when used: Celery is an optional dependency). Errors derive from ``BulkpoolError``.
 """
 
+import importlib as _importlib
 import importlib.metadata as _metadata
+import typing as _typing
 
 from bulkpool.api import Outcomes, imap, run
 from bulkpool.errors import (
@@ -41,6 +44,19 @@ from bulkpool.operations import create, delete, update
 from bulkpool.options import Options
 from bulkpool.outcomes import Failure, Outcome, Report
 
+if _typing.TYPE_CHECKING:
+    from bulkpool.executors.celery import CeleryExecutor
+
+# Public names imported when first used, so that their optional dependencies stay optional.
+_LAZY = {"CeleryExecutor": "bulkpool.executors.celery"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(_importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bulkpool' has no attribute {name!r}")
+
+
 try:
     __version__ = _metadata.version("django-bulkpool")
 except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
@@ -48,6 +64,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 
 __all__ = [
     "BulkpoolError",
+    "CeleryExecutor",
     "CommitUnknown",
     "ConfigurationError",
     "Failure",

@@ -89,7 +89,10 @@ class Engine:
             raise ConfigurationError(f"func must be callable, not {type(func).__name__}.")
         self.items = items
         self.executor = resolve(options.backend)
-        if getattr(self.executor, "delivery", "exactly_once") != "exactly_once" and not options.run_id:
+        options = self.executor.configure(options)  # an executor may adjust them (celery's run_id)
+        at_least_once = getattr(self.executor, "delivery", "exactly_once") != "exactly_once"
+        # A dry run commits nothing, so a chunk delivered twice applies nothing twice.
+        if at_least_once and not options.run_id and not options.dry_run:
             options = replace(options, run_id=_made_up_run_id())
             logger.warning(
                 "Journaled as run_id=%r: the %s backend may deliver a chunk twice, and the journal "

@@ -21,7 +21,7 @@ Atomic = Literal["chunk", "item", False]
 OnError = Literal["collect", "raise"]
 
 DEFAULT_CHUNK_SIZE = 100
-BACKEND_NAMES = ("serial", "thread", "process")
+BACKEND_NAMES = ("serial", "thread", "process", "celery")
 
 
 def default_workers() -> int:
@@ -42,7 +42,9 @@ class Options:
 
     backend: Any = field(
         default="process",
-        metadata=_meta("Where calls run: serial, thread or process.", choices=BACKEND_NAMES, metavar="NAME"),
+        metadata=_meta(
+            "Where calls run: serial, thread, process or celery.", choices=BACKEND_NAMES, metavar="NAME"
+        ),
     )
     workers: int = field(
         default=None,  # type: ignore[assignment]  # None: one per CPU, set in __post_init__

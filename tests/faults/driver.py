@@ -35,6 +35,8 @@ def main() -> int:
     parser.add_argument("--run-id")
     parser.add_argument("--start-method")
     parser.add_argument("--setup-pause", type=float, help="seconds each worker's setup takes")
+    parser.add_argument("--celery-broker", help="run on the celery backend, with this broker")
+    parser.add_argument("--celery-queue", help="the celery workers' queue")
     args = parser.parse_args()
 
     settings.DATABASES["default"]["NAME"] = os.environ["BULKPOOL_FAULTS_DB_NAME"]
@@ -43,11 +45,19 @@ def main() -> int:
     import bulkpool
     from tests.faults.jobs import slow_marker, slow_setup
 
+    backend: bulkpool.ProcessExecutor | bulkpool.CeleryExecutor
+    if args.celery_broker:
+        from tests.celery_app import make_app
+
+        app = make_app(args.celery_broker)
+        backend = bulkpool.CeleryExecutor(app=app, queue=args.celery_queue, lease=8.0, heartbeat=1.0)
+    else:
+        backend = bulkpool.ProcessExecutor(start_method=args.start_method)
     try:
         report = bulkpool.run(
             functools.partial(slow_marker, args.pause),
             range(args.items),
-            backend=bulkpool.ProcessExecutor(start_method=args.start_method),
+            backend=backend,
             workers=args.workers,
             chunk_size=args.chunk_size,
             run_id=args.run_id,

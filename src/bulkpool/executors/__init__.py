@@ -1,8 +1,14 @@
-"""Where chunks run. Names resolve through one fixed map; an executor instance is used as is."""
+"""Where chunks run. Names resolve through one fixed map; an executor instance is used as is.
+
+``celery`` is in the map as a dotted path, imported only when asked for: Celery need not be
+installed for the other backends.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+from django.utils.module_loading import import_string
 
 from bulkpool.executors.base import Executor
 from bulkpool.executors.process import ProcessExecutor
@@ -10,10 +16,11 @@ from bulkpool.executors.serial import SerialExecutor
 from bulkpool.executors.thread import ThreadExecutor
 from bulkpool.protocol import ChunkDone, ChunkLost, Event
 
-EXECUTORS: dict[str, type[Executor]] = {
+EXECUTORS: dict[str, type[Executor] | str] = {
     "serial": SerialExecutor,
     "thread": ThreadExecutor,
     "process": ProcessExecutor,
+    "celery": "bulkpool.executors.celery.CeleryExecutor",
 }
 
 
@@ -21,7 +28,9 @@ def resolve(backend: Any) -> Executor:
     """An executor for ``backend``: a name from ``EXECUTORS``, or an executor instance."""
     if isinstance(backend, Executor):
         return backend
-    return EXECUTORS[backend]()
+    kind = EXECUTORS[backend]
+    executor: type[Executor] = import_string(kind) if isinstance(kind, str) else kind
+    return executor()
 
 
 __all__ = [

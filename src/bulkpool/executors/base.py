@@ -10,11 +10,14 @@ from __future__ import annotations
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from bulkpool.protocol import Chunk, ChunkLost, Event, Task
 
 Delivery = Literal["exactly_once", "at_least_once"]
+
+if TYPE_CHECKING:
+    from bulkpool.options import Options
 
 
 class Executor(ABC):
@@ -47,6 +50,11 @@ class Executor(ABC):
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers
+
+    def configure(self, options: Options) -> Options:
+        """The options the run goes with, given the caller's: a hook called before anything
+        is checked (the celery executor makes up a ``run_id`` when none is given)."""
+        return options
 
     def check(self, task: Task) -> None:  # noqa: B027 - optional hook
         """Refuse, with a ``ConfigurationError``, a task this executor cannot run."""

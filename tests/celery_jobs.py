@@ -1,0 +1,33 @@
+"""Module-level functions for the celery tests: workers import them by their dotted paths."""
+
+from __future__ import annotations
+
+import time
+
+from tests.testapp.models import Marker
+
+
+def marker(pause: float, i: int) -> int:
+    """Write one Marker keyed by the item, then hold the transaction ``pause`` seconds."""
+    Marker.objects.create(key=str(i), value=i)
+    time.sleep(pause)
+    return i * 2
+
+
+def marker_failing_every(n: int, i: int) -> int:
+    """Write one Marker, except for items divisible by ``n``, which raise ``ValueError``."""
+    if i % n == 0:
+        raise ValueError(f"item {i} is refused")
+    Marker.objects.create(key=str(i), value=i)
+    return i
+
+
+def marker_killing_at(poison: int, i: int) -> int:
+    """Write one Marker, except item ``poison``, which SIGKILLs the process running it, every time."""
+    import os
+    import signal
+
+    if i == poison:
+        os.kill(os.getpid(), signal.SIGKILL)
+    Marker.objects.create(key=str(i), value=i)
+    return i

@@ -1,0 +1,63 @@
+"""What the celery backend sends, without a broker: references to functions, and JSON items."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import functools
+
+import pytest
+
+from bulkpool import ConfigurationError
+from bulkpool.executors.celery import encode_chunk, rebuild, reference
+from bulkpool.operations import CreateRow
+from bulkpool.protocol import JSON, Chunk
+from tests.celery_jobs import marker
+
+
+def _closure():
+    def inner(i):
+        return i
+
+    return inner
+
+
+def test_a_partial_of_an_importable_function_travels_as_path_and_arguments():
+    """functools.partial(marker, 0.5) comes back as the same function with the same arguments."""
+    back = rebuild(JSON.decode(JSON.encode(reference(functools.partial(marker, 0.5), "func"))))
+    assert isinstance(back, functools.partial)
+    assert (back.func, back.args) == (marker, (0.5,))
+
+
+def test_bulkpools_operations_travel_as_class_path_and_fields():
+    """create()'s per-row callable is rebuilt from its class path and its fields."""
+    row = CreateRow("testapp.Marker", validate=True, database="default")
+    assert rebuild(JSON.decode(JSON.encode(reference(row, "func")))) == row
+
+
+@pytest.mark.parametrize(
+    ("func", "message"),
+    [
+        (lambda i: i, "is a lambda or a closure"),
+        (functools.partial(lambda i: i), "is a lambda or a closure"),
+        (_closure(), "is a lambda or a closure"),
+        (CreateRow("testapp.Marker", False, "default").__call__, "is not what"),  # a bound method
+    ],
+)
+def test_what_a_worker_cannot_import_is_refused_saying_what_to_do(func, message):
+    """Lambdas, closures and names that do not import back are refused, with the fix."""
+    with pytest.raises(ConfigurationError, match=message):
+        reference(func, "func")
+
+
+def test_an_item_json_cannot_carry_is_named():
+    """The refusal names the item's input index and shows it."""
+    chunk = Chunk(0, 10, [1, {"a": datetime.date(2026, 1, 2)}, decimal.Decimal("1.5"), object()])
+    with pytest.raises(ConfigurationError, match=r"Item 13 \(<object object"):
+        encode_chunk(chunk)
+
+
+def test_dates_and_decimals_come_back_as_themselves():
+    """Items with dates, decimals and UUIDs cross as tagged JSON."""
+    chunk = Chunk(0, 0, [{"a": datetime.date(2026, 1, 2)}, decimal.Decimal("1.5")])
+    assert JSON.decode(encode_chunk(chunk)) == chunk
