@@ -9,7 +9,7 @@ import functools
 import pytest
 
 from bulkpool import ConfigurationError
-from bulkpool.executors.celery import encode_chunk, rebuild, reference
+from bulkpool.executors.celery import _task_of, encode_chunk, job_of, rebuild, reference
 from bulkpool.operations import CreateRow
 from bulkpool.protocol import JSON, Chunk
 from tests.celery_jobs import marker
@@ -61,3 +61,23 @@ def test_dates_and_decimals_come_back_as_themselves():
     """Items with dates, decimals and UUIDs cross as tagged JSON."""
     chunk = Chunk(0, 0, [{"a": datetime.date(2026, 1, 2)}, decimal.Decimal("1.5")])
     assert JSON.decode(encode_chunk(chunk)) == chunk
+
+
+def test_the_job_carries_func_setup_and_prepare_by_reference():
+    """A worker rebuilds the task with the same func, setup and prepare it was given."""
+    from bulkpool.protocol import Task
+
+    task = Task(
+        func=marker,
+        setup=functools.partial(marker, 1),
+        prepare=functools.partial(marker, 2),
+        atomic="chunk",
+        database="default",
+        retries=3,
+        keep_values=True,
+        own_connections=True,
+    )
+    back = _task_of(JSON.decode(JSON.encode(job_of(task, heartbeat=5.0))))
+    assert back.func is marker
+    assert isinstance(back.setup, functools.partial) and back.setup.args == (1,)
+    assert isinstance(back.prepare, functools.partial) and back.prepare.args == (2,)

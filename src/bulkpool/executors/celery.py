@@ -323,6 +323,7 @@ def job_of(task: Task, *, heartbeat: float) -> dict[str, Any]:
     job = {
         "func": reference(task.func, "func"),
         "setup": None if task.setup is None else reference(task.setup, "setup"),
+        "prepare": None if task.prepare is None else reference(task.prepare, "prepare"),
         "atomic": task.atomic,
         "database": task.database,
         "retries": task.retries,
@@ -490,6 +491,7 @@ def _task_of(data: dict[str, Any]) -> Task:
     return Task(
         func=rebuild(data["func"]),
         setup=None if data["setup"] is None else rebuild(data["setup"]),
+        prepare=None if data["prepare"] is None else rebuild(data["prepare"]),
         atomic=data["atomic"],
         database=data["database"],
         retries=data["retries"],
