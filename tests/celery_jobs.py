@@ -31,3 +31,17 @@ def marker_killing_at(poison: int, i: int) -> int:
         os.kill(os.getpid(), signal.SIGKILL)
     Marker.objects.create(key=str(i), value=i)
     return i
+
+
+def double_outside(i: int) -> int:
+    """A ``prepare``: runs on the worker outside any transaction (it checks)."""
+    from django.db import connection
+
+    assert not connection.in_atomic_block, "prepare ran inside a transaction"
+    return i * 2
+
+
+def marker_of_prepared(value: int) -> int:
+    """Write one Marker keyed by what ``prepare`` made of the item."""
+    Marker.objects.create(key=str(value), value=value)
+    return value

@@ -165,6 +165,18 @@ def test_every_item_is_written_once_by_two_worker_processes(celery_env):
     assert results.report.ok == 500
 
 
+def test_prepare_runs_on_the_celery_worker_outside_the_transaction(celery_env):
+    """prepare= travels by reference too: func gets its value on the worker, every item once."""
+    from tests.celery_jobs import double_outside, marker_of_prepared
+    from tests.testapp.models import Marker
+
+    report = bulkpool.run(
+        marker_of_prepared, range(60), prepare=double_outside, backend=_executor(celery_env), chunk_size=10
+    )
+    assert (report.ok, report.failed) == (60, 0), report
+    assert sorted(Marker.objects.values_list("value", flat=True)) == [i * 2 for i in range(60)]
+
+
 def test_item_failures_come_back_with_index_type_message_and_traceback(celery_env):
     """Per-item failures cross the broker as plain data, with the worker's traceback."""
     report = bulkpool.run(
