@@ -181,3 +181,18 @@ def refuse_c3(customer: Any) -> None:
 
 def rename(obj: Any) -> None:
     obj.name += "!"
+
+
+def write_book_dying_on_second_run(flag_dir: str, poison: int, author_id: int) -> int:
+    """Write a Book by ``author_id`` (which may dangle); SIGKILL the worker the second time
+    ``poison`` runs (the first run is the chunk's fast attempt, refused at COMMIT)."""
+    from pathlib import Path
+
+    from tests.testapp.models import Book
+
+    if author_id == poison:
+        runs = Path(flag_dir, "runs")
+        runs.write_text(str(int(runs.read_text() or "0") + 1) if runs.exists() else "1")
+        if runs.read_text() == "2":
+            os.kill(os.getpid(), signal.SIGKILL)
+    return Book.objects.create(title=f"by {author_id}", author_id=author_id).pk

@@ -261,3 +261,67 @@ def test_an_at_least_once_executor_always_runs_journaled(caplog):
     assert run.run_id.startswith("run-") and run.status == Run.Status.FINISHED
     assert f"Journaled as run_id={run.run_id!r}" in caplog.text
     assert RunChunk.objects.filter(run=run).count() == 3
+
+
+# -- found in review -------------------------------------------------------------------------
+
+
+@pytest.mark.vendor("sqlite")  # the halving path: PostgreSQL redoes the chunk with checks instead
+def test_a_chunk_split_on_a_refused_commit_whose_worker_dies_resends_only_what_is_not_recorded(tmp_path):
+    """A chunk split on a refused COMMIT commits its first half, then its worker dies in the
+    second: sent again, only the unrecorded half runs, and every good row is written once."""
+    from tests.testapp.models import Author, Book
+
+    authors = [Author.objects.create(name=f"a{i}").pk for i in range(8)]
+    dangling, poison = max(authors) + 1000, authors[6]
+    items = [*authors[:1], dangling, *authors[2:]]
+    func = functools.partial(jobs.write_book_dying_on_second_run, str(tmp_path), poison)
+    report = bulkpool.run(func, items, backend="process", workers=1, chunk_size=8, run_id="split-die")
+    assert [(f.index, "IntegrityError" in f.exc_type) for f in report.failures] == [(1, True)]
+    assert (report.ok, report.failed, report.skipped) == (7, 1, 0)
+    books = Counter(Book.objects.values_list("author_id", flat=True))
+    assert books == Counter(i for i in items if i != dangling)
+
+
+def test_ordered_imap_over_bad_lines_does_not_spin(tmp_path):
+    """Ordered imap on serial over a file whose first chunk has bad lines (skipped): the
+    settled pieces wait for the one in flight, and the run finishes."""
+    path = tmp_path / "rows.jsonl"
+    lines = [str(i) for i in range(40)]
+    lines[10] = lines[20] = "{oops"
+    path.write_text("\n".join(lines) + "\n")
+    with bulkpool.open_input(path, on_bad_line="skip") as items:
+        outcomes = list(bulkpool.imap(jobs.write_marker, items, backend="serial", chunk_size=40))
+    assert [o.index for o in outcomes] == list(range(40))
+    assert [o.index for o in outcomes if not o.ok] == [10, 20]
+    assert len(marker_counts()) == 38
+
+
+@pytest.mark.parametrize("backend", ["serial", "process"])
+def test_a_rerun_refused_past_its_first_chunk_leaves_the_journal_as_it_was(backend):
+    """Input that differs only in a later chunk: refused there, and nothing of the finished
+    run's record changes (no attempt counted, status and counts kept)."""
+    bulkpool.run(jobs.write_marker, range(50), backend=backend, chunk_size=10, run_id="late")
+    before = Run.objects.values().get(run_id="late")
+    changed = [*range(30), 999, *range(31, 50)]
+    with pytest.raises(bulkpool.ResumeRefused, match=r"items at 30\.\.39"):
+        bulkpool.run(jobs.write_marker, changed, backend=backend, chunk_size=10, run_id="late")
+    assert Run.objects.values().get(run_id="late") == before
+
+
+def test_unreadable_lines_are_marked_in_the_rejects_file_and_not_fed_back(tmp_path):
+    """A skipped bad line is a rejects line marked unreadable; fed back, it is left out."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text("1\n{oops\n3\n")
+    rejects = tmp_path / "rejects.jsonl"
+    with bulkpool.open_input(path, on_bad_line="skip") as items:
+        bulkpool.run(jobs.fail_always, items, backend="serial", rejects=str(rejects), early_stop=False)
+    lines = sorted((json.loads(line) for line in rejects.read_text().splitlines()), key=lambda x: x["index"])
+    assert [(line["index"], line.get("unreadable", False)) for line in lines] == [
+        (0, False),
+        (1, True),
+        (2, False),
+    ]
+    with bulkpool.open_input(rejects) as again:
+        assert list(again) == [1, 3]
+    assert again.unreadable_skipped == 1

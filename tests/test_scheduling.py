@@ -51,7 +51,8 @@ def test_ordered_window_counts_results_waiting_for_an_earlier_chunk():
     for n in range(1, 4):
         scheduler.sent(chunk(n * 10, 10))
         scheduler.finished(chunk(n * 10, 10), ChunkResult(n, None))
-    assert not scheduler.may_send()  # 1 in flight + 3 waiting >= 2 * capacity
+    assert not scheduler.may_read()  # 1 in flight + 3 waiting >= 2 * capacity: no fresh input
+    assert scheduler.may_send()  # but a chunk sent again, or one already planned, may go
 
 
 def test_a_lost_chunk_is_sent_again_up_to_retries_then_split_in_halves():
@@ -62,11 +63,13 @@ def test_a_lost_chunk_is_sent_again_up_to_retries_then_split_in_halves():
         scheduler.sent(whole)
         decision = scheduler.lost(lost(whole))
         assert decision == SendAgain((whole,), 10)
+        scheduler.again(decision.chunks)
         assert scheduler.next_again() == whole
     scheduler.sent(whole)
     decision = scheduler.lost(lost(whole))
     assert isinstance(decision, SendAgain)
     assert [(c.start, len(c)) for c in decision.chunks] == [(0, 5), (5, 5)]
+    scheduler.again(decision.chunks)
     first = scheduler.next_again()
     assert first is not None and first.start == 0  # the first half goes first
 
@@ -90,6 +93,20 @@ def test_a_poison_item_is_found_by_halving_and_fails_alone():
     (error,) = decision.result.errors.values()
     assert error.exc_type == "bulkpool.WorkerDied" and not error.unsafe
     assert deaths <= 5  # 1 whole + log2(10) rounded up
+
+
+def test_a_chunk_queued_behind_a_poison_one_is_sent_again_without_blame():
+    """Chunks that never started when their worker died count no loss: innocent items are
+    never split off and failed with the poison."""
+    scheduler = Scheduler(capacity=2, retries=0)
+    poison, behind = chunk(0, 8), chunk(8, 8)
+    for c in (poison, behind):
+        scheduler.sent(c)
+    assert isinstance(scheduler.lost(lost(poison)), SendAgain)  # split: retries=0
+    for _ in range(5):  # however often it waits behind the poison
+        scheduler.sent(behind)
+        decision = scheduler.lost(ChunkLost(behind, "the worker died", started=False))
+        assert decision == SendAgain((behind,), 0)
 
 
 def test_a_chunk_lost_in_commit_without_a_journal_fails_commit_unknown():

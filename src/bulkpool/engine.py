@@ -72,6 +72,7 @@ class _Stop:
     reason: str
     status: str  # the journal's Run.Status
     error: Callable[[Report], BaseException] | None  # None: end quietly (an imap consumer that stopped)
+    refused: bool = False  # the input is not the journal's: if nothing was sent, change nothing
 
 
 class Engine:
@@ -146,6 +147,7 @@ class Engine:
         self._said_waiting = False
         # The errors seen while every item failed (None: early_stop is off, or an item went well).
         self._alike: set[tuple[str, str]] | None = set() if self.options.early_stop else None
+        self._alike_failed = 0
         self._line_of = getattr(self.items, "line_of", None)
         abandon = False
         self._bar = progress_bar(self.options.progress, self.items)
@@ -162,8 +164,8 @@ class Engine:
                 self._stop(_interrupted(self._interrupts.received or "Ctrl-C"))
             except WorkerStartupError as error:
                 abandon = True
-                if not self.report.done:
-                    raise  # no chunk ever ran: the workers could not start
+                if not self._scheduler.worked:
+                    raise  # no worker ever ran a chunk: they could not start
                 self._stop(_workers_lost(error))
             except BaseException:
                 abandon = True
@@ -210,7 +212,7 @@ class Engine:
             while scheduler.may_send():
                 chunk = scheduler.next_again() or (pending.popleft() if pending else None)
                 if chunk is None:
-                    if exhausted or settled_now >= scheduler.capacity:
+                    if exhausted or settled_now >= scheduler.capacity or not scheduler.may_read():
                         break  # settled chunks go out to the caller before more input is read
                     exhausted, settled = self._read(fresh, pending)
                     settled_now += len(settled)
@@ -239,7 +241,7 @@ class Engine:
         except InputChanged as error:
             self.report.total -= len(chunk)
             message = str(error)
-            self._stop(_Stop(message, Status.STOPPED, lambda r: ResumeRefused(message, r)))
+            self._stop(_Stop(message, Status.STOPPED, lambda r: ResumeRefused(message, r), refused=True))
             return True, []
         if self.journal is not None:
             self.journal.begin(self.resume_hint)  # the input checks out: this is an attempt
@@ -286,7 +288,9 @@ class Engine:
             decision = self._scheduler.lost(event)
             if isinstance(decision, SendAgain):
                 self.report.retried += decision.retried
-                logger.warning("%s; sending items %s again", event.reason, _span(event.chunk))
+                if event.started:
+                    logger.warning("%s; sending items %s again", event.reason, _span(event.chunk))
+                released += self._send_again(decision.chunks)
             elif isinstance(decision, Fail):
                 if decision.record and self.journal is not None:
                     self.journal.record_lost(event.chunk, decision.result.errors)
@@ -294,6 +298,24 @@ class Engine:
                 released += self._scheduler.settled(event.chunk, decision.result)
             else:
                 assert isinstance(decision, Drop)
+        return released
+
+    def _send_again(self, chunks: tuple[Chunk, ...]) -> list[tuple[Chunk, ChunkResult]]:
+        """Queue chunks to send again -- in a journaled run, only their pieces not recorded
+        yet: a chunk split on a refused COMMIT may have committed some before its worker died."""
+        if self.journal is None:
+            self._scheduler.again(chunks)
+            return []
+        released = []
+        for chunk in chunks:
+            to_run = []
+            for piece, done in self.journal.replan(chunk):
+                if done is None:
+                    to_run.append(piece)
+                else:  # committed in this attempt: its items count as ok (or failed)
+                    self._record(piece, done)
+                    released += self._scheduler.settled(piece, done)
+            self._scheduler.again(to_run)
         return released
 
     def _drain(self) -> None:
@@ -341,11 +363,14 @@ class Engine:
         if len(result.errors) < len(chunk):  # an item went well: it is the data that fails
             self._alike = None
             return
+        if any(error.exc_type.startswith("bulkpool.") for error in result.errors.values()):
+            return  # bulkpool's own (a lost worker, an unreadable line): no sign of a mistake
         seen.update((error.exc_type, error.message) for error in result.errors.values())
+        self._alike_failed += len(result.errors)
         if len(seen) > 1:
             self._alike = None
             return
-        if self.report.failed - self.report.failed_before < EARLY_STOP_AFTER:
+        if self._alike_failed < EARLY_STOP_AFTER:
             return
         ((exc_type, message),) = seen
         self._alike = None
@@ -416,7 +441,14 @@ class Engine:
             if status == Status.FINISHED and report.not_run:
                 status = Status.STOPPED
             report.interrupted = status == Status.INTERRUPTED
-            if self.journal is not None:
+            if (
+                self.journal is not None
+                and self._end is not None
+                and self._end.refused
+                and not self._workers_started
+            ):
+                self.journal.undo_begin()
+            elif self.journal is not None:
                 self.journal.close(report, status)
             if report.interrupted:
                 how = "Abandoned the chunks in flight: their transactions rolled back.\n" if abandon else ""

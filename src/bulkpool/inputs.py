@@ -36,13 +36,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from bulkpool.errors import InputError
-from bulkpool.protocol import ErrorInfo, Unreadable
+from bulkpool.protocol import UNREADABLE, ErrorInfo, Unreadable
 
 FORMATS = ("csv", "jsonl", "json")
 EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 STDIN = "-"
 REJECT_KEYS = frozenset({"index", "item", "exc_type", "message"})
-REJECT_ALLOWED_KEYS = REJECT_KEYS | {"unsafe", "run_id", "line"}  # written when they apply
+REJECT_ALLOWED_KEYS = REJECT_KEYS | {"unsafe", "unreadable", "run_id", "line"}  # written when they apply
+KEPT_LINE_SHIFTS = 20_000  # memory for line_of(): a few MB however long the file
 READ_SIZE = 1 << 16  # characters per read of a JSON array
 
 
@@ -103,6 +104,7 @@ class Input:
         self.items_read = 0
         self.include_unsafe = include_unsafe
         self.unsafe_skipped = 0
+        self.unreadable_skipped = 0
         self.skip_bad_lines = on_bad_line == "skip"
         self.line = 0
         self._file = _open(self.path)
@@ -128,13 +130,21 @@ class Input:
         readers = {"csv": self._csv, "jsonl": self._jsonl, "json": self._json}
         try:
             for line, item in readers[self.format]():
-                shift = line - self.items_read
-                if not self._line_shifts or self._line_shifts[-1][1] != shift:
-                    self._line_shifts.append((self.items_read, shift))
+                if line:  # 0: a JSON array, whose elements have no line worth tracking
+                    self._note_line(line)
                 self.items_read += 1
                 yield item
         finally:
             self.close()
+
+    def _note_line(self, line: int) -> None:
+        """Where lines and items drift apart (a header, blank lines, multi-line fields). Only
+        recent shifts are kept: failures are asked for while their chunk is in flight."""
+        shift = line - self.items_read
+        if not self._line_shifts or self._line_shifts[-1][1] != shift:
+            self._line_shifts.append((self.items_read, shift))
+            if len(self._line_shifts) > KEPT_LINE_SHIFTS:
+                del self._line_shifts[: KEPT_LINE_SHIFTS // 2]
 
     def error(self, line: int, problem: str, fix: str) -> InputError:
         return InputError(f"{self.path}: line {line}: {problem}. Fix: {fix}.", path=self.path, line=line)
@@ -144,7 +154,7 @@ class Input:
         error = self.error(line, problem, fix)
         if not self.skip_bad_lines:
             raise error
-        return Unreadable(line, text.rstrip("\r\n"), ErrorInfo("bulkpool.InputError", str(error), ""))
+        return Unreadable(line, text.rstrip("\r\n"), ErrorInfo(UNREADABLE, str(error), ""))
 
     def close(self) -> None:
         if self.path != STDIN:
@@ -257,6 +267,9 @@ class Input:
                 )
             if rejects and value.get("unsafe") and not self.include_unsafe:
                 self.unsafe_skipped += 1  # it may have been written: feeding it again could write it twice
+                continue
+            if rejects and value.get("unreadable"):
+                self.unreadable_skipped += 1  # a line the input could not read: no item to feed
                 continue
             yield number, value["item"] if rejects else value
 

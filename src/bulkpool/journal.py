@@ -35,7 +35,7 @@ import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.apps import apps
 from django.db import DatabaseError, IntegrityError, connections, transaction
@@ -54,6 +54,11 @@ FIX_INSTALL = (
     'Add "bulkpool" to INSTALLED_APPS and run `python manage.py migrate bulkpool`, or run without run_id.'
 )
 PAGE = 1000  # records read at a time while planning
+# What an attempt changes on its Run row (begin() and close()); a refused rerun puts them back.
+_ATTEMPT_FIELDS = (
+    "func", "chunk_size", "attempts", "status", "finished_at", "total", "ok", "failed", "skipped",
+    "command", "updated_at",
+)  # fmt: skip
 
 logger = logging.getLogger("bulkpool")
 
@@ -103,8 +108,7 @@ def job_identity(func: Any) -> str:
     return describe() if callable(describe) else func_name(func)
 
 
-@dataclass(frozen=True)
-class _Record:
+class _Record(NamedTuple):
     pk: int
     start: int
     size: int
@@ -128,6 +132,7 @@ class Journal:
         self.resumed = run is not None and not options.restart  # an earlier attempt's records count
         self._records: deque[_Record] = deque()
         self._read_up_to = -1  # records starting at or before this have been read
+        self._before: dict[str, Any] | None = None  # the Run row's attempt fields before begin()
 
     @classmethod
     def open(cls, options: Options, identity: str) -> Journal:
@@ -151,9 +156,34 @@ class Journal:
         range recorded before (``skipped``, with its recorded failures as errors)."""
         if not self.resumed:
             return [(chunk, None)]
+        return self._pieces(chunk, self._records_within(chunk))
+
+    def replan(self, chunk: Chunk) -> list[tuple[Chunk, ChunkResult | None]]:
+        """As ``plan``, from what is recorded now: a chunk about to be sent again may have had
+        pieces committed in this attempt (split on a refused COMMIT before its worker died)."""
+        from bulkpool.models import RunChunk
+
+        rows = (
+            RunChunk.objects.using(self.database)
+            .filter(run=self.run, start__gt=chunk.start - self.ref.max_size, start__lt=chunk.end)
+            .order_by("start")
+            .values_list("pk", "start", "size", "digest", "failed")
+        )
+        records = [record for record in map(_Record._make, rows) if record.end > chunk.start]
+        return self._pieces(chunk, records, earlier=False)
+
+    def _pieces(
+        self, chunk: Chunk, records: list[_Record], *, earlier: bool = True
+    ) -> list[tuple[Chunk, ChunkResult | None]]:
         pieces: list[tuple[Chunk, ChunkResult | None]] = []
         position = chunk.start
-        for record in self._records_within(chunk):
+        for record in records:
+            if record.start < chunk.start or record.end > chunk.end:
+                raise InputChanged(
+                    f"run_id={self.options.run_id!r} recorded items {record.start}..{record.end - 1} "
+                    f"as one piece, which this run's chunk {chunk.start}..{chunk.end - 1} cuts: the "
+                    "chunk boundaries changed. Rerun with the chunk size it was run with, or restart."
+                )
             if record.start > position:
                 pieces.append((chunk.piece(position, record.start), None))
             piece = chunk.piece(record.start, record.end)
@@ -164,9 +194,8 @@ class Journal:
                     "the same input, or pass restart=True (--restart) to start this run_id over "
                     "(rows already written stay written)."
                 )
-            pieces.append(
-                (piece, ChunkResult(chunk.number, None, self._failures(record, piece), skipped=True))
-            )
+            failures = self._failures(record, piece, earlier)
+            pieces.append((piece, ChunkResult(chunk.number, None, failures, skipped=earlier)))
             position = record.end
         if position < chunk.end:
             pieces.append((chunk.piece(position, chunk.end), None))
@@ -179,14 +208,7 @@ class Journal:
             self._records.popleft()  # before this chunk: the input went past it
         found = []
         while self._records and self._records[0].start < chunk.end:
-            record = self._records.popleft()
-            if record.start < chunk.start or record.end > chunk.end:
-                raise InputChanged(
-                    f"run_id={self.options.run_id!r} recorded items {record.start}..{record.end - 1} "
-                    f"as one piece, which this run's chunk {chunk.start}..{chunk.end - 1} cuts: the "
-                    "chunk boundaries changed. Rerun with the chunk size it was run with, or restart."
-                )
-            found.append(record)
+            found.append(self._records.popleft())
         return found
 
     def _read_page(self) -> bool:
@@ -198,7 +220,7 @@ class Journal:
             .order_by("start")
             .values_list("pk", "start", "size", "digest", "failed")[:PAGE]
         )
-        records = [_Record(*row) for row in rows]
+        records = [_Record._make(row) for row in rows]
         self._records.extend(records)
         if len(records) < PAGE:
             self._read_up_to = 1 << 62  # all read
@@ -206,7 +228,7 @@ class Journal:
         self._read_up_to = records[-1].start
         return True
 
-    def _failures(self, record: _Record, piece: Chunk) -> dict[int, ErrorInfo]:
+    def _failures(self, record: _Record, piece: Chunk, earlier: bool) -> dict[int, ErrorInfo]:
         from bulkpool.models import RunFailure
 
         if not record.failed:
@@ -214,7 +236,9 @@ class Journal:
         rows = RunFailure.objects.using(self.database).filter(chunk_id=record.pk)
         return {
             row.index - piece.start: ErrorInfo(
-                row.exc_type, f"{row.message} (in an earlier attempt of this run)", row.traceback
+                row.exc_type,
+                f"{row.message} (in an earlier attempt of this run)" if earlier else row.message,
+                row.traceback,
             )
             for row in rows
         }
@@ -231,6 +255,7 @@ class Journal:
         with _write_transaction(self.database):
             runs = Run.objects.using(self.database).select_for_update()
             run = runs.filter(run_id=options.run_id).first()
+            self._before = None if run is None else {f: getattr(run, f) for f in _ATTEMPT_FIELDS}
             if run is None:
                 run = Run(run_id=str(options.run_id), attempts=0)
             elif options.restart:
@@ -244,6 +269,18 @@ class Journal:
             run.save(using=self.database)
         self.run = run
         self.begun = True
+
+    def undo_begin(self) -> None:
+        """A rerun refused before it sent anything: the Run row as it was (or no row)."""
+        if not self.begun or self.options.restart:
+            return
+        from bulkpool.models import Run
+
+        if self._before is None:
+            Run.objects.using(self.database).filter(pk=self.run.pk).delete()
+        else:
+            Run.objects.using(self.database).filter(pk=self.run.pk).update(**self._before)
+        self.begun = False
 
     def record_lost(self, chunk: Chunk, errors: dict[int, ErrorInfo]) -> None:
         """Record failures that no worker could, so that a resume does not run them again."""

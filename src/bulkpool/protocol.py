@@ -90,6 +90,9 @@ class ErrorInfo:
         )
 
 
+UNREADABLE = "bulkpool.InputError"  # the exc_type of an Unreadable item's failure
+
+
 @dataclass(frozen=True)
 class Unreadable:
     """An item the input could not read (a malformed line, with ``on_bad_line="skip"``):
@@ -175,6 +178,7 @@ class ChunkLost:
     reason: str
     in_doubt: bool = False
     traceback: str = ""
+    started: bool = True  # False: it was queued behind the chunk that killed its worker, never run
 
 
 Event = ChunkDone | ChunkLost

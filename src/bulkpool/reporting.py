@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from bulkpool.chunking import known_length
 from bulkpool.outcomes import Failure
+from bulkpool.protocol import UNREADABLE
 
 
 class NoBar:
@@ -50,5 +51,7 @@ def write_reject(file: IO[str] | None, failure: Failure) -> None:
         line["line"] = failure.line
     if failure.unsafe:
         line["unsafe"] = True
+    if failure.exc_type == UNREADABLE:
+        line["unreadable"] = True  # its item is the raw line: fix it in the input, not here
     file.write(json.dumps(line, default=repr, ensure_ascii=False) + "\n")
     file.flush()

@@ -2,8 +2,9 @@
 
 It knows nothing of processes, databases or the input; the engine does the I/O and asks:
 
-    may_send()         is there room for another chunk in the window?
-    next_again()       a chunk to send again (lost before), if any -- before fresh input
+    may_send()         may another chunk go out (fewer than ``capacity`` in flight)?
+    may_read()         and may fresh input be read for it (the window for ordered output)?
+    again(chunks)      queue chunks to send again; next_again() takes them before fresh input
     sent(chunk)        a chunk went out
     finished(c, r)     a chunk came back (or was settled without running, like a chunk the
                        journal says is done); returns the chunks whose results may be
@@ -23,6 +24,7 @@ journal lets the worker tell (``journaled``); otherwise its items fail ``CommitU
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from bulkpool.errors import CommitUnknown, WorkerDied
@@ -31,7 +33,7 @@ from bulkpool.protocol import Chunk, ChunkLost, ChunkResult, ErrorInfo
 
 @dataclass(frozen=True)
 class SendAgain:
-    """Send these chunks again (the lost chunk, or its halves)."""
+    """Send these chunks again (the lost chunk, or its halves): ``Scheduler.again()`` them."""
 
     chunks: tuple[Chunk, ...]
     retried: int  # items sent again
@@ -62,6 +64,7 @@ class Scheduler:
     ordered: bool = False
     in_flight: int = 0
     stopping: bool = False  # set by the engine: nothing more is sent, lost chunks are dropped
+    worked: bool = False  # a worker ran a chunk (it came back done)
     _again: list[Chunk] = field(default_factory=list)
     _losses: dict[tuple[int, int], int] = field(default_factory=dict)
     _pieces: set[tuple[int, int]] = field(default_factory=set)
@@ -69,10 +72,15 @@ class Scheduler:
     _next_start: int = 0
 
     def may_send(self) -> bool:
-        if self.stopping or self.in_flight >= self.capacity:
-            return False
-        # Chunks sent again always may: an earlier one may be what the waiting results wait for.
-        return bool(self._again) or self.in_flight + len(self._waiting) < 2 * self.capacity
+        return not self.stopping and self.in_flight < self.capacity
+
+    def may_read(self) -> bool:
+        """Fresh input only within the window; chunks sent again and pieces already planned
+        always may go: an earlier one may be what the waiting results wait for."""
+        return self.may_send() and self.in_flight + len(self._waiting) < 2 * self.capacity
+
+    def again(self, chunks: Iterable[Chunk]) -> None:
+        self._again.extend(reversed(list(chunks)))  # popped from the end: in input order
 
     def next_again(self) -> Chunk | None:
         return self._again.pop() if self._again else None
@@ -86,11 +94,14 @@ class Scheduler:
 
     def finished(self, chunk: Chunk, result: ChunkResult) -> list[tuple[Chunk, ChunkResult]]:
         self.in_flight -= 1
+        self.worked = True
         return self._release(chunk, result)
 
     def lost(self, event: ChunkLost) -> Decision:
         self.in_flight -= 1
         chunk = event.chunk
+        if not event.started:  # queued behind the chunk that killed its worker: not its fault
+            return Drop() if self.stopping else SendAgain((chunk,), 0)
         key = (chunk.start, len(chunk))
         losses = self._losses[key] = self._losses.get(key, 0) + 1
         if event.in_doubt and not self.journaled:
@@ -123,7 +134,6 @@ class Scheduler:
         return waiting
 
     def _again_with(self, chunks: tuple[Chunk, ...]) -> SendAgain:
-        self._again.extend(reversed(chunks))  # popped from the end: first half first
         return SendAgain(chunks, sum(len(c) for c in chunks))
 
     def _fail(self, chunk: Chunk, error: ErrorInfo, record: bool) -> Fail:

@@ -248,8 +248,9 @@ class ProcessExecutor(Executor):
         dead.conn.close()
         self._handles.remove(dead)
         reason = f"the worker process (pid {dead.pid}) died: {ended}"
+        # The worker runs its chunks in the order they were sent: only the first had started.
         return [
-            ChunkLost(chunk, reason, in_doubt=dead.committing and n == 0)
+            ChunkLost(chunk, reason, in_doubt=dead.committing and n == 0, started=n == 0)
             for n, chunk in enumerate(dead.in_flight)
         ]
 

@@ -142,7 +142,9 @@ class ThreadExecutor(Executor):
             if not self._threads:  # nobody left to take what waits in the inbox
                 while not self._inbox.empty():
                     if (waiting := self._inbox.get_nowait()) is not None:
-                        self._lost.append(ChunkLost(waiting, "no worker thread was left to run it"))
+                        self._lost.append(
+                            ChunkLost(waiting, "no worker thread was left to run it", started=False)
+                        )
 
 
 def _raise_startup_errors(received: list[Event | ErrorInfo]) -> list[Event]:

@@ -238,6 +238,12 @@ class Command(BaseCommand):
                 "them, then pass --include-unsafe to run them anyway.",
                 self.style.WARNING,
             )
+        if source.unreadable_skipped:
+            self.stdout.write(
+                f"{source.unreadable_skipped:,} lines of {options['input']} are lines the input could not "
+                "read: they hold no item to run again. Fix them in the original file.",
+                self.style.WARNING,
+            )
         if report.failed:
             raise SystemExit(FAILED)
 
