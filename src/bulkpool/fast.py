@@ -51,12 +51,9 @@ from bulkpool.operations import CreateRow, DeleteRow, UpdateRow, split_values
 
 def why_not(model: type[Model], database: str) -> str | None:
     """Why ``model`` cannot take the bulk path on ``database``, or None if it can."""
-    for cls in model.__mro__:
-        if cls is Model:
-            break
-        for name in ("save", "save_base"):
-            if name in vars(cls) and not _is_users_save(cls, name):
-                return f"{cls.__qualname__} overrides {name}()"
+    overridden = _overridden_save(model)
+    if overridden:
+        return overridden
     chain = concrete_chain(model)
     for cls in chain:
         meta = cls._meta
@@ -72,6 +69,17 @@ def why_not(model: type[Model], database: str) -> str | None:
                 f"the {connections[database].display_name} database cannot return the keys of "
                 f"a multi-row INSERT, which {needs[0].__qualname__} needs"
             )
+    return None
+
+
+def _overridden_save(model: type[Model]) -> str | None:
+    """Which class of ``model`` overrides ``save()`` or ``save_base()``, said as a reason."""
+    for cls in model.__mro__:
+        if cls is Model:
+            break
+        for name in ("save", "save_base"):
+            if name in vars(cls) and not _is_users_save(cls, name):
+                return f"{cls.__qualname__} overrides {name}()"
     return None
 
 
@@ -229,12 +237,9 @@ def _add_many_to_many(objects: list[Model], values: list[dict[str, Any]]) -> Non
 
 def why_not_update(model: type[Model], m2m: Mapping[str, Any]) -> str | None:
     """Why ``update(fast=True)`` cannot use ``bulk_update`` for ``model``, or None."""
-    for cls in model.__mro__:
-        if cls is Model:
-            break
-        for name in ("save", "save_base"):
-            if name in vars(cls) and not _is_users_save(cls, name):
-                return f"{cls.__qualname__} overrides {name}()"
+    overridden = _overridden_save(model)
+    if overridden:
+        return overridden
     if m2m:
         return "many-to-many values are set per object with .set()"
     return None
