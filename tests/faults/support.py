@@ -148,6 +148,20 @@ def open_sessions() -> int:
     return len(other_sessions()) + 1
 
 
+def steady_sessions(quiet: float = 1.0, wait: float = 10.0) -> int:
+    """The session count once it has stayed the same for ``quiet`` seconds.
+
+    A test's baseline: sessions of the test before it may still be closing on the server.
+    """
+    deadline = time.monotonic() + wait
+    count, since = open_sessions(), time.monotonic()
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.1)
+        if (now := open_sessions()) != count:
+            count, since = now, time.monotonic()
+    return count
+
+
 def settled_sessions(expected: int, wait: float = 10.0) -> int:
     """The session count once the server has let closed sessions go (it takes a moment)."""
     deadline = time.monotonic() + wait

@@ -26,10 +26,10 @@ from tests.faults.support import (
     finish,
     kill,
     marker_counts,
-    open_sessions,
     record,
     settled_sessions,
     start_driver,
+    steady_sessions,
     tally,
     wait_for_rows,
     wait_gone,
@@ -45,7 +45,7 @@ SLOW = ("--items", str(ITEMS), "--pause", "0.2", "--chunk-size", str(CHUNK))  # 
 
 def sessions_now() -> int | None:
     """Sessions on the test database (None on SQLite, which has no server to ask)."""
-    return None if connection.vendor == "sqlite" else open_sessions()
+    return None if connection.vendor == "sqlite" else steady_sessions()
 
 
 def whole_chunks_only() -> Tally:
