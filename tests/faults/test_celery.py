@@ -66,7 +66,15 @@ def _answers(url: str) -> bool:
 class Node:
     """One ``celery worker`` process (a node, with its prefork pool), started and stopped by the tests."""
 
-    def __init__(self, broker: str, queue: str, database: str, name: str, log: Path) -> None:
+    def __init__(
+        self,
+        broker: str,
+        queue: str,
+        database: str,
+        name: str,
+        log: Path,
+        options: tuple[str, ...] = ("-c", "2"),
+    ) -> None:
         env = {
             **os.environ,
             "BULKPOOL_CELERY_BROKER": broker,
@@ -76,7 +84,7 @@ class Node:
         self.name = f"{name}@{socket.gethostname()}"
         self.log = log
         command = [sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "--pool", "prefork"]
-        command += ["-c", "2", "-Q", queue, "-n", self.name, "--without-gossip", "--without-mingle"]
+        command += [*options, "-Q", queue, "-n", self.name, "--without-gossip", "--without-mingle"]
         command += ["--without-heartbeat", "-l", "warning"]
         with open(log, "ab") as out:
             self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -293,6 +301,52 @@ def test_a_whole_node_killed_mid_run_and_a_new_one_started_loses_and_doubles_not
     assert found.exactly_once, found
     assert report.failed == 0
     assert report.ok + report.skipped == 500
+
+
+def test_chunks_prefetched_by_a_node_that_dies_are_sent_again_without_waiting_for_the_broker(celery_env):
+    """A node that prefetches 8 chunks is SIGKILLed: on Redis its messages would wait out the
+    visibility timeout (an hour); the chunks sent after them start elsewhere, so after a
+    lease they are sent again, and every item is written once."""
+    import threading
+
+    from tests.testapp.models import Marker
+
+    app, queue, log = celery_env["app"], celery_env["queue"], celery_env["log"]
+    greedy = Node(
+        celery_env["broker"],
+        queue,
+        celery_env["database"],
+        f"p-{queue}",
+        log,
+        ("-c", "1", "--prefetch-multiplier", "8"),
+    )
+    greedy.wait_ready(app)
+
+    def kill_the_greedy_node() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and Marker.objects.count() < 60:
+            time.sleep(0.05)
+        connection.close()
+        greedy.kill()
+
+    killer = threading.Thread(target=kill_the_greedy_node)
+    killer.start()
+    try:
+        report = bulkpool.run(
+            functools.partial(marker, 0.02),
+            range(400),
+            backend=_executor(celery_env, lease=4.0),
+            workers=8,
+            chunk_size=10,
+        )
+    finally:
+        killer.join()
+        greedy.stop()
+    found = tally(range(400))
+    record(f"celery {_label(celery_env)}: prefetching node SIGKILL", found, report)
+    assert found.exactly_once, found
+    assert report.failed == 0
+    assert report.ok + report.skipped == 400
 
 
 def test_an_item_that_kills_every_worker_fails_alone(celery_env):

@@ -34,9 +34,12 @@ died, or lost the network) the chunk comes back ``ChunkLost`` and its task is re
 the engine sends it again (or splits it) under a new key. A chunk that starts
 ``MAX_STARTS`` times without finishing (it kills the workers that take it) is lost too,
 so the engine splits it until the item that does it fails alone. Messages under a key
-declared lost are ignored. A chunk that was never started has no lease: it waits in the
-broker (on Redis, a message prefetched by a node that died waits for the visibility
-timeout: run workers with ``worker_prefetch_multiplier = 1``).
+declared lost are ignored. A chunk that was never started has no lease, but the queue is
+first in, first out: once a chunk sent after it has started, it should have started too.
+One still waiting a lease later is held by a node that prefetched it and died (on Redis the
+message would wait for the visibility timeout, an hour by default), so it comes back
+``ChunkLost`` (not started: no blame) and is sent again; if the old message runs after all,
+it meets the journal record of the new one.
 """
 
 from __future__ import annotations
@@ -149,6 +152,8 @@ class CeleryExecutor(Executor):
         self._job = JSON.encode(job_of(task, heartbeat=self.heartbeat)).decode()
         self._capacity = self.ahead * workers
         self._flight: dict[str, _InFlight] = {}
+        self._sent = 0  # chunks sent, numbering each in the order it went out
+        self._started_up_to = 0  # the latest-sent chunk that has started
         self._received: list[Event] = []
         self._setup_failed: str | None = None
         self._reply = f"bulkpool.reply.{uuid.uuid4().hex}"
@@ -185,7 +190,8 @@ class CeleryExecutor(Executor):
                 f"Could not send a chunk to the Celery broker ({self._app.conf.broker_url}): "
                 f"{type(error).__name__}: {error}"
             ) from error
-        self._flight[key] = _InFlight(chunk, time.monotonic())
+        self._sent += 1
+        self._flight[key] = _InFlight(chunk, time.monotonic(), order=self._sent)
 
     def events(self, timeout: float | None = None) -> list[Event]:
         deadline = time.monotonic() + (self.heartbeat if timeout is None else timeout)
@@ -246,6 +252,7 @@ class CeleryExecutor(Executor):
         flight.seen = time.monotonic()
         if kind == "started":
             flight.starts += 1
+            self._started_up_to = max(self._started_up_to, flight.order)
             flight.host = f"{body.get('host')} pid {body.get('pid')}"
             if flight.starts > MAX_STARTS:
                 self._lose(
@@ -260,15 +267,23 @@ class CeleryExecutor(Executor):
     def _expire(self) -> None:
         now = time.monotonic()
         for key, flight in list(self._flight.items()):
-            if flight.starts and now - flight.seen > self.lease:
+            if now - flight.seen <= self.lease:
+                continue
+            if flight.starts:
                 self._lose(
                     key, f"the celery worker running it ({flight.host}) went silent for {self.lease:g}s"
                 )
+            elif flight.order < self._started_up_to:
+                reason = (
+                    f"the chunk did not start within {self.lease:g}s although chunks sent after it "
+                    "did (a node that had prefetched it died?)"
+                )
+                self._lose(key, reason, started=False)
 
-    def _lose(self, key: str, reason: str) -> None:
+    def _lose(self, key: str, reason: str, *, started: bool = True) -> None:
         flight = self._flight.pop(key)
         self._revoke([key])
-        self._received.append(ChunkLost(flight.chunk, reason, in_doubt=True))
+        self._received.append(ChunkLost(flight.chunk, reason, in_doubt=started, started=started))
 
     def _revoke(self, keys: list[str]) -> None:
         try:
@@ -281,6 +296,7 @@ class CeleryExecutor(Executor):
 class _InFlight:
     chunk: Chunk
     seen: float  # when the chunk was sent, or last heard of
+    order: int  # 1 for the first chunk sent, 2 for the next...
     starts: int = 0
     host: str = ""
 
