@@ -15,6 +15,9 @@ Data flow for ``run_id="nightly-import"``:
     parent   Journal.begin(): before the first piece runs: status "running", one more attempt
     worker   record_chunk(): inside the piece's own transaction, lock the Run row, refuse a
              range that overlaps a record (the piece ran before: AlreadyDone), write the record
+    worker   count_start() (at-least-once executors: celery): in a transaction of its own,
+             before the piece runs, one more start of it; past a limit the worker refuses
+             it, so a piece that kills every worker stops being redelivered, caller or not
     parent   Journal.record_lost(): the failures no worker could record (an item that kills
              every worker it touches), so a resume reports them instead of running them again
     parent   Journal.close(): the attempt's status and counts, for ``bulkpool runs``
@@ -347,6 +350,27 @@ def record_chunk(ref: JournalRef, database: str, chunk: Chunk, errors: dict[int,
         )
         for offset, error in sorted(errors.items())
     )
+
+
+def count_start(ref: JournalRef, database: str, chunk: Chunk) -> int:
+    """One more start of this piece (same run, start and size), committed at once, before it
+    runs -- so a start that kills its worker still counts. Returns the starts so far."""
+    from bulkpool.models import ChunkDelivery
+
+    rows = ChunkDelivery.objects.using(database).filter(run_id=ref.run_pk, start=chunk.start, size=len(chunk))
+    for _ in range(2):  # two workers may insert the first start at once: one of them updates
+        with _write_transaction(database):
+            if rows.update(starts=F("starts") + 1):
+                return int(rows.values_list("starts", flat=True).get())
+            try:
+                with transaction.atomic(using=database):
+                    ChunkDelivery.objects.using(database).create(
+                        run_id=ref.run_pk, start=chunk.start, size=len(chunk), starts=1
+                    )
+                return 1
+            except IntegrityError:
+                continue
+    raise RuntimeError(f"could not count a start of items {chunk.start}..{chunk.end - 1}")
 
 
 def is_recorded(ref: JournalRef, database: str, chunk: Chunk) -> bool:

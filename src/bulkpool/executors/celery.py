@@ -7,7 +7,11 @@ Data flow (every message is JSON; nothing is pickled):
     submit()  --send_task("bulkpool.run_chunk",                -->  tasks.run_chunk -> run_here():
                  [job, chunk, key, reply queue])                    a Worker per job and process
                                                                     (setup runs once there)
-    events()  <--{"kind": "started", key, host, pid}-----------     before the chunk runs
+                                                                    one more start of the chunk,
+                                                                    counted in the journal
+    events()  <--{"kind": "started", key, host, pid}-----------     before the chunk runs, or
+              <--{"kind": "refused", key, starts}----------------   it started MAX_STARTS times
+              <--{"kind": "crashed", key, error, traceback}------   failed outside any item
               <--{"kind": "beat", key}  every heartbeat s -------     while it runs (a thread)
               <--{"kind": "done", key, ChunkResult as JSON}------     committed, failed or skipped
               <--{"kind": "setup_failed", traceback}--------------    setup raised on that worker
@@ -31,12 +35,27 @@ once and runs again elsewhere; a chunk that runs twice meets its journal record
 
 Loss. A started chunk holds a lease that each heartbeat renews; when it expires (the node
 died, or lost the network) the chunk comes back ``ChunkLost`` and its task is revoked, so
-the engine sends it again (or splits it) under a new key. A chunk that starts
-``MAX_STARTS`` times without finishing (it kills the workers that take it) is lost too,
-so the engine splits it until the item that does it fails alone. Messages under a key
-declared lost are ignored. A chunk that was never started has no lease: it waits in the
-broker (on Redis, a message prefetched by a node that died waits for the visibility
-timeout: run workers with ``worker_prefetch_multiplier = 1``).
+the engine sends it again (or splits it) under a new key. Messages under a key declared
+lost are ignored.
+
+Poison. A worker counts each start of a chunk in the journal (``count_start``: same run,
+start and size, in a transaction of its own, before the chunk runs), so the count is
+the same on every machine and outlives the caller. A chunk started ``MAX_STARTS`` times
+without finishing kills the workers that take it: the next worker to get it refuses it
+("refused") and acks the message, so the broker stops redelivering it even when no
+caller is left to revoke it; the caller loses it and the engine splits it until the item
+that does it fails alone, as locally. A resumed run meets the same count: the chunk that
+killed workers in the first attempt is refused at once in the second. (A dry run is not
+journaled: there the caller counts the "started" messages of each key.)
+
+A chunk that was never started has no lease: it waits in the broker for a free worker.
+But the broker hands messages out in the order they were sent, so a chunk that chunks
+sent after it have overtaken -- they started, it did not, for ``lease`` seconds -- was
+taken by a node that died before starting it. On RabbitMQ the broker requeues such a
+message when the node's connection drops; on Redis it would wait for the visibility
+timeout (an hour by default), so the caller sends it again (without blame: it never ran;
+the old message, if it ever runs, meets the journal). Run workers with
+``worker_prefetch_multiplier = 1``, so that a node takes only what it runs at once.
 """
 
 from __future__ import annotations
@@ -60,7 +79,7 @@ from django.utils import timezone
 
 from bulkpool.errors import ConfigurationError, WorkerStartupError
 from bulkpool.executors.base import Executor
-from bulkpool.journal import JournalRef
+from bulkpool.journal import JournalRef, count_start
 from bulkpool.protocol import JSON, Chunk, ChunkDone, ChunkLost, Event, Task
 
 if TYPE_CHECKING:
@@ -149,6 +168,7 @@ class CeleryExecutor(Executor):
         self._job = JSON.encode(job_of(task, heartbeat=self.heartbeat)).decode()
         self._capacity = self.ahead * workers
         self._flight: dict[str, _InFlight] = {}
+        self._sent = 0  # chunks sent so far: each in-flight chunk's place in the broker's order
         self._received: list[Event] = []
         self._setup_failed: str | None = None
         self._reply = f"bulkpool.reply.{uuid.uuid4().hex}"
@@ -185,7 +205,8 @@ class CeleryExecutor(Executor):
                 f"Could not send a chunk to the Celery broker ({self._app.conf.broker_url}): "
                 f"{type(error).__name__}: {error}"
             ) from error
-        self._flight[key] = _InFlight(chunk, time.monotonic())
+        self._sent += 1
+        self._flight[key] = _InFlight(chunk, time.monotonic(), self._sent)
 
     def events(self, timeout: float | None = None) -> list[Event]:
         deadline = time.monotonic() + (self.heartbeat if timeout is None else timeout)
@@ -246,6 +267,9 @@ class CeleryExecutor(Executor):
         flight.seen = time.monotonic()
         if kind == "started":
             flight.starts += 1
+            for earlier in self._flight.values():  # sent before this one, not started yet
+                if earlier.order < flight.order and not earlier.starts and earlier.overtaken is None:
+                    earlier.overtaken = flight.seen
             flight.host = f"{body.get('host')} pid {body.get('pid')}"
             if flight.starts > MAX_STARTS:
                 self._lose(
@@ -253,6 +277,18 @@ class CeleryExecutor(Executor):
                     f"the chunk was started {flight.starts - 1} times on celery workers without "
                     "finishing (it kills them?)",
                 )
+        elif kind == "crashed":
+            self._lose(
+                body["key"],
+                f"the celery worker running it crashed outside any item: {body.get('error')}",
+                traceback=body.get("traceback", ""),
+            )
+        elif kind == "refused":
+            self._lose(
+                body["key"],
+                f"the chunk was started {int(body.get('starts', 0)) - 1} times on celery workers "
+                "without finishing (it kills them?)",
+            )
         elif kind == "done":
             del self._flight[body["key"]]
             self._received.append(ChunkDone(flight.chunk, JSON.decode(body["result"])))
@@ -264,11 +300,19 @@ class CeleryExecutor(Executor):
                 self._lose(
                     key, f"the celery worker running it ({flight.host}) went silent for {self.lease:g}s"
                 )
+            elif not flight.starts and flight.overtaken is not None and now - flight.overtaken > self.lease:
+                self._lose(
+                    key,
+                    f"chunks sent after it started {self.lease:g}s ago and it did not: a celery node "
+                    "that died had taken it",
+                    started=False,
+                )
 
-    def _lose(self, key: str, reason: str) -> None:
+    def _lose(self, key: str, reason: str, *, started: bool = True, traceback: str = "") -> None:
         flight = self._flight.pop(key)
         self._revoke([key])
-        self._received.append(ChunkLost(flight.chunk, reason, in_doubt=True))
+        lost = ChunkLost(flight.chunk, reason, in_doubt=started, traceback=traceback, started=started)
+        self._received.append(lost)
 
     def _revoke(self, keys: list[str]) -> None:
         try:
@@ -281,8 +325,10 @@ class CeleryExecutor(Executor):
 class _InFlight:
     chunk: Chunk
     seen: float  # when the chunk was sent, or last heard of
+    order: int  # sent n-th: the broker hands chunks out in this order
     starts: int = 0
     host: str = ""
+    overtaken: float | None = None  # when a chunk sent after it started, while it had not
 
 
 def _current_app() -> Any:
@@ -448,10 +494,26 @@ def run_here(app: Any, job: str, payload: str, key: str, reply: str) -> None:
     except Exception:
         send("setup_failed", traceback=traceback.format_exc())
         raise
-    chunk = JSON.decode(payload)
-    send("started", host=socket.gethostname(), pid=os.getpid())
-    with _beating(send, heartbeat):
-        result = worker.run(chunk)
+    try:
+        chunk = JSON.decode(payload)
+        journal = worker.task.journal
+        if journal is not None:
+            starts = count_start(journal, worker.task.database, chunk)
+            if starts > MAX_STARTS:  # it killed the workers that took it: end the redeliveries
+                logger.warning(
+                    "Refusing items %s..%s of a bulkpool run: started %s times without finishing.",
+                    chunk.start,
+                    chunk.end - 1,
+                    starts - 1,
+                )
+                send("refused", starts=starts)
+                return
+        send("started", host=socket.gethostname(), pid=os.getpid())
+        with _beating(send, heartbeat):
+            result = worker.run(chunk)
+    except Exception as error:  # outside any item (the journal unreachable...): say so, never hang
+        send("crashed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+        raise
     send("done", result=JSON.encode(result).decode())
 
 
