@@ -357,20 +357,16 @@ def count_start(ref: JournalRef, database: str, chunk: Chunk) -> int:
     runs -- so a start that kills its worker still counts. Returns the starts so far."""
     from bulkpool.models import ChunkDelivery
 
-    rows = ChunkDelivery.objects.using(database).filter(run_id=ref.run_pk, start=chunk.start, size=len(chunk))
-    for _ in range(2):  # two workers may insert the first start at once: one of them updates
-        with _write_transaction(database):
-            if rows.update(starts=F("starts") + 1):
-                return int(rows.values_list("starts", flat=True).get())
-            try:
-                with transaction.atomic(using=database):
-                    ChunkDelivery.objects.using(database).create(
-                        run_id=ref.run_pk, start=chunk.start, size=len(chunk), starts=1
-                    )
-                return 1
-            except IntegrityError:
-                continue
-    raise RuntimeError(f"could not count a start of items {chunk.start}..{chunk.end - 1}")
+    deliveries = ChunkDelivery.objects.using(database)
+    try:  # a first start, nearly always: one INSERT, in autocommit
+        deliveries.create(run_id=ref.run_pk, start=chunk.start, size=len(chunk), starts=1)
+        return 1
+    except IntegrityError:  # started before
+        pass
+    rows = deliveries.filter(run_id=ref.run_pk, start=chunk.start, size=len(chunk))
+    with _write_transaction(database):
+        rows.update(starts=F("starts") + 1)
+        return int(rows.values_list("starts", flat=True).get())
 
 
 def is_recorded(ref: JournalRef, database: str, chunk: Chunk) -> bool:

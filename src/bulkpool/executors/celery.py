@@ -6,7 +6,9 @@ Data flow (every message is JSON; nothing is pickled):
     start()   declares its own reply queue on the app's broker
     submit()  --send_task("bulkpool.run_chunk",                -->  tasks.run_chunk -> run_here():
                  [job, chunk, key, reply queue])                    a Worker per job and process
-                                                                    (setup runs once there)
+                                                                    (setup runs once there), on
+                                                                    a thread of its own (_Runner)
+                                                                    that keeps its connections
                                                                     one more start of the chunk,
                                                                     counted in the journal
     events()  <--{"kind": "started", key, host, pid}-----------     before the chunk runs, or
@@ -66,12 +68,14 @@ import functools
 import importlib
 import logging
 import os
+import queue
 import socket
 import threading
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -225,6 +229,10 @@ class CeleryExecutor(Executor):
         if cancel and self._flight:
             self._revoke(list(self._flight))
         self._flight.clear()
+        # Wake the consumer's pending read, which closing the connection waits for: on Redis
+        # a BRPOP that takes up to a second (kombu's brpop_timeout) to come back.
+        with contextlib.suppress(Exception), self._app.producer_or_acquire() as producer:
+            producer.publish({"kind": "closing"}, exchange=self._reply, routing_key=self._reply, retry=False)
         with contextlib.suppress(Exception):
             self._queue.bind(self._conn.default_channel).delete()
         with contextlib.suppress(Exception):
@@ -484,37 +492,44 @@ def _loader_of(load: Any) -> dict[str, Any]:
 
 _workers: dict[str, Worker] = {}
 _lock = threading.Lock()
+IDLE_CLOSE = 10.0  # seconds without a chunk after which a runner closes its database connections
 
 
 def run_here(app: Any, job: str, payload: str, key: str, reply: str) -> None:
     """Run one chunk in this celery worker process and send its result to the caller's reply queue."""
     send = functools.partial(_send, app, reply, key)
+    runner = _runner()
     try:
-        worker, heartbeat = _worker_for(job)
+        worker, heartbeat = runner.call(_worker_for, job)
     except Exception:
         send("setup_failed", traceback=traceback.format_exc())
         raise
     try:
-        chunk = JSON.decode(payload)
-        journal = worker.task.journal
-        if journal is not None:
-            starts = count_start(journal, worker.task.database, chunk)
-            if starts > MAX_STARTS:  # it killed the workers that took it: end the redeliveries
-                logger.warning(
-                    "Refusing items %s..%s of a bulkpool run: started %s times without finishing.",
-                    chunk.start,
-                    chunk.end - 1,
-                    starts - 1,
-                )
-                send("refused", starts=starts)
-                return
-        send("started", host=socket.gethostname(), pid=os.getpid())
-        with _beating(send, heartbeat):
-            result = worker.run(chunk)
+        result = runner.call(_run_chunk, worker, heartbeat, JSON.decode(payload), send)
     except Exception as error:  # outside any item (the journal unreachable...): say so, never hang
         send("crashed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
         raise
-    send("done", result=JSON.encode(result).decode())
+    if result is not None:
+        send("done", result=JSON.encode(result).decode())
+
+
+def _run_chunk(worker: Worker, heartbeat: float, chunk: Chunk, send: Callable[..., None]) -> Any:
+    """Count the start, then run the chunk (None: refused, it kept killing its workers)."""
+    journal = worker.task.journal
+    if journal is not None:
+        starts = count_start(journal, worker.task.database, chunk)
+        if starts > MAX_STARTS:  # it killed the workers that took it: end the redeliveries
+            logger.warning(
+                "Refusing items %s..%s of a bulkpool run: started %s times without finishing.",
+                chunk.start,
+                chunk.end - 1,
+                starts - 1,
+            )
+            send("refused", starts=starts)
+            return None
+    send("started", host=socket.gethostname(), pid=os.getpid())
+    with _beating(send, heartbeat):
+        return worker.run(chunk)
 
 
 def _worker_for(job: str) -> tuple[Worker, float]:
@@ -530,6 +545,56 @@ def _worker_for(job: str) -> tuple[Worker, float]:
                 _workers.pop(next(iter(_workers))).close()
             _workers[job] = found
         return found, float(JSON.decode(job)["heartbeat"])
+
+
+class _Runner(threading.Thread):
+    """The thread that does bulkpool's work for one task thread of a celery worker.
+
+    Celery's Django fixup closes the task thread's database connections before and after
+    every task, so a chunk run there opens a new connection (about 20 ms on PostgreSQL
+    here, a sixth of a chunk of 100 saves). Run here, the work keeps its connections from
+    chunk to chunk, as a process worker does; they close after ``IDLE_CLOSE`` seconds
+    without a chunk, so an idle celery worker holds none. ``setup`` and ``func`` always
+    run on this one thread.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(name="bulkpool-runner", daemon=True)
+        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]]
+        self._calls = queue.SimpleQueue()
+
+    def call(self, func: Callable[..., Any], *args: Any) -> Any:
+        future: Future[Any] = Future()
+        self._calls.put((future, func, args))
+        return future.result()
+
+    def run(self) -> None:
+        from django.db import connections
+
+        while True:
+            try:
+                future, func, args = self._calls.get(timeout=IDLE_CLOSE)
+            except queue.Empty:
+                connections.close_all()
+                continue
+            try:
+                future.set_result(func(*args))
+            except BaseException as error:  # the task thread re-raises it
+                future.set_exception(error)
+
+
+_runners: dict[int, _Runner] = {}
+_runners_lock = threading.Lock()
+
+
+def _runner() -> _Runner:
+    """This task thread's runner (one per thread: prefork has one, a thread pool several)."""
+    with _runners_lock:
+        found = _runners.get(threading.get_ident())
+        if found is None or not found.is_alive():
+            found = _runners[threading.get_ident()] = _Runner()
+            found.start()
+        return found
 
 
 def _task_of(data: dict[str, Any]) -> Task:
