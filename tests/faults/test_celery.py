@@ -596,7 +596,9 @@ def test_the_broker_dropping_every_connection_mid_run_loses_and_doubles_nothing(
     counts = dict(zip(("ok", "failed", "skipped"), map(int, done.groups()), strict=True)) if done else {}
     record(f"celery {_label(celery_env)}: broker connections dropped", found, None, **counts)
     assert status == 0, err[-3000:]
-    assert all(caller and workers for caller, workers in dropped), dropped  # both sides were cut
+    # Both sides were cut at the first drop; the workers at the second too. (The caller may
+    # still be reconnecting from the first, or already done, when the second comes.)
+    assert dropped[0][0] and all(workers for _, workers in dropped), dropped
     assert "Lost the Celery broker" in err, err[-3000:]  # and the caller noticed
     assert found.exactly_once, (found, err[-3000:])
     assert counts["failed"] == 0 and counts["ok"] + counts["skipped"] == 400, out
