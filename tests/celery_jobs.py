@@ -45,3 +45,21 @@ def marker_of_prepared(value: int) -> int:
     """Write one Marker keyed by what ``prepare`` made of the item."""
     Marker.objects.create(key=str(value), value=value)
     return value
+
+
+def kill_the_node_if_doomed() -> None:
+    """A ``setup`` that SIGKILLs the whole celery node it runs on (its main process, then
+    this pool process) when the node was started with ``BULKPOOL_TEST_DOOMED_NODE=1``: the
+    chunk that node took dies before it ever started."""
+    import os
+    import signal
+
+    if os.environ.get("BULKPOOL_TEST_DOOMED_NODE"):
+        os.kill(os.getppid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def marker_with_state(i: int, state: None) -> int:
+    """Write one Marker keyed by the item (``func`` of a run with ``setup``)."""
+    Marker.objects.create(key=str(i), value=i)
+    return i

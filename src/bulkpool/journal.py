@@ -15,6 +15,9 @@ Data flow for ``run_id="nightly-import"``:
     parent   Journal.begin(): before the first piece runs: status "running", one more attempt
     worker   record_chunk(): inside the piece's own transaction, lock the Run row, refuse a
              range that overlaps a record (the piece ran before: AlreadyDone), write the record
+    worker   count_start() (at-least-once executors: celery): in a transaction of its own,
+             before the piece runs, one more start of it; past a limit the worker refuses
+             it, so a piece that kills every worker stops being redelivered, caller or not
     parent   Journal.record_lost(): the failures no worker could record (an item that kills
              every worker it touches), so a resume reports them instead of running them again
     parent   Journal.close(): the attempt's status and counts, for ``bulkpool runs``
@@ -364,6 +367,23 @@ def record_chunk(ref: JournalRef, database: str, chunk: Chunk, errors: dict[int,
         )
         for offset, error in sorted(errors.items())
     )
+
+
+def count_start(ref: JournalRef, database: str, chunk: Chunk) -> int:
+    """One more start of this piece (same run, start and size), committed at once, before it
+    runs -- so a start that kills its worker still counts. Returns the starts so far."""
+    from bulkpool.models import ChunkDelivery
+
+    deliveries = ChunkDelivery.objects.using(database)
+    try:  # a first start, nearly always: one INSERT, in autocommit
+        deliveries.create(run_id=ref.run_pk, start=chunk.start, size=len(chunk), starts=1)
+        return 1
+    except IntegrityError:  # started before
+        pass
+    rows = deliveries.filter(run_id=ref.run_pk, start=chunk.start, size=len(chunk))
+    with _write_transaction(database):
+        rows.update(starts=F("starts") + 1)
+        return int(rows.values_list("starts", flat=True).get())
 
 
 def is_recorded(ref: JournalRef, database: str, chunk: Chunk) -> bool:

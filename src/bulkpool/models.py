@@ -82,6 +82,28 @@ class RunChunk(models.Model):
         return f"{self.run_id}: items {self.start}..{self.start + self.size - 1}"
 
 
+class ChunkDelivery(models.Model):
+    """How many times a chunk of a run was started by an at-least-once executor's workers
+    (celery), counted in its own transaction before it runs: a chunk that keeps killing
+    the workers that take it is refused after a few starts, on any machine, whether or
+    not its caller is still there (see ``journal.count_start``)."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="deliveries")
+    start = models.BigIntegerField(help_text="Input index of the chunk's first item.")
+    size = models.PositiveIntegerField()
+    starts = models.PositiveIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["run", "start", "size"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "start", "size"], name="bulkpool_delivery_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}: items {self.start}..{self.start + self.size - 1}, started {self.starts}x"
+
+
 class RunFailure(models.Model):
     """A failed item of a journaled chunk, committed with the chunk."""
 

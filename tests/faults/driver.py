@@ -37,6 +37,7 @@ def main() -> int:
     parser.add_argument("--setup-pause", type=float, help="seconds each worker's setup takes")
     parser.add_argument("--celery-broker", help="run on the celery backend, with this broker")
     parser.add_argument("--celery-queue", help="the celery workers' queue")
+    parser.add_argument("--poison", type=int, help="the item that SIGKILLs every worker that runs it")
     args = parser.parse_args()
 
     settings.DATABASES["default"]["NAME"] = os.environ["BULKPOOL_FAULTS_DB_NAME"]
@@ -53,9 +54,15 @@ def main() -> int:
         backend = bulkpool.CeleryExecutor(app=app, queue=args.celery_queue, lease=8.0, heartbeat=1.0)
     else:
         backend = bulkpool.ProcessExecutor(start_method=args.start_method)
+    func = functools.partial(slow_marker, args.pause)
+    extra = {}
+    if args.poison is not None:  # its chunk is split at once, as in tests/faults/test_celery.py
+        from tests.celery_jobs import marker_killing_at
+
+        func, extra = functools.partial(marker_killing_at, args.poison), {"retries": 0}
     try:
         report = bulkpool.run(
-            functools.partial(slow_marker, args.pause),
+            func,
             range(args.items),
             backend=backend,
             workers=args.workers,
@@ -63,6 +70,7 @@ def main() -> int:
             run_id=args.run_id,
             setup=functools.partial(slow_setup, args.setup_pause) if args.setup_pause else None,
             progress=False,
+            **extra,
         )
     except KeyboardInterrupt:
         print("DRIVER INTERRUPTED", file=sys.stderr, flush=True)
