@@ -1,0 +1,268 @@
+"""The benchmark matrix: databases x workloads x methods x sizes, in one command, as JSON.
+
+    python -m bench.matrix [--databases sqlite,postgres,mysql] [--sizes 1000,10000]
+        [--workloads trivial,setup2ms,hash2ms,io5ms] [--big 100000] [--repeat 3]
+        [--methods loop,...] [--update-methods bulk_update,...] [--timeout 300]
+        [--output bench/results/NAME.json]
+
+The plan, per database (``plan()``):
+
+- a **create cell** for each size and workload, with every method of ``CREATE_METHODS``.
+  A workload with per-item work runs at most ``--work-items`` items (default 1,000): at
+  2-5 ms an item, 10,000 items would take 20-50 s for each serial method and repeat.
+  The trivial workload also runs ``FAST_METHODS``, the fast path against its floor;
+- an **update cell** at the largest size, trivial workload, ``UPDATE_METHODS``;
+- a **big cell** for each ``--big`` size: trivial, ``BIG_METHODS`` only, run once.
+
+Each method runs in a fresh ``python -m bench.child`` process (``bench/run.py`` starts
+them), the methods of a cell taking turns ``--repeat`` times, on an emptied ``auth_user``.
+A method that writes the wrong number of rows, raises, or whose Report lists failures is
+``"failed"``; one that runs past ``--timeout`` is killed with its workers, ``"timeout"``.
+Neither gets a rate. The JSON is rewritten after every cell, so an interrupted run keeps
+what it measured. ``python -m bench.charts`` draws it; ``python -m bench.ratios`` tabulates it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.run import ROOT, WORKLOADS, child_env, commit, cpu_model, run_child
+
+URLS = {
+    "postgres": "postgres://postgres@127.0.0.1:5432/bench_matrix",
+    "mysql": "mysql://root@127.0.0.1:3306/bench_matrix",
+}
+HAND_WRITTEN = ["loop", "loop_atomic500", "ppe_script", "pool_atomic500", "thread_atomic100"]
+CREATE_METHODS = [*HAND_WRITTEN, "bulkpool_untuned", "bulkpool_fast", "bulk_create"]
+FAST_METHODS = ["signalled_bulk_create", "bulkpool_fast_serial", "bulkpool_fast_process2"]
+UPDATE_METHODS = ["update_loop_atomic500", "bulk_update", "bulkpool_update", "bulkpool_update_fast"]
+# Finish 100,000 items in a minute or two each; the plain loop (~100 s on SQLite) and the
+# per-item ProcessPoolExecutor (~2 KB a pending future, FINDINGS.md) are left out.
+BIG_METHODS = ["loop_atomic500", "pool_atomic500", "bulkpool_untuned", "bulkpool_fast", "bulk_create"]
+KINDS = {
+    **dict.fromkeys([*HAND_WRITTEN, "update_loop_atomic500"], "hand-written"),
+    **dict.fromkeys(["bulk_create", "bulk_update", "signalled_bulk_create"], "reference"),
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One square of the matrix: the methods that take turns on the same rows."""
+
+    database: str
+    operation: str  # "create" or "update"
+    workload: str
+    items: int
+    methods: tuple[str, ...]
+    repeat: int
+
+
+def main() -> int:
+    args = _parse()
+    results = _header(args)
+    with tempfile.TemporaryDirectory(prefix="bulkpool-matrix-") as tmp:
+        for database in args.databases:
+            env = child_env(_url(args, database, tmp))
+            results["databases"][database] = _prepare(env, args, results)
+            for cell in plan(args, database):
+                results["cells"].append(run_cell(cell, env, args.timeout))
+                _write(args.output, results)
+    results["finished"] = _now()
+    _write(args.output, results)
+    print(f"bench.matrix: wrote {args.output}", file=sys.stderr)
+    return 0 if all(_cell_ok(cell) for cell in results["cells"]) else 1
+
+
+def plan(args: argparse.Namespace, database: str) -> list[Cell]:
+    """Every cell of one database, in the order they run."""
+    cells: dict[tuple[str, int], Cell] = {}
+    for size in args.sizes:
+        for workload in args.workloads:
+            items = size if workload == "trivial" else min(size, args.work_items)
+            extra = FAST_METHODS if workload == "trivial" else []
+            methods = _chosen([*CREATE_METHODS, *extra], args.methods)
+            cells.setdefault(
+                (workload, items), Cell(database, "create", workload, items, methods, args.repeat)
+            )
+    planned = list(cells.values())
+    if args.update_methods and args.sizes:
+        updates = tuple(args.update_methods)
+        planned.append(Cell(database, "update", "trivial", max(args.sizes), updates, args.repeat))
+    for size in args.big:
+        planned.append(Cell(database, "create", "trivial", size, _chosen(BIG_METHODS, args.methods), 1))
+    return [cell for cell in planned if cell.methods]
+
+
+def run_cell(cell: Cell, env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """The methods of ``cell`` take turns ``cell.repeat`` times; the load is read around it."""
+    _say(f"{cell.database} {cell.operation} {cell.workload} {cell.items:,} items x{cell.repeat}")
+    result: dict[str, Any] = {**asdict(cell), "started": _now(), "load_before": _load()}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cell.methods}
+    for _ in range(cell.repeat):
+        for name in cell.methods:
+            step = ["method", name, "--workload", cell.workload, "--items", str(cell.items)]
+            run = run_child(env, step, timeout)
+            runs[name].append(run)
+            _say(f"  {name:<24} {_summary(run, cell.items)}")
+    result["load_after"] = _load()
+    result["methods"] = {name: summarise(name, method_runs, cell.items) for name, method_runs in runs.items()}
+    return result
+
+
+def summarise(name: str, runs: list[dict[str, Any]], items: int) -> dict[str, Any]:
+    """A method's status over its repeats, and a rate only if every repeat was right."""
+    problems = sorted({problem for run in runs for problem in run.get("problems", [])})
+    status = "ok"
+    if any("skipped" in run for run in runs):
+        status = "skipped"
+    elif any(run.get("timed_out") for run in runs):
+        status = "timeout"
+    elif problems:
+        status = "failed"
+    seconds = [run["elapsed"] for run in runs if "elapsed" in run]
+    median = statistics.median(seconds) if status == "ok" and seconds else None
+    return {
+        "kind": KINDS.get(name, "bulkpool"),
+        "status": status,
+        "problems": problems,
+        "expected_rows": items,
+        "rows": [run.get("rows") for run in runs],
+        "seconds": seconds,
+        "median_seconds": median,
+        "items_per_s": items / median if median else None,
+        "runs": runs,
+    }
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers ran on: the CPUs this process may really use, and the load."""
+    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "cpu_count": os.cpu_count(),
+        "affinity": affinity,
+        "cgroup_cpu_max": _read("/sys/fs/cgroup/cpu.max"),
+        "cpu_model": cpu_model(),
+        "system": f"{platform.system()} {platform.release()}",
+        "load_at_start": _load(),
+    }
+
+
+def _header(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "schema": 1,
+        "command": ["python", "-m", "bench.matrix", *sys.argv[1:]],
+        "started": _now(),
+        "commit": commit(),
+        "python": platform.python_version(),
+        "machine": machine(),
+        "timeout_seconds": args.timeout,
+        "work_items": args.work_items,
+        "databases": {},
+        "cells": [],
+    }
+
+
+def _prepare(env: dict[str, str], args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+    """Migrate and read the versions; calibrate the per-item work once, for every database."""
+    prepared = run_child(env, ["prepare"], args.timeout)
+    calibration = results.setdefault(
+        "calibration", {k: v for k, v in prepared.items() if k.startswith("BENCH_")}
+    )
+    env.update({k: str(v) for k, v in calibration.items()})
+    results.setdefault("django", prepared["django"])
+    results.setdefault("bulkpool", prepared["bulkpool"])
+    results.setdefault("bulkpool_defaults", prepared["bulkpool_defaults"])
+    return {"server": prepared["database"], "driver": prepared["driver"], "url": env["DATABASE_URL"]}
+
+
+def _url(args: argparse.Namespace, database: str, tmp: str) -> str:
+    if database == "sqlite":
+        return f"sqlite:///{tmp}/bench.sqlite3"
+    return args.postgres_url if database == "postgres" else args.mysql_url
+
+
+def _cell_ok(cell: dict[str, Any]) -> bool:
+    return all(method["status"] in ("ok", "skipped") for method in cell["methods"].values())
+
+
+def _summary(run: dict[str, Any], items: int) -> str:
+    rate = f"{items / run['elapsed']:>9,.0f} items/s" if run.get("elapsed") else ""
+    return f"{rate} {'; '.join(run.get('problems', [])) or 'ok'}".strip()
+
+
+def _chosen(methods: list[str], only: list[str] | None) -> tuple[str, ...]:
+    return tuple(name for name in methods if only is None or name in only)
+
+
+def _load() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _names(known: list[str]) -> Any:
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = set(names) - set(known)
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown: {', '.join(sorted(unknown))}")
+        return names
+
+    return parse
+
+
+def _sizes(text: str) -> list[int]:
+    return [int(size) for size in text.split(",") if size.strip() and int(size) > 0]
+
+
+def _parse() -> argparse.Namespace:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
+    parser = argparse.ArgumentParser(prog="python -m bench.matrix", description=__doc__.splitlines()[0])
+    parser.add_argument("--databases", type=_names(["sqlite", "postgres", "mysql"]), default="sqlite")
+    parser.add_argument("--postgres-url", default=URLS["postgres"])
+    parser.add_argument("--mysql-url", default=URLS["mysql"], help="MySQL or MariaDB")
+    parser.add_argument("--sizes", type=_sizes, default="1000,10000", help="items per create cell")
+    parser.add_argument("--workloads", type=_names(WORKLOADS), default=",".join(WORKLOADS))
+    parser.add_argument("--work-items", type=int, default=1000, help="most items for a workload with work")
+    parser.add_argument("--big", type=_sizes, default="100000", help="trivial-only sizes, BIG_METHODS, once")
+    parser.add_argument("--repeat", type=int, default=3)
+    all_create = [*CREATE_METHODS, *FAST_METHODS]
+    parser.add_argument(
+        "--methods", type=_names(all_create), default=None, help="a subset of the create methods"
+    )
+    parser.add_argument("--update-methods", type=_names(UPDATE_METHODS), default=",".join(UPDATE_METHODS))
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per method and repeat")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / f"matrix-{stamp}.json")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
