@@ -21,6 +21,23 @@ from bench import ratios
 from bench.matrix import CREATE_METHODS
 
 WIDTH = 0.8  # of a group of bars
+COLOURS = {  # one colour per method in every chart: greys and blues by hand, warm colours bulkpool's
+    "loop": "#bbbbbb",
+    "loop_atomic500": "#888888",
+    "ppe_script": "#9ecae1",
+    "pool_atomic500": "#3182bd",
+    "thread_atomic100": "#08519c",
+    "update_loop_atomic500": "#888888",
+    "bulkpool_untuned": "#e6550d",
+    "bulkpool_update": "#e6550d",
+    "bulkpool_fast": "#a50f15",
+    "bulkpool_update_fast": "#a50f15",
+    "bulkpool_fast_serial": "#fd8d3c",
+    "bulkpool_fast_process2": "#fdd0a2",
+    "bulk_create": "#31a354",
+    "bulk_update": "#31a354",
+    "signalled_bulk_create": "#a1d99b",
+}
 
 
 def draw_all(results: dict[str, Any], out: Path) -> list[Path]:
@@ -34,7 +51,7 @@ def draw_database(results: dict[str, Any], database: str, out: Path) -> Path:
     """Grouped bars: per cell, each create method over the best hand-written one."""
     cells = list(ratios.create_cells(results, database))
     methods = [name for name in CREATE_METHODS if any(name in cell["methods"] for cell in cells)]
-    figure = Figure(figsize=(max(8, 1.3 * len(cells)), 5))
+    figure = Figure(figsize=(max(10, 1.5 * len(cells)), 5))
     axes = figure.subplots()
     for index, name in enumerate(methods):
         values = [_over_best(cell, name) for cell in cells]
@@ -45,7 +62,7 @@ def draw_database(results: dict[str, Any], database: str, out: Path) -> Path:
     _cell_axis(axes, cells, methods)
     axes.set_ylabel("items/s over the best hand-written method")
     axes.set_title(f"{ratios.database_label(results, database)}: {_subtitle(results)}")
-    axes.legend(fontsize="small", ncol=4, loc="upper left")
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(figure, out / f"matrix-{database}.png")
 
 
@@ -67,7 +84,7 @@ def _time_panel(axes: Any, cells: list[Any], names: list[str], reference: str, l
         _bars(axes, index, len(names), values, name)
     for value, text in lines:
         axes.axhline(value, color="black", linewidth=0.8, linestyle="--")
-        axes.annotate(f"target {text}", (axes.get_xlim()[1], value), fontsize="x-small", ha="right")
+        axes.annotate(f"target {text}", (axes.get_xlim()[0], value), fontsize="x-small", va="bottom")
     labels = [f"{cell['database']}\n{cell['items']:,}" for cell in cells]
     axes.set_xticks(range(len(cells)), labels, fontsize="small")
     axes.set_ylabel(f"time over `{reference}`")
@@ -77,7 +94,8 @@ def _time_panel(axes: Any, cells: list[Any], names: list[str], reference: str, l
 def _bars(axes: Any, index: int, count: int, values: list[float | None], name: str) -> None:
     offset = (index - (count - 1) / 2) * WIDTH / count
     positions = [x + offset for x, value in enumerate(values) if value]
-    axes.bar(positions, [value for value in values if value], WIDTH / count, label=name)
+    heights = [value for value in values if value]
+    axes.bar(positions, heights, WIDTH / count, label=name, color=COLOURS.get(name))
 
 
 def _over_best(cell: dict[str, Any], name: str) -> float | None:
