@@ -1,7 +1,7 @@
 """The benchmark matrix: databases x workloads x methods x sizes, in one command, as JSON.
 
     python -m bench.matrix [--databases sqlite,postgres,mysql] [--sizes 1000,10000]
-        [--workloads trivial,setup2ms,hash2ms,io5ms] [--big 100000] [--repeat 3]
+        [--workloads trivial,setup2ms,hash2ms,io5ms] [--big 100000] [--repeat 3] [--work-repeat N]
         [--methods loop,...] [--update-methods bulk_update,...] [--timeout 300]
         [--output bench/results/NAME.json]
 
@@ -9,7 +9,8 @@ The plan, per database (``plan()``):
 
 - a **create cell** for each size and workload, with every method of ``CREATE_METHODS``.
   A workload with per-item work runs at most ``--work-items`` items (default 1,000): at
-  2-5 ms an item, 10,000 items would take 20-50 s for each serial method and repeat.
+  2-5 ms an item, 10,000 items would take 20-50 s for each serial method and repeat;
+  ``--work-repeat`` can run these cells fewer times than ``--repeat``.
   The trivial workload also runs ``FAST_METHODS``, the fast path against its floor;
 - an **update cell** at the largest size, trivial workload, ``UPDATE_METHODS``;
 - a **big cell** for each ``--big`` size: trivial, ``BIG_METHODS`` only, run once.
@@ -91,9 +92,8 @@ def plan(args: argparse.Namespace, database: str) -> list[Cell]:
             items = size if workload == "trivial" else min(size, args.work_items)
             extra = FAST_METHODS if workload == "trivial" else []
             methods = _chosen([*CREATE_METHODS, *extra], args.methods)
-            cells.setdefault(
-                (workload, items), Cell(database, "create", workload, items, methods, args.repeat)
-            )
+            repeat = args.repeat if workload == "trivial" else args.work_repeat or args.repeat
+            cells.setdefault((workload, items), Cell(database, "create", workload, items, methods, repeat))
     planned = list(cells.values())
     if args.update_methods and args.sizes:
         updates = tuple(args.update_methods)
@@ -107,6 +107,7 @@ def run_cell(cell: Cell, env: dict[str, str], timeout: float) -> dict[str, Any]:
     """The methods of ``cell`` take turns ``cell.repeat`` times; the load is read around it."""
     _say(f"{cell.database} {cell.operation} {cell.workload} {cell.items:,} items x{cell.repeat}")
     result: dict[str, Any] = {**asdict(cell), "started": _now(), "load_before": _load()}
+    result["pressure_before"] = pressure()
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cell.methods}
     for _ in range(cell.repeat):
         for name in cell.methods:
@@ -115,6 +116,7 @@ def run_cell(cell: Cell, env: dict[str, str], timeout: float) -> dict[str, Any]:
             runs[name].append(run)
             _say(f"  {name:<24} {_summary(run, cell.items)}")
     result["load_after"] = _load()
+    result["pressure_after"] = pressure()
     result["methods"] = {name: summarise(name, method_runs, cell.items) for name, method_runs in runs.items()}
     return result
 
@@ -154,7 +156,20 @@ def machine() -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "system": f"{platform.system()} {platform.release()}",
         "load_at_start": _load(),
+        "pressure_at_start": pressure(),
     }
+
+
+def pressure() -> dict[str, float]:
+    """Linux's pressure stall figures: the share of the last 60 s in which some task waited
+    for a CPU or for the disk. Unlike the load average, they say what the waiting was for."""
+    stalls = {}
+    for resource in ("cpu", "io"):
+        line = (_read(f"/proc/pressure/{resource}") or "").splitlines()[:1]
+        fields = dict(part.split("=") for part in line[0].split()[1:]) if line else {}
+        if "avg60" in fields:
+            stalls[f"{resource}_some_avg60"] = float(fields["avg60"])
+    return stalls
 
 
 def _header(args: argparse.Namespace) -> dict[str, Any]:
@@ -254,6 +269,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--work-items", type=int, default=1000, help="most items for a workload with work")
     parser.add_argument("--big", type=_sizes, default="100000", help="trivial-only sizes, BIG_METHODS, once")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--work-repeat", type=int, help="repeats of the cells with work (default: --repeat)")
     all_create = [*CREATE_METHODS, *FAST_METHODS]
     parser.add_argument(
         "--methods", type=_names(all_create), default=None, help="a subset of the create methods"

@@ -156,8 +156,21 @@ def context(results: dict[str, Any]) -> list[str]:
         f"{machine['affinity']}, cgroup cpu.max {machine['cgroup_cpu_max']}; Python {results['python']}, "
         f"Django {results['django']}, django-bulkpool {results['bulkpool']} with defaults "
         f"{_defaults(results)}; {servers}. 1-minute load average {min(loads):.2f} to {max(loads):.2f} "
-        "around the cells."
+        f"around the cells{_stalls(results)}."
     ]
+
+
+def _stalls(results: dict[str, Any]) -> str:
+    cells = results["cells"]
+    cpu = [
+        cell.get(key, {}).get("cpu_some_avg60")
+        for cell in cells
+        for key in ("pressure_before", "pressure_after")
+    ]
+    known = [value for value in cpu if value is not None]
+    if not known:
+        return ""
+    return f"; some task waited for a CPU {min(known):.0f}-{max(known):.0f}% of the time (Linux PSI, 60 s)"
 
 
 def markdown(results: dict[str, Any]) -> str:
