@@ -2,10 +2,10 @@
 
     python -m bench.matrix [--databases sqlite,postgres,mysql] [--sizes 1000,10000]
         [--workloads trivial,setup2ms,hash2ms,io5ms] [--big 100000] [--repeat 3] [--work-repeat N]
-        [--methods loop,...] [--update-methods bulk_update,...] [--timeout 300]
+        [--methods loop,...] [--update-methods bulk_update,...] [--timeout 300] [--big-timeout 600]
         [--output bench/results/NAME.json]
 
-The plan, per database (``plan()``):
+The plan, per database (``plan()``), the databases taking turns cell by cell:
 
 - a **create cell** for each size and workload, with every method of ``CREATE_METHODS``.
   A workload with per-item work runs at most ``--work-items`` items (default 1,000): at
@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import itertools
 import json
 import os
 import platform
@@ -43,6 +45,7 @@ URLS = {
     "postgres": "postgres://postgres@127.0.0.1:5432/bench_matrix",
     "mysql": "mysql://root@127.0.0.1:3306/bench_matrix",
 }
+PREPARE_TIMEOUT = 300  # seconds to migrate and calibrate, whatever --timeout says
 HAND_WRITTEN = ["loop", "loop_atomic500", "ppe_script", "pool_atomic500", "thread_atomic100"]
 CREATE_METHODS = [*HAND_WRITTEN, "bulkpool_untuned", "bulkpool_fast", "bulk_create"]
 FAST_METHODS = ["signalled_bulk_create", "bulkpool_fast_serial", "bulkpool_fast_process2"]
@@ -56,7 +59,7 @@ KINDS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Cell:
     """One square of the matrix: the methods that take turns on the same rows."""
 
@@ -66,17 +69,20 @@ class Cell:
     items: int
     methods: tuple[str, ...]
     repeat: int
+    timeout: float  # seconds per method and repeat
 
 
 def main() -> int:
     args = _parse()
     results = _header(args)
     with tempfile.TemporaryDirectory(prefix="bulkpool-matrix-") as tmp:
-        for database in args.databases:
-            env = child_env(_url(args, database, tmp))
+        envs = {database: child_env(_url(args, database, tmp)) for database in args.databases}
+        for database, env in envs.items():
             results["databases"][database] = _prepare(env, args, results)
-            for cell in plan(args, database):
-                results["cells"].append(run_cell(cell, env, args.timeout))
+        # Databases take turns cell by cell, so a run cut short has the first cells of each.
+        for cells in itertools.zip_longest(*(plan(args, database) for database in args.databases)):
+            for cell in filter(None, cells):
+                results["cells"].append(run_cell(cell, envs[cell.database]))
                 _write(args.output, results)
     results["finished"] = _now()
     _write(args.output, results)
@@ -85,25 +91,28 @@ def main() -> int:
 
 
 def plan(args: argparse.Namespace, database: str) -> list[Cell]:
-    """Every cell of one database, in the order they run."""
-    cells: dict[tuple[str, int], Cell] = {}
-    for size in args.sizes:
-        for workload in args.workloads:
-            items = size if workload == "trivial" else min(size, args.work_items)
-            extra = FAST_METHODS if workload == "trivial" else []
-            methods = _chosen([*CREATE_METHODS, *extra], args.methods)
-            repeat = args.repeat if workload == "trivial" else args.work_repeat or args.repeat
-            cells.setdefault((workload, items), Cell(database, "create", workload, items, methods, repeat))
-    planned = list(cells.values())
+    """Every cell of one database, the most wanted first: the trivial creates (largest
+    first), the update, the workloads with work, then the big runs."""
+    cell = functools.partial(Cell, database=database, operation="create", workload="trivial")
+    every = {"repeat": args.repeat, "timeout": args.timeout}
+    trivial = sorted(args.sizes, reverse=True) if "trivial" in args.workloads else []
+    create = _chosen([*CREATE_METHODS, *FAST_METHODS], args.methods)
+    planned = [cell(items=size, methods=create, **every) for size in trivial]
     if args.update_methods and args.sizes:
         updates = tuple(args.update_methods)
-        planned.append(Cell(database, "update", "trivial", max(args.sizes), updates, args.repeat))
-    for size in args.big:
-        planned.append(Cell(database, "create", "trivial", size, _chosen(BIG_METHODS, args.methods), 1))
-    return [cell for cell in planned if cell.methods]
+        planned.append(cell(operation="update", items=max(args.sizes), methods=updates, **every))
+    work = {"repeat": args.work_repeat or args.repeat, "timeout": args.timeout}
+    for workload in (name for name in args.workloads if name != "trivial"):
+        for size in sorted({min(size, args.work_items) for size in args.sizes}):
+            planned.append(
+                cell(workload=workload, items=size, methods=_chosen(CREATE_METHODS, args.methods), **work)
+            )
+    big = {"repeat": 1, "timeout": args.big_timeout}
+    planned += [cell(items=size, methods=_chosen(BIG_METHODS, args.methods), **big) for size in args.big]
+    return [c for c in planned if c.methods]
 
 
-def run_cell(cell: Cell, env: dict[str, str], timeout: float) -> dict[str, Any]:
+def run_cell(cell: Cell, env: dict[str, str]) -> dict[str, Any]:
     """The methods of ``cell`` take turns ``cell.repeat`` times; the load is read around it."""
     _say(f"{cell.database} {cell.operation} {cell.workload} {cell.items:,} items x{cell.repeat}")
     result: dict[str, Any] = {**asdict(cell), "started": _now(), "load_before": _load()}
@@ -112,7 +121,7 @@ def run_cell(cell: Cell, env: dict[str, str], timeout: float) -> dict[str, Any]:
     for _ in range(cell.repeat):
         for name in cell.methods:
             step = ["method", name, "--workload", cell.workload, "--items", str(cell.items)]
-            run = run_child(env, step, timeout)
+            run = run_child(env, step, cell.timeout)
             runs[name].append(run)
             _say(f"  {name:<24} {_summary(run, cell.items)}")
     result["load_after"] = _load()
@@ -189,7 +198,9 @@ def _header(args: argparse.Namespace) -> dict[str, Any]:
 
 def _prepare(env: dict[str, str], args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
     """Migrate and read the versions; calibrate the per-item work once, for every database."""
-    prepared = run_child(env, ["prepare"], args.timeout)
+    prepared = run_child(env, ["prepare"], PREPARE_TIMEOUT)
+    if "problems" in prepared:
+        sys.exit(f"bench.matrix: preparing {env['DATABASE_URL']} failed: {prepared['problems']}")
     calibration = results.setdefault(
         "calibration", {k: v for k, v in prepared.items() if k.startswith("BENCH_")}
     )
@@ -276,6 +287,7 @@ def _parse() -> argparse.Namespace:
     )
     parser.add_argument("--update-methods", type=_names(UPDATE_METHODS), default=",".join(UPDATE_METHODS))
     parser.add_argument("--timeout", type=float, default=300, help="seconds per method and repeat")
+    parser.add_argument("--big-timeout", type=float, default=600, help="the same in the --big cells")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / f"matrix-{stamp}.json")
     return parser.parse_args()
 

@@ -89,7 +89,7 @@ def run_child(env: dict[str, str], step: list[str], timeout: float) -> dict[str,
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             child.communicate()
-            return {"problems": [f"timed out after {timeout:.0f} s"], "items": 0, "timed_out": timeout}
+            return {"problems": [f"timed out after {timeout:g} s"], "items": 0, "timed_out": timeout}
     lines = stdout.strip().splitlines()
     if child.returncode != 0 or not lines:
         if step[0] == "prepare":
