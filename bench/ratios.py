@@ -145,6 +145,80 @@ def ppe_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def targets_table(results: dict[str, Any]) -> list[str]:
+    """Issue 9's targets against this run: the measured range and how many cells meet it."""
+    create = list(create_cells(results))
+    trivial = [cell for cell in create if cell["workload"] == "trivial"]
+    servers = [cell for cell in trivial if cell["database"] != "sqlite"]
+    updates = [cell for cell in results["cells"] if cell["operation"] == "update"]
+    postgres = [cell for cell in trivial if cell["database"] == "postgres"]
+    rows = [
+        ("untuned bulkpool >= 0.95x the best hand-written method", _over_best(create), ">=", 0.95),
+        ("untuned bulkpool >= 1x the plain loop", _untuned_over(create, "loop"), ">=", 1.0),
+        (
+            "`create(fast=True)`, serial: time <= 1.3x `bulk_create`'s",
+            _times(trivial, "bulkpool_fast_serial", "bulk_create"),
+            "<=",
+            1.3,
+        ),
+        (
+            "`create(fast=True)`, 2 processes, servers: time <= 0.8x `bulk_create`'s",
+            _times(servers, "bulkpool_fast_process2", "bulk_create"),
+            "<=",
+            0.8,
+        ),
+        (
+            "`update(fast=True)`: time <= 2x `bulk_update`'s",
+            _times(updates, "bulkpool_update_fast", "bulk_update"),
+            "<=",
+            2.0,
+        ),
+        (
+            "`fast=True` >= 8x `ppe_script`'s items/s, PostgreSQL, trivial",
+            _untuned_over(postgres, "ppe_script", "bulkpool_fast"),
+            ">=",
+            8.0,
+        ),
+    ]
+    lines = ["| target | cells measured | met in | measured |", "|---|---:|---:|---|"]
+    for text, values, sense, bound in rows:
+        known = [value for value in values if value is not None]
+        met = sum(1 for value in known if (value >= bound if sense == ">=" else value <= bound))
+        span = f"{min(known):.2f} to {max(known):.2f}" if known else "n/a"
+        lines.append(f"| {text} | {len(values)} | {met} | {span}{_unknown(values)} |")
+    return lines
+
+
+def _over_best(cells: list[Cell]) -> list[float | None]:
+    values = []
+    for cell in cells:
+        if "bulkpool_untuned" in cell["methods"]:
+            best = best_hand_written(cell)
+            values.append(_quotient(rate(cell, "bulkpool_untuned"), best[1] if best else None))
+    return values
+
+
+def _untuned_over(cells: list[Cell], other: str, mine: str = "bulkpool_untuned") -> list[float | None]:
+    return [
+        _quotient(rate(c, mine), rate(c, other))
+        for c in cells
+        if mine in c["methods"] and other in c["methods"]
+    ]
+
+
+def _times(cells: list[Cell], name: str, reference: str) -> list[float | None]:
+    return [time_ratio(cell, name, reference) for cell in cells if name in cell["methods"]]
+
+
+def _quotient(mine: float | None, theirs: float | None) -> float | None:
+    return mine / theirs if mine and theirs else None
+
+
+def _unknown(values: list[float | None]) -> str:
+    missing = sum(1 for value in values if value is None)
+    return f" ({missing} without a ratio: a method failed or timed out)" if missing else ""
+
+
 def context(results: dict[str, Any]) -> list[str]:
     """One paragraph: what ran, where, and how loaded the machine was."""
     loads = [value for cell in results["cells"] for value in (cell["load_before"][0], cell["load_after"][0])]
@@ -176,6 +250,7 @@ def _stalls(results: dict[str, Any]) -> str:
 def markdown(results: dict[str, Any]) -> str:
     sections = [
         ("Context", context(results)),
+        ("Issue 9's targets", targets_table(results)),
         ("Untuned bulkpool against the best hand-written method", untuned_table(results)),
         ("`fast=True` against `bulk_create` (time ratio)", fast_table(results)),
         ("`update(fast=True)` against `bulk_update` (time ratio)", update_table(results)),

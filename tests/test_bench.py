@@ -73,3 +73,14 @@ def test_the_charts_are_drawn_from_the_json(matrix_json, tmp_path):
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert finished.returncode == 0, finished.stderr
     assert sorted(path.name for path in tmp_path.glob("*.png")) == ["fast-path.png", "matrix-sqlite.png"]
+
+
+@pytest.mark.vendor("sqlite")
+def test_the_ratios_tabulate_the_json_without_matplotlib(results):
+    """bench.ratios (standard library only) renders every table, the targets' first."""
+    from bench import ratios
+
+    text = ratios.markdown(results)
+    server = results["databases"]["sqlite"]["server"]
+    assert text.index("### Issue 9's targets") < text.index("### Untuned bulkpool against")
+    assert f"| {server} | trivial, 30 | `loop_atomic500` (" in text
