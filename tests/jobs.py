@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from django.db import connection
@@ -196,3 +197,38 @@ def write_book_dying_on_second_run(flag_dir: str, poison: int, author_id: int) -
         if runs.read_text() == "2":
             os.kill(os.getpid(), signal.SIGKILL)
     return Book.objects.create(title=f"by {author_id}", author_id=author_id).pk
+
+
+def write_marker_pid(i: int) -> int:
+    """Write one Marker keyed by the item, its value the id of the process that wrote it."""
+    Marker.objects.create(key=str(i), value=os.getpid())
+    return i
+
+
+def wait_then_pass(seconds: float, i: int) -> int:
+    """prepare: wait as for a slow service (outside any transaction), then pass the item on."""
+    time.sleep(seconds)
+    return i
+
+
+def setup_fails_outside(pid: int) -> None:
+    """setup: works in process ``pid`` (the caller), fails in any other (pool workers)."""
+    if os.getpid() != pid:
+        raise RuntimeError("this setup works in the calling process only")
+
+
+def busy_then_write_marker_pid(i: int) -> int:
+    """About 1 ms of CPU, then write_marker_pid."""
+    deadline = time.thread_time() + 0.001
+    while time.thread_time() < deadline:
+        pass
+    return write_marker_pid(i)
+
+
+def wait_then_pass_with_state(seconds: float, i: int, state: Any) -> int:
+    """wait_then_pass, as prepare with a setup (which passes its state)."""
+    return wait_then_pass(seconds, i)
+
+
+def write_marker_pid_with_state(i: int, state: Any) -> int:
+    return write_marker_pid(i)

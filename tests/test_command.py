@@ -599,8 +599,9 @@ def test_failing_setup_is_one_line_exit_2():
     )
     assert result.returncode == 2
     assert one_error_line(result.stderr) == (
-        "CommandError: A worker thread failed in setup: RuntimeError: setup could not reach the mail "
-        "server (run with -v 2 to see the worker's traceback)"
+        "CommandError: A worker failed in setup (the calling process, which runs the first chunks "
+        "while workers='auto' measures them): RuntimeError: setup could not reach the mail server "
+        "(run with -v 2 to see the worker's traceback)"
     )
 
 
@@ -614,8 +615,8 @@ def test_stdin_without_format_is_exit_2():
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--workers", "0"], "argument --workers: '0' is not a whole number, 1 or more"),
-        (["--chunk-size", "ten"], "argument --chunk-size: 'ten' is not a whole number, 1 or more"),
+        (["--workers", "0"], "argument --workers: '0' is not auto or a whole number, 1 or more"),
+        (["--chunk-size", "ten"], "argument --chunk-size: 'ten' is not auto or a whole number, 1 or more"),
         (["--retries", "-1"], "argument --retries: '-1' is not a whole number, 0 or more"),
         (["--backend", "dask"], "argument --backend: invalid choice: 'dask'"),
         (["--atomic", "yes"], "argument --atomic: invalid choice: 'yes'"),

@@ -304,7 +304,7 @@ def test_raising_on_commit_callback_through_run(tmp_path, backend):
     """bulkpool.run neither raises nor hangs: every item is written once, its callback run once."""
     calls = tmp_path / "calls"
     func = functools.partial(write_marker_with_callback, str(calls), -1)
-    report = bulkpool.run(func, range(12), backend=backend, chunk_size=5)
+    report = bulkpool.run(func, range(12), backend=backend, workers=2, chunk_size=5)
     assert (report.ok, report.failed) == (12, 0)
     assert written_markers() == list(range(12))
     assert callback_calls(calls) == list(range(12))

@@ -458,8 +458,10 @@ def test_reverse_many_to_many_values_are_set_alike():
 def test_a_journaled_fast_run_resumes_and_a_dry_run_writes_nothing():
     """fast=True keeps the journal (a rerun skips every chunk) and dry_run (nothing stays written)."""
     rows = [{"key": f"k{i}", "value": i} for i in range(9)]
-    dry = bulkpool.create(Marker, rows, fast=True, backend="thread", chunk_size=4, dry_run=True)
+    dry = bulkpool.create(Marker, rows, fast=True, backend="thread", workers=2, chunk_size=4, dry_run=True)
     assert dry.ok == 9 and Marker.objects.count() == 0
-    first = bulkpool.create(Marker, rows, fast=True, backend="thread", chunk_size=4, run_id="fast")
-    second = bulkpool.create(Marker, rows, fast=True, backend="thread", chunk_size=4, run_id="fast")
+    first = bulkpool.create(Marker, rows, fast=True, backend="thread", workers=2, chunk_size=4, run_id="fast")
+    second = bulkpool.create(
+        Marker, rows, fast=True, backend="thread", workers=2, chunk_size=4, run_id="fast"
+    )
     assert (first.ok, second.skipped, Marker.objects.count()) == (9, 9, 9)

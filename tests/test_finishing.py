@@ -99,10 +99,12 @@ def test_input_that_raises_stops_the_run_and_a_resume_finishes_it(backend):
 @pytest.mark.parametrize("backend", ["serial", "process"])
 def test_refused_rerun_leaves_the_journal_as_it_was(backend):
     """A rerun fed other input is refused with ResumeRefused, and the finished run's record stays."""
-    bulkpool.run(jobs.write_marker, range(80), backend=backend, chunk_size=10, run_id="keep")
+    bulkpool.run(jobs.write_marker, range(80), backend=backend, workers=2, chunk_size=10, run_id="keep")
     before = Run.objects.values().get(run_id="keep")
     with pytest.raises(bulkpool.ResumeRefused, match="different input"):
-        bulkpool.run(jobs.write_marker, range(100, 180), backend=backend, chunk_size=10, run_id="keep")
+        bulkpool.run(
+            jobs.write_marker, range(100, 180), backend=backend, workers=2, chunk_size=10, run_id="keep"
+        )
     assert Run.objects.values().get(run_id="keep") == before
     assert (before["status"], before["ok"], before["attempts"]) == (Run.Status.FINISHED, 80, 1)
     assert once_each({str(i) for i in range(80)})
@@ -130,9 +132,13 @@ def test_rejects_file_keeps_every_attempt_and_the_journal_writes_them_all(tmp_pa
     func = jobs.fail_multiples_of_7
     first_items = breaking_input(100, 50)
     with pytest.raises(bulkpool.InputFailed):
-        bulkpool.run(func, first_items, backend="thread", chunk_size=10, run_id="rj", rejects=str(rejects))
+        bulkpool.run(
+            func, first_items, backend="thread", workers=2, chunk_size=10, run_id="rj", rejects=str(rejects)
+        )
     assert len(rejects.read_text().splitlines()) == len([i for i in range(50) if i % 7 == 0])
-    bulkpool.run(func, range(100), backend="thread", chunk_size=10, run_id="rj", rejects=str(rejects))
+    bulkpool.run(
+        func, range(100), backend="thread", workers=2, chunk_size=10, run_id="rj", rejects=str(rejects)
+    )
     lines = [json.loads(line) for line in rejects.read_text().splitlines()]
     assert sorted(line["index"] for line in lines) == [i for i in range(100) if i % 7 == 0]
 
@@ -152,7 +158,7 @@ def test_rejects_file_keeps_every_attempt_and_the_journal_writes_them_all(tmp_pa
 def test_imap_consumer_that_stops_lets_the_chunks_in_flight_finish(backend):
     """Closing imap's outcomes early: the chunks in flight are counted, the journal says stopped."""
     with bulkpool.imap(
-        jobs.write_marker, range(1000), backend=backend, chunk_size=10, run_id="peek"
+        jobs.write_marker, range(1000), backend=backend, workers=2, chunk_size=10, run_id="peek"
     ) as outcomes:
         seen = [next(outcomes) for _ in range(15)]
     report = outcomes.report
@@ -301,11 +307,11 @@ def test_ordered_imap_over_bad_lines_does_not_spin(tmp_path):
 def test_a_rerun_refused_past_its_first_chunk_leaves_the_journal_as_it_was(backend):
     """Input that differs only in a later chunk: refused there, and nothing of the finished
     run's record changes (no attempt counted, status and counts kept)."""
-    bulkpool.run(jobs.write_marker, range(50), backend=backend, chunk_size=10, run_id="late")
+    bulkpool.run(jobs.write_marker, range(50), backend=backend, workers=2, chunk_size=10, run_id="late")
     before = Run.objects.values().get(run_id="late")
     changed = [*range(30), 999, *range(31, 50)]
     with pytest.raises(bulkpool.ResumeRefused, match=r"items at 30\.\.39"):
-        bulkpool.run(jobs.write_marker, changed, backend=backend, chunk_size=10, run_id="late")
+        bulkpool.run(jobs.write_marker, changed, backend=backend, workers=2, chunk_size=10, run_id="late")
     assert Run.objects.values().get(run_id="late") == before
 
 

@@ -32,8 +32,12 @@ def marker_counts() -> Counter[str]:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rerun_of_a_finished_run_skips_everything(backend):
     """A second run with the same run_id skips every committed chunk and writes nothing."""
-    first = bulkpool.run(jobs.write_marker, range(50), backend=backend, chunk_size=10, run_id="nightly")
-    second = bulkpool.run(jobs.write_marker, range(50), backend=backend, chunk_size=10, run_id="nightly")
+    first = bulkpool.run(
+        jobs.write_marker, range(50), backend=backend, workers=2, chunk_size=10, run_id="nightly"
+    )
+    second = bulkpool.run(
+        jobs.write_marker, range(50), backend=backend, workers=2, chunk_size=10, run_id="nightly"
+    )
     assert (first.ok, first.skipped) == (50, 0)
     assert (second.ok, second.skipped) == (0, 50)
     assert set(marker_counts().values()) == {1} and len(marker_counts()) == 50
@@ -47,12 +51,14 @@ def test_stopped_run_resumes_with_every_item_once(backend, tmp_path):
     """A run stopped part-way resumes under the same run_id: every item is written exactly once."""
     func = functools.partial(jobs.fail_once_at, str(tmp_path / "failed-once"), 120)
     with pytest.raises(ItemFailed):
-        bulkpool.run(func, range(300), backend=backend, chunk_size=10, on_error="raise", run_id="resume")
+        bulkpool.run(
+            func, range(300), backend=backend, workers=2, chunk_size=10, on_error="raise", run_id="resume"
+        )
     written_before = sum(marker_counts().values())
     assert 0 < written_before < 300
     # The chunk holding the failed item committed its other items: resume leaves it done,
     # and reports the failure from the journal, not as skipped (feed the rejects back to retry it).
-    report = bulkpool.run(func, range(300), backend=backend, chunk_size=10, run_id="resume")
+    report = bulkpool.run(func, range(300), backend=backend, workers=2, chunk_size=10, run_id="resume")
     counts = marker_counts()
     assert set(counts.values()) == {1}
     assert set(counts) == {str(i) for i in range(300)} - {"120"}
@@ -64,7 +70,9 @@ def test_stopped_run_resumes_with_every_item_once(backend, tmp_path):
 
 def test_journal_rows_and_failures_are_written_with_the_chunk():
     """Each chunk has one RunChunk row with its counts; each failed item a RunFailure row."""
-    bulkpool.run(jobs.fail_multiples_of_7, range(30), backend="process", chunk_size=10, run_id="counts")
+    bulkpool.run(
+        jobs.fail_multiples_of_7, range(30), backend="process", workers=2, chunk_size=10, run_id="counts"
+    )
     chunks = list(RunChunk.objects.values_list("start", "size", "ok", "failed"))
     assert chunks == [(0, 10, 8, 2), (10, 10, 9, 1), (20, 10, 8, 2)]
     failures = list(RunFailure.objects.values_list("index", "item", "exc_type"))
@@ -95,17 +103,31 @@ def test_chunk_run_twice_is_applied_once():
     ("second_run", "message"),
     [
         ({"func": jobs.identity}, "belongs to a run of tests.jobs.write_marker"),
-        ({"chunk_size": 7}, "chunk_size=10, not tests.jobs.write_marker with chunk_size=7"),
         ({"items": range(100, 150)}, "was run before with different input"),
     ],
 )
 def test_reusing_a_run_id_for_other_work_is_refused(second_run, message):
-    """A run_id reused with another function, chunk size or input is refused, naming the difference."""
+    """A run_id reused with another function or input is refused, naming the difference."""
     bulkpool.run(jobs.write_marker, range(50), backend="serial", chunk_size=10, run_id="job")
     call = {"func": jobs.write_marker, "items": range(50), "chunk_size": 10, **second_run}
     with pytest.raises(ConfigurationError, match=message):
         bulkpool.run(call.pop("func"), call.pop("items"), backend="serial", run_id="job", **call)
     assert sum(marker_counts().values()) == 50
+
+
+@pytest.mark.parametrize("sizes", [(10, 7), (10, 25), (10, "auto"), ("auto", 3)])
+def test_a_resume_with_another_chunk_size_keeps_the_recorded_boundaries(sizes):
+    """Chunks of a resume stretch over the ranges recorded before, whatever their size: every
+    item once, the recorded ones skipped, and the journal's records never overlap."""
+    first, second = sizes
+    bulkpool.run(jobs.write_marker, range(95), backend="serial", chunk_size=first, run_id="sizes")
+    report = bulkpool.run(jobs.write_marker, range(230), backend="serial", chunk_size=second, run_id="sizes")
+    assert (report.ok, report.skipped, report.failed) == (135, 95, 0)
+    counts = marker_counts()
+    assert set(counts.values()) == {1} and len(counts) == 230
+    ranges = sorted(RunChunk.objects.filter(run__run_id="sizes").values_list("start", "size"))
+    assert [start for start, _ in ranges] == [0] + [start + size for start, size in ranges[:-1]]
+    assert sum(size for _, size in ranges) == 230
 
 
 def test_restart_forgets_the_previous_run():
@@ -151,7 +173,9 @@ def test_dry_run_writes_nothing_and_reports_failures(backend, atomic, tmp_path):
     """dry_run runs every item, reports what would fail, commits nothing, fires no on_commit."""
     flag = tmp_path / "committed"
     func = functools.partial(jobs.write_marker_on_commit, str(flag))
-    report = bulkpool.run(func, range(10), backend=backend, chunk_size=4, atomic=atomic, dry_run=True)
+    report = bulkpool.run(
+        func, range(10), backend=backend, workers=2, chunk_size=4, atomic=atomic, dry_run=True
+    )
     assert (report.ok, report.failed) == (9, 1)
     assert report.failures[0].item == 3
     assert Marker.objects.count() == 0
@@ -189,6 +213,8 @@ def test_serial_dry_run_sees_a_duplicate_across_chunks_and_writes_nothing():
 
 def test_concurrent_dry_run_says_what_it_cannot_see():
     """On concurrent workers each chunk rolls back alone; the report says what that hides."""
-    report = bulkpool.run(create_author, ["a", "b", "a"], backend="thread", chunk_size=1, dry_run=True)
+    report = bulkpool.run(
+        create_author, ["a", "b", "a"], backend="thread", workers=2, chunk_size=1, dry_run=True
+    )
     assert report.failed == 0
     assert "each chunk was rolled back alone" in str(report)

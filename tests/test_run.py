@@ -157,7 +157,9 @@ def test_imap_yields_in_input_order(backend):
 
 def test_imap_unordered_yields_every_item():
     """imap(ordered=False) yields every item once, as chunks finish."""
-    outcomes = list(bulkpool.imap(jobs.identity, range(100), ordered=False, backend="process", chunk_size=3))
+    outcomes = list(
+        bulkpool.imap(jobs.identity, range(100), ordered=False, backend="process", workers=2, chunk_size=3)
+    )
     assert sorted(o.value for o in outcomes) == list(range(100))
 
 
@@ -197,9 +199,9 @@ def test_unshippable_function_is_refused_before_any_item():
             Marker.objects.create(key=str(i))
 
     with pytest.raises(ConfigurationError, match=r"cannot be sent to worker processes.*backend='thread'"):
-        bulkpool.run(uses_lock, range(5), backend="process")
+        bulkpool.run(uses_lock, range(5), backend="process", workers=2)
     assert Marker.objects.count() == 0
-    bulkpool.run(uses_lock, range(5), backend="thread")  # threads need no pickling
+    bulkpool.run(uses_lock, range(5), backend="thread", workers=2)  # threads need no pickling
     assert Marker.objects.count() == 5
 
 
@@ -207,7 +209,7 @@ def test_unshippable_function_is_refused_before_any_item():
 def test_call_inside_a_transaction_is_refused(backend):
     """Concurrent backends are refused inside an open transaction: workers cannot see its rows."""
     with transaction.atomic(), pytest.raises(ConfigurationError, match="inside a transaction"):
-        bulkpool.run(jobs.write_marker, range(5), backend=backend)
+        bulkpool.run(jobs.write_marker, range(5), backend=backend, workers=2)
     assert Marker.objects.count() == 0
 
 
@@ -215,14 +217,16 @@ def test_call_inside_a_transaction_is_refused(backend):
 def test_in_memory_sqlite_is_refused_for_concurrent_backends(backend):
     """An in-memory SQLite database cannot be shared with workers, so it is refused up front."""
     with pytest.raises(ConfigurationError, match="in-memory SQLite"):
-        bulkpool.run(jobs.identity, range(5), backend=backend, database="memory")
+        bulkpool.run(jobs.identity, range(5), backend=backend, workers=2, database="memory")
 
 
+@pytest.mark.parametrize("workers", [2, "auto"])
 @pytest.mark.parametrize("backend", ["thread", "process"])
-def test_worker_setup_failure_shows_the_real_error(backend):
-    """A worker whose setup fails raises WorkerStartupError carrying the worker's traceback."""
+def test_worker_setup_failure_shows_the_real_error(backend, workers):
+    """A worker whose setup fails raises WorkerStartupError carrying the worker's traceback
+    (with workers="auto", the caller's, which runs the first chunks)."""
     with pytest.raises(WorkerStartupError) as raised:
-        bulkpool.run(jobs.write_marker, range(5), backend=backend, setup=jobs.failing_setup)
+        bulkpool.run(jobs.write_marker, range(5), backend=backend, workers=workers, setup=jobs.failing_setup)
     assert "setup could not reach the mail server" in str(raised.value)
     assert "failing_setup" in str(raised.value)
     assert Marker.objects.count() == 0

@@ -49,8 +49,8 @@ def test_progress_bar_is_silent_off_a_terminal_by_default(capsys):
     ("options", "message"),
     [
         ({"backend": "gpu"}, "is not a backend"),
-        ({"workers": 0}, "workers=0 must be a whole number, 1 or more"),
-        ({"chunk_size": "auto"}, "not available yet"),
+        ({"workers": 0}, 'workers=0: use "auto" \\(the default\\) or a whole number, 1 or more'),
+        ({"chunk_size": "big"}, "chunk_size='big': use \"auto\""),
         ({"atomic": "row"}, "atomic='row'"),
         ({"on_error": "ignore"}, "on_error='ignore'"),
         ({"max_failures": -1}, "max_failures=-1"),

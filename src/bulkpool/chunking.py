@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any
 
 from bulkpool.protocol import Chunk
 
 
-def chunked(items: Iterable[Any], size: int) -> Iterator[Chunk]:
+def chunked(items: Iterable[Any], size: int | Callable[[int], int]) -> Iterator[Chunk]:
     """Yield chunks of ``size`` items, pulling items from ``items`` only when asked for.
 
+    ``size`` may be a function of the next chunk's start, asked as each chunk is read.
     If reading raises, the items read before it still come as a (shorter) chunk, and the
     error is raised at the next pull: what the input gave is run, and then the run stops.
     """
     iterator = iter(items)
+    size_at = size if callable(size) else lambda start: size
     start = 0
     number = 0
     while True:
         batch: list[Any] = []
         try:
-            batch.extend(islice(iterator, size))
+            batch.extend(islice(iterator, size_at(start)))
         except Exception:
             if batch:
                 yield Chunk(number, start, batch)

@@ -37,7 +37,7 @@ from typing import Any
 from django.db import connections, transaction
 from tqdm import tqdm
 
-from bulkpool.chunking import chunked
+from bulkpool.chunking import chunked, known_length
 from bulkpool.errors import (
     ConfigurationError,
     InputError,
@@ -49,7 +49,7 @@ from bulkpool.errors import (
     WorkersLost,
     WorkerStartupError,
 )
-from bulkpool.executors import resolve
+from bulkpool.executors import Executor, SerialExecutor, resolve
 from bulkpool.interrupts import Interrupts
 from bulkpool.journal import InputChanged, Journal, job_identity
 from bulkpool.journal import RunStatus as Status
@@ -58,6 +58,17 @@ from bulkpool.outcomes import Failure, Report
 from bulkpool.protocol import Chunk, ChunkLost, ChunkResult, ErrorInfo, Task, Unreadable
 from bulkpool.reporting import open_rejects, progress_bar, write_reject
 from bulkpool.scheduling import Drop, Fail, Scheduler, SendAgain
+from bulkpool.sizing import (
+    AUTO,
+    REMOTE_TARGET_SECONDS,
+    Choice,
+    ChunkSizer,
+    Limits,
+    Pace,
+    choose_workers,
+    cpu_quota,
+    free_connections,
+)
 
 logger = logging.getLogger("bulkpool")
 
@@ -102,7 +113,19 @@ class Engine:
                 self.executor.name,
             )
         self.options = options
-        self.workers = self.executor.workers or options.workers
+        self.workers: int = self.executor.workers or (
+            cpu_quota() if options.workers == AUTO else int(options.workers)
+        )
+        # workers="auto": the caller runs the first chunks while they are measured (sizing).
+        self._measuring = (
+            options.workers == AUTO and not self.executor.workers and self.executor.local
+            and not self.executor.supports_caller_transaction
+        )  # fmt: skip
+        self.sizer = ChunkSizer(None if options.chunk_size == AUTO else int(options.chunk_size))
+        if not self.executor.local:
+            self.sizer.target = REMOTE_TARGET_SECONDS  # a broker's round trip is dearer
+        self._pace = Pace()
+        self._length = known_length(items)
         self._whole_run_dry = options.dry_run and self.executor.supports_caller_transaction
         self.task = Task(
             func=func,
@@ -122,7 +145,9 @@ class Engine:
         self.resume_hint = resume_hint or _default_resume_hint(options)
         self._check_preconditions()
         self.executor.check(self.task)
-        self.journal = Journal.open(options, job_identity(func)) if options.run_id else None
+        self.journal = (
+            Journal.open(options, job_identity(func), self.sizer.ceiling) if options.run_id else None
+        )
         self._started = False
 
     # -- the public drivers --------------------------------------------------------------
@@ -185,7 +210,7 @@ class Engine:
             return
         if not self._whole_run_dry:
             self.report.notes.append(
-                f"Dry run on {self.workers} workers: each chunk was rolled back alone, so what one "
+                "Dry run on concurrent workers: each chunk was rolled back alone, so what one "
                 "chunk does to another (a duplicate in another chunk) was not seen; "
                 "backend='serial' dry-runs the whole input in one transaction."
             )
@@ -201,7 +226,7 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------
 
     def _pump(self) -> Iterator[tuple[Chunk, ChunkResult]]:
-        fresh = chunked(self.items, self.options.chunk_size)
+        fresh = chunked(self.items, self._next_size)
         pending: deque[Chunk] = deque()  # planned pieces not yet sent
         exhausted = False
         scheduler = self._scheduler
@@ -255,9 +280,16 @@ class Engine:
                     settled += self._scheduler.settled(part, result)
         return False, settled
 
+    def _next_size(self, start: int) -> int:
+        left = None if self._length is None else self._length - start
+        size = self.sizer.next(self._pace, left=left, workers=self.workers)
+        return self.journal.aligned(start, size) if self.journal is not None else size
+
     def _send(self, chunk: Chunk) -> list[tuple[Chunk, ChunkResult]]:
         if not self._workers_started:
             self._start_workers()
+        elif self._measuring:
+            self._choose_pool()
         try:
             self.executor.submit(chunk)
         except WorkerStartupError as error:  # a dead worker could not be replaced
@@ -272,9 +304,45 @@ class Engine:
         if self.journal is not None:
             self.task = replace(self.task, journal=self.journal.ref)
         self._workers_started = True
+        if self._measuring:
+            self._pool, self.executor, self.workers = self.executor, SerialExecutor(stand_in=True), 1
         with self._interrupts.raising():  # no work is in flight yet: Ctrl-C need not wait for setup
             self.executor.start(self.task, self.workers)
         self._scheduler.capacity = self.executor.capacity()
+
+    def _choose_pool(self) -> None:
+        """workers="auto": once the caller's first chunks are measured, stay serial or start the pool."""
+        left = None if self._length is None else self._length - self.report.total
+        limits = Limits(
+            cpus=cpu_quota(),
+            free_connections=free_connections(self.options.database),
+            single_writer=connections[self.options.database].vendor == "sqlite",
+            start_seconds=self._pool.start_seconds,
+        )
+        choice = choose_workers(self._pace, left, limits)
+        if choice is None:
+            return
+        self._measuring = False
+        if choice.workers > 1:
+            choice = self._start_pool(choice)
+        self._note_sizing(f"workers={choice.workers}: {choice.why}")
+
+    def _start_pool(self, choice: Choice) -> Choice:
+        pool: Executor = self._pool
+        try:
+            with self._interrupts.raising():  # nothing is in flight between two serial chunks
+                pool.start(self.task, choice.workers)
+        except WorkerStartupError as error:
+            logger.warning("Could not start %s workers: going on serially.\n%s", pool.name, error)
+            return Choice(1, f"the {pool.name} workers could not start ({str(error).splitlines()[0]})")
+        self.executor.stop()
+        self.executor, self.workers = pool, choice.workers
+        self._scheduler.capacity = pool.capacity()
+        return choice
+
+    def _note_sizing(self, note: str) -> None:
+        logger.info("Sizing: %s", note)
+        self.report.notes.append(f"Sizing: {note}")
 
     def _collect(self) -> list[tuple[Chunk, ChunkResult]]:
         """Wait for events; settle finished chunks, and let the scheduler decide on lost ones."""
@@ -282,6 +350,7 @@ class Engine:
         events = self.executor.events(POLL_SECONDS)
         for event in events:
             if not isinstance(event, ChunkLost):
+                self._pace.add(len(event.chunk), event.result.timings)
                 self._record(event.chunk, event.result)
                 released += self._scheduler.finished(event.chunk, event.result)
                 continue
@@ -430,6 +499,8 @@ class Engine:
         """The one end of every run: stop the workers, close the bar, the journal, the log."""
         report = self.report
         report.elapsed = time.monotonic() - self._clock
+        if chunks := self.sizer.summary():
+            self._note_sizing(chunks)
         try:
             if self._workers_started:
                 self.executor.stop(cancel=abandon)

@@ -123,9 +123,10 @@ class _Record(NamedTuple):
 class Journal:
     """The parent's side of a journaled run."""
 
-    def __init__(self, options: Options, identity: str, run: Any) -> None:
+    def __init__(self, options: Options, identity: str, run: Any, max_chunk: int) -> None:
         self.options = options
         self.identity = identity
+        self.max_chunk = max_chunk  # the most items this attempt puts in a chunk
         self.run = run  # None until begin() for a new run_id
         self.database = options.database
         self.begun = False
@@ -135,19 +136,34 @@ class Journal:
         self._before: dict[str, Any] | None = None  # the Run row's attempt fields before begin()
 
     @classmethod
-    def open(cls, options: Options, identity: str) -> Journal:
+    def open(cls, options: Options, identity: str, max_chunk: int) -> Journal:
         from bulkpool.models import Run
 
         _require_tables(options.database)
         run = Run.objects.using(options.database).filter(run_id=options.run_id).first()
         if run is not None and not options.restart:
-            _require_same_job(run, identity, options.chunk_size)
-        return cls(options, identity, run)
+            _require_same_job(run, identity)
+        return cls(options, identity, run, max_chunk)
 
     @property
     def ref(self) -> JournalRef:
         assert self.run is not None, "begin() first"
-        return JournalRef(self.run.pk, max(self.options.chunk_size, self.run.chunk_size))
+        return JournalRef(self.run.pk, max(self.max_chunk, self.run.chunk_size))
+
+    def aligned(self, start: int, size: int) -> int:
+        """``size``, or more so that the chunk at ``start`` does not cut a range recorded
+        before: a resume keeps the first attempt's boundaries, whatever the chunk size."""
+        if not self.resumed:
+            return size
+        end = start + size
+        while self._read_up_to < end - 1 and self._read_page():
+            pass
+        for record in self._records:
+            if record.start >= end:
+                break
+            if record.start < end < record.end:
+                return record.end - start
+        return size
 
     # -- planning --------------------------------------------------------------------------
 
@@ -182,7 +198,7 @@ class Journal:
                 raise InputChanged(
                     f"run_id={self.options.run_id!r} recorded items {record.start}..{record.end - 1} "
                     f"as one piece, which this run's chunk {chunk.start}..{chunk.end - 1} cuts: the "
-                    "chunk boundaries changed. Rerun with the chunk size it was run with, or restart."
+                    "input changed before that point. Rerun with the same input, or restart."
                 )
             if record.start > position:
                 pieces.append((chunk.piece(position, record.start), None))
@@ -261,7 +277,8 @@ class Journal:
             elif options.restart:
                 run.chunks.all().delete()
                 run.attempts = 0
-            run.func, run.chunk_size = self.identity, options.chunk_size
+            earlier = run.chunk_size if run.pk and not options.restart else 0
+            run.func, run.chunk_size = self.identity, max(self.max_chunk, earlier)  # bounds its records
             run.attempts += 1
             run.status, run.finished_at = Run.Status.RUNNING, None
             if command and hasattr(run, "command"):
@@ -377,10 +394,10 @@ def _require_tables(database: str) -> None:
         )
 
 
-def _require_same_job(run: Any, identity: str, chunk_size: int) -> None:
-    if run.func != identity or run.chunk_size != chunk_size:
+def _require_same_job(run: Any, identity: str) -> None:
+    if run.func != identity:
         raise ConfigurationError(
-            f"run_id={run.run_id!r} belongs to a run of {run.func} with chunk_size="
-            f"{run.chunk_size}, not {identity} with chunk_size={chunk_size}. Use another run_id, "
-            "or pass restart=True (--restart) to start it over (rows already written stay written)."
+            f"run_id={run.run_id!r} belongs to a run of {run.func}, not {identity}. Use another "
+            "run_id, or pass restart=True (--restart) to start it over (rows already written stay "
+            "written)."
         )

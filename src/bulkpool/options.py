@@ -20,12 +20,8 @@ from bulkpool.errors import ConfigurationError
 Atomic = Literal["chunk", "item", False]
 OnError = Literal["collect", "raise"]
 
-DEFAULT_CHUNK_SIZE = 100
 BACKEND_NAMES = ("serial", "thread", "process", "celery")
-
-
-def default_workers() -> int:
-    return os.cpu_count() or 1
+Size = int | Literal["auto"]
 
 
 def _meta(help: str, cli: str | None = "value", **extra: Any) -> dict[str, Any]:
@@ -46,13 +42,23 @@ class Options:
             "Where calls run: serial, thread, process or celery.", choices=BACKEND_NAMES, metavar="NAME"
         ),
     )
-    workers: int = field(
-        default=None,  # type: ignore[assignment]  # None: one per CPU, set in __post_init__
-        metadata=_meta("Pool size (default: one per CPU).", kind="count", metavar="N"),
+    workers: Size = field(
+        default="auto",
+        metadata=_meta(
+            "Pool size, or auto (the default): measure the first chunks in the caller, then stay "
+            "serial when concurrency would not pay, or start as many workers as the work can use.",
+            kind="size",
+            metavar="N|auto",
+        ),
     )
-    chunk_size: int = field(
-        default=DEFAULT_CHUNK_SIZE,
-        metadata=_meta(f"Items per unit of work (default: {DEFAULT_CHUNK_SIZE}).", kind="count", metavar="N"),
+    chunk_size: Size = field(
+        default="auto",
+        metadata=_meta(
+            "Items per unit of work, or auto (the default): sized from the pace measured, so that "
+            "a chunk takes about 0.2 s, up to 1,000 items.",
+            kind="size",
+            metavar="N|auto",
+        ),
     )
     atomic: Atomic = field(
         default="chunk",
@@ -129,8 +135,6 @@ class Options:
     )
 
     def __post_init__(self) -> None:
-        if self.workers is None:
-            object.__setattr__(self, "workers", default_workers())
         self._check()
 
     def _check(self) -> None:
@@ -140,8 +144,8 @@ class Options:
             f"backend={self.backend!r} is not a backend: use one of {', '.join(BACKEND_NAMES)}, "
             "or an executor instance such as ProcessExecutor(start_method='spawn').",
         )
-        _require_positive_int("workers", self.workers)
-        _require_positive_int("chunk_size", self.chunk_size)
+        _require_size("workers", self.workers)
+        _require_size("chunk_size", self.chunk_size)
         _require(
             self.atomic in ("chunk", "item", False),
             f"atomic={self.atomic!r}: use 'chunk' (one transaction per chunk), 'item' "
@@ -193,9 +197,14 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigurationError(message)
 
 
+def _require_size(name: str, value: object) -> None:
+    _require(
+        value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+        f'{name}={value!r}: use "auto" (the default) or a whole number, 1 or more.',
+    )
+
+
 def _require_positive_int(name: str, value: object) -> None:
-    if value == "auto":
-        raise ConfigurationError(f'{name}="auto" is not available yet; give a whole number (1 or more).')
     _require(
         isinstance(value, int) and not isinstance(value, bool) and value >= 1,
         f"{name}={value!r} must be a whole number, 1 or more.",

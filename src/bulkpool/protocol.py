@@ -139,6 +139,7 @@ class Timings:
     work: float = 0.0  # calling func, with its queries
     commit: float = 0.0  # the constraint checks and COMMIT
     total: float = 0.0  # all of it, retries and redos included
+    cpu: float = 0.0  # the worker thread's own CPU time in it (the rest was waiting)
 
 
 @dataclass

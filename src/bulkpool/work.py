@@ -180,7 +180,7 @@ class Worker:
 
     def run(self, chunk: Chunk) -> ChunkResult:
         """Run the chunk; how each item went is in the result. Never raises (see above)."""
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         self.committing = False
         self._result = ChunkResult(chunk.number, [None] * len(chunk) if self.task.keep_values else None)
         self._start = chunk.start
@@ -212,6 +212,7 @@ class Worker:
             work=self._times["work"],
             commit=self._times["commit"],
             total=time.perf_counter() - started,
+            cpu=time.thread_time() - cpu_started,
         )
         self.committing = False
         return result

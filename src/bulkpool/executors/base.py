@@ -39,6 +39,11 @@ class Executor(ABC):
     ``detects_loss``
         The executor notices by itself when a chunk will not come back (its worker died or
         crashed) and reports it as ``ChunkLost``; without it, the engine must time chunks out.
+    ``local``
+        Its workers run on this machine, as the caller could: with ``workers="auto"`` the
+        caller runs the first chunks itself while they are measured (``bulkpool.sizing``).
+    ``start_seconds``
+        About what starting its workers costs: a pool must save more than that to pay.
     """
 
     name: str = ""
@@ -47,6 +52,8 @@ class Executor(ABC):
     # The cautious answers, for an executor that does not say: each one sets its own.
     delivery: Delivery = "at_least_once"
     detects_loss: bool = False
+    local: bool = False
+    start_seconds: float = 0.5
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers

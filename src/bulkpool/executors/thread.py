@@ -34,6 +34,8 @@ class ThreadExecutor(Executor):
     name = "thread"
     delivery: Delivery = "exactly_once"
     detects_loss = True
+    local = True
+    start_seconds = 0.01
 
     def start(self, task: Task, workers: int) -> None:
         self._task = replace(task, own_connections=True)

@@ -68,6 +68,16 @@ def non_negative_int(text: str) -> int:
     return _whole_number(text, minimum=0)
 
 
+def size(text: str) -> int | str:
+    """A whole number, 1 or more, or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _whole_number(text, minimum=1)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto or a whole number, 1 or more") from None
+
+
 def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
@@ -454,7 +464,7 @@ def _add_option_flags(parser: CommandParser) -> None:
         elif meta["cli"] == "switch":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=meta["help"])
         else:
-            kinds = {"count": positive_int, "count0": non_negative_int}
+            kinds = {"count": positive_int, "count0": non_negative_int, "size": size}
             parser.add_argument(
                 flag,
                 type=kinds.get(meta.get("kind", ""), str),

@@ -1,0 +1,224 @@
+"""Sizing a run from its own chunks: how many items per chunk, and how many workers.
+
+Nothing is run twice to measure it. Each chunk comes back with its ``Timings`` (measured in
+the worker), and the next choice is made from the pace so far:
+
+``chunk_size="auto"``
+    The first chunk is small (``FIRST_CHUNK``); each next one is sized to take about
+    ``TARGET_SECONDS`` at the pace measured, growing at most ``GROWTH``-fold per chunk and
+    never past ``CEILING`` items. Commits stay rare (light work gets chunks of hundreds of
+    items) and transactions short (heavy work gets a few): joblib's auto-batching, with the
+    ceiling its users ask for. With a pool and an input of known length, chunks are also
+    small enough to share the rest of the input out evenly.
+
+``workers="auto"`` (thread and process backends)
+    The first chunks run in the caller, serially, while they are measured. Then the run
+    either stays serial -- the items left would take less time than starting workers saves,
+    or the database writes one transaction at a time (SQLite) and nearly all of each item's
+    time is spent inside it -- or starts the backend's pool, as wide as the work can use:
+    one worker per CPU the process may really use (affinity, cgroup quota), more when the
+    items mostly wait (I/O, the database), never more than the database's free connection
+    slots allow, and on SQLite no more than the work outside the write lock can keep busy.
+
+The policy here is pure: ``ChunkSizer`` and ``choose_workers`` are fed numbers. The few
+facts read from the machine and the database come from ``cpu_quota`` and
+``free_connections``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.db import connections
+
+from bulkpool.protocol import Timings
+
+AUTO = "auto"
+FIRST_CHUNK = 10
+GROWTH = 4
+CEILING = 1000  # items: what a chunk holds in memory, and the most a redo repeats
+TARGET_SECONDS = 0.2  # a chunk's time: commits rare, transactions short, Ctrl-C quick to drain
+REMOTE_TARGET_SECONDS = 0.5  # on workers elsewhere (celery): a broker's round trip is dearer
+BALANCE = 4  # with a pool, chunks per worker still to come when the input's length is known
+PROBE_CHUNKS = 2  # chunks measured in the caller before the pool is chosen...
+PROBE_SECONDS = 0.2  # ...or seconds of them, whichever comes first
+PAYS_AFTER_SECONDS = 1.0  # serial work left below which starting a pool does not pay
+WAITING_WIDTH = 4  # at most this many workers per CPU when the items mostly wait
+SINGLE_WRITER_GAIN = 1.5  # on SQLite, a pool must promise this speed-up to be worth it
+SPARE_CONNECTIONS = 5  # database connection slots left free for everyone else
+
+
+@dataclass
+class Pace:
+    """What the chunks measured so far add up to."""
+
+    chunks: int = 0
+    items: int = 0
+    seconds: float = 0.0  # in the worker, all of it
+    locked: float = 0.0  # inside the chunk's transaction: loading, func, COMMIT
+    cpu: float = 0.0  # of the worker's own CPU
+
+    def add(self, items: int, timings: Timings) -> None:
+        if items <= 0 or timings.total <= 0:
+            return
+        self.chunks += 1
+        self.items += items
+        self.seconds += timings.total
+        self.locked += timings.load + timings.work + timings.commit
+        self.cpu += timings.cpu
+
+    @property
+    def per_item(self) -> float | None:
+        return self.seconds / self.items if self.items else None
+
+
+@dataclass
+class ChunkSizer:
+    """The size of each next chunk: ``fixed``, or chosen from the pace (``chunk_size="auto"``)."""
+
+    fixed: int | None = None
+    target: float = TARGET_SECONDS
+    smallest: int = 0  # of the sizes chosen so far
+    largest: int = 0
+    _last: int = 0
+
+    @property
+    def ceiling(self) -> int:
+        """The most items a chunk may hold (the journal bounds its look-ups by it)."""
+        return self.fixed or CEILING
+
+    def next(self, pace: Pace, *, left: int | None = None, workers: int = 1) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        per_item = pace.per_item
+        size = float(FIRST_CHUNK) if per_item is None else self.target / max(per_item, 1e-7)
+        if self._last:
+            size = min(size, self._last * GROWTH)
+        if left is not None and workers > 1:
+            size = min(size, math.ceil(left / (workers * BALANCE)))
+        self._last = max(1, min(int(size), CEILING))
+        self.smallest = min(self.smallest or self._last, self._last)
+        self.largest = max(self.largest, self._last)
+        return self._last
+
+    def summary(self) -> str:
+        """What ``chunk_size="auto"`` chose, for the report."""
+        if self.fixed is not None or not self.largest:
+            return ""
+        sizes = f"{self.smallest:,}"
+        if self.largest != self.smallest:
+            sizes += f" to {self.largest:,}"
+        return f"chunk_size=auto: chunks of {sizes} items, each about {self.target:g} s at the pace measured"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What bounds a pool, whatever the work."""
+
+    cpus: int
+    free_connections: int | None  # None: the database does not say (SQLite)
+    single_writer: bool  # SQLite: one write transaction at a time
+    start_seconds: float  # about what starting the pool costs
+
+
+@dataclass(frozen=True)
+class Choice:
+    workers: int  # 1: stay serial in the caller
+    why: str
+
+
+def choose_workers(pace: Pace, left: int | None, limits: Limits) -> Choice | None:
+    """The pool for the rest of the run, or None to measure (serially) a while longer.
+
+    ``left``: items not read yet, when the input's length is known.
+    """
+    if left == 0:
+        return Choice(1, "the whole input ran while it was measured")
+    measured = pace.chunks >= PROBE_CHUNKS or pace.seconds >= PROBE_SECONDS
+    per_item = pace.per_item
+    if not measured or per_item is None:
+        return None
+    width, bound = _useful_width(pace, limits)
+    pace_text = f"{per_item * 1000:.2g} ms per item"
+    if width < 2:
+        return Choice(1, f"{pace_text}: {bound}")
+    pays_after = max(PAYS_AFTER_SECONDS, 4 * limits.start_seconds)
+    if left is None:
+        if pace.seconds < pays_after:
+            return None  # an input of unknown length: go on serially until a pool would pay
+        return Choice(width, f"{pace_text}, input of unknown length: {width} workers ({bound})")
+    serial_left = left * per_item
+    if serial_left < pays_after:
+        return Choice(
+            1,
+            f"{pace_text}: the {left:,} items left take about {serial_left:.1f} s here, "
+            "too little for starting workers to pay",
+        )
+    return Choice(width, f"{pace_text}, {left:,} items left: {width} workers ({bound})")
+
+
+def _useful_width(pace: Pace, limits: Limits) -> tuple[int, str]:
+    """How many workers the work can keep busy, and what bounds it."""
+    waiting = pace.seconds / pace.cpu if pace.cpu > 0 else 1.0  # 1: all CPU; 4: a quarter
+    width = float(limits.cpus)
+    bound = f"{limits.cpus} CPU{'s' if limits.cpus != 1 else ''}"
+    if waiting > 1.5:
+        width = min(limits.cpus * waiting, limits.cpus * WAITING_WIDTH)
+        bound = f"{limits.cpus} CPUs, items {100 - 100 / waiting:.0f}% waiting"
+    if limits.single_writer:
+        gain = pace.seconds / pace.locked if pace.locked > 0 else math.inf
+        if gain < SINGLE_WRITER_GAIN:
+            return 1, (
+                f"SQLite writes one transaction at a time and {100 * pace.locked / pace.seconds:.0f}% "
+                "of each item's time is inside it (work that can run outside it goes in prepare=)"
+            )
+        if gain < width:
+            width, bound = gain, f"SQLite's one writer: {100 / gain:.0f}% of the time is in the transaction"
+    if limits.free_connections is not None:
+        free = limits.free_connections - SPARE_CONNECTIONS
+        if free < width:
+            width, bound = free, f"{limits.free_connections} free database connections"
+    return max(1, int(width)), bound
+
+
+# -- facts about the machine and the database ----------------------------------------------
+
+
+def cpu_quota() -> int:
+    """The CPUs this process may really use: its affinity, and a cgroup v2 ``cpu.max`` quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    return max(1, min(cpus, quota) if quota else cpus)
+
+
+def _cgroup_cpus(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    try:
+        limit, period = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if limit == "max":
+        return None
+    return max(1, math.ceil(int(limit) / int(period)))
+
+
+def free_connections(database: str) -> int | None:
+    """Connection slots the database server has left, or None where it has no such limit."""
+    connection = connections[database]
+    query = {
+        "postgresql": "SELECT current_setting('max_connections')::int - count(*) FROM pg_stat_activity",
+        "mysql": "SELECT @@max_connections - (SELECT COUNT(*) FROM information_schema.PROCESSLIST)",
+    }.get(connection.vendor)
+    if query is None:
+        return None
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(query)
+            return int(cursor.fetchone()[0])
+    except Exception:  # not allowed to look: then it does not bound the pool
+        return None

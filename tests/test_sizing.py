@@ -1,0 +1,227 @@
+"""workers="auto" and chunk_size="auto": the policy fed numbers, then real runs that use it."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections import Counter
+
+import pytest
+from django.db import connection  # noqa: F401  # read by the skipif conditions
+
+import bulkpool
+from bulkpool.models import RunChunk
+from bulkpool.protocol import Timings
+from bulkpool.sizing import (
+    CEILING,
+    FIRST_CHUNK,
+    GROWTH,
+    ChunkSizer,
+    Limits,
+    Pace,
+    _cgroup_cpus,
+    choose_workers,
+    cpu_quota,
+)
+from tests import jobs
+from tests.testapp.models import Marker
+
+SERVER = Limits(cpus=2, free_connections=100, single_writer=False, start_seconds=0.1)
+SQLITE = Limits(cpus=2, free_connections=None, single_writer=True, start_seconds=0.1)
+
+
+def pace(per_item: float, items: int = 50, *, locked: float = 1.0, cpu: float = 1.0) -> Pace:
+    """A pace of ``items`` measured at ``per_item`` seconds each; ``locked`` and ``cpu`` are
+    the shares of that time spent in the transaction and on the CPU."""
+    measured = Pace()
+    seconds = per_item * items
+    measured.add(items, Timings(work=seconds * locked, total=seconds, cpu=seconds * cpu))
+    measured.add(1, Timings(work=per_item * locked, total=per_item, cpu=per_item * cpu))
+    return measured
+
+
+# -- chunk sizes -------------------------------------------------------------------------
+
+
+def test_chunk_sizes_start_small_grow_by_steps_and_stop_at_the_ceiling():
+    sizer = ChunkSizer()
+    light = pace(0.00001)  # 10 microseconds an item: a chunk of 0.2 s would be 20,000
+    sizes = [sizer.next(Pace())] + [sizer.next(light) for _ in range(5)]
+    assert sizes == [FIRST_CHUNK, FIRST_CHUNK * GROWTH, FIRST_CHUNK * GROWTH**2, 640, CEILING, CEILING]
+    expected = f"chunks of {FIRST_CHUNK} to {CEILING:,} items, each about 0.2 s at the pace measured"
+    assert sizer.summary() == f"chunk_size=auto: {expected}"
+
+
+def test_heavy_items_get_chunks_of_about_the_target_time():
+    sizer = ChunkSizer()
+    sizer.next(Pace())
+    assert sizer.next(pace(0.02)) == 10  # 20 ms an item: 10 items are 0.2 s
+    assert sizer.next(pace(1.0)) == 1  # never fewer than one
+
+
+def test_with_a_pool_the_rest_of_a_known_input_is_shared_out():
+    sizer = ChunkSizer()
+    sizer.next(Pace())
+    assert sizer.next(pace(0.00001), left=400, workers=2) == FIRST_CHUNK * GROWTH  # growth caps it
+    assert sizer.next(pace(0.00001), left=400, workers=2) == 50  # 400 items / (2 workers * 4 chunks)
+
+
+def test_a_fixed_chunk_size_is_kept():
+    sizer = ChunkSizer(fixed=7)
+    assert [sizer.next(pace(0.001)) for _ in range(3)] == [7, 7, 7]
+    assert sizer.ceiling == 7 and sizer.summary() == ""
+
+
+# -- the pool ----------------------------------------------------------------------------
+
+
+def test_nothing_is_chosen_before_the_first_chunks_are_measured():
+    one_chunk = Pace()
+    one_chunk.add(10, Timings(work=0.001, total=0.001, cpu=0.001))
+    assert choose_workers(one_chunk, left=10_000, limits=SERVER) is None
+
+
+def test_a_small_run_stays_serial():
+    choice = choose_workers(pace(0.0003), left=1_000, limits=SERVER)  # 0.3 s of work left
+    assert choice is not None and choice.workers == 1
+    assert "too little for starting workers to pay" in choice.why
+
+
+def test_a_long_run_on_a_server_gets_a_worker_per_cpu():
+    choice = choose_workers(pace(0.0003), left=100_000, limits=SERVER)
+    assert choice is not None and choice.workers == 2
+    assert "2 CPUs" in choice.why
+
+
+def test_items_that_mostly_wait_get_more_workers_than_cpus():
+    choice = choose_workers(pace(0.005, cpu=0.1), left=10_000, limits=SERVER)  # 90% waiting
+    assert choice is not None and choice.workers == 8  # capped at 4 per CPU
+    assert "90% waiting" in choice.why
+
+
+def test_free_connection_slots_bound_the_pool():
+    few = Limits(cpus=8, free_connections=8, single_writer=False, start_seconds=0.1)
+    choice = choose_workers(pace(0.001), left=100_000, limits=few)
+    assert choice is not None and choice.workers == 3  # 8 free, 5 left for everyone else
+    assert "8 free database connections" in choice.why
+
+
+def test_sqlite_with_all_the_work_in_the_transaction_stays_serial():
+    choice = choose_workers(pace(0.002), left=100_000, limits=SQLITE)
+    assert choice is not None and choice.workers == 1
+    assert "SQLite writes one transaction at a time" in choice.why and "prepare=" in choice.why
+
+
+def test_sqlite_with_work_outside_the_transaction_gets_a_pool():
+    choice = choose_workers(pace(0.002, locked=0.2), left=100_000, limits=SQLITE)
+    assert choice is not None and choice.workers == 2
+
+
+def test_an_input_of_unknown_length_goes_on_serially_until_a_pool_would_pay():
+    assert choose_workers(pace(0.0003), left=None, limits=SERVER) is None  # 15 ms measured so far
+    long_enough = pace(0.0003, items=5_000)  # 1.5 s of serial work
+    choice = choose_workers(long_enough, left=None, limits=SERVER)
+    assert choice is not None and choice.workers == 2 and "unknown length" in choice.why
+
+
+def test_cgroup_quota_bounds_the_cpus(tmp_path):
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")
+    assert _cgroup_cpus(quota) == 2
+    quota.write_text("max 100000\n")
+    assert _cgroup_cpus(quota) is None
+    assert 1 <= cpu_quota() <= len(os.sched_getaffinity(0))
+
+
+# -- real runs ---------------------------------------------------------------------------
+
+pytestmark_db = pytest.mark.django_db(transaction=True)
+
+
+def writers() -> Counter[int]:
+    """Rows written per process id (write_marker_pid)."""
+    return Counter(Marker.objects.values_list("value", flat=True))
+
+
+def assert_each_once(count: int) -> None:
+    keys = Counter(Marker.objects.values_list("key", flat=True))
+    assert len(keys) == count and set(keys.values()) == {1}
+
+
+@pytestmark_db
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_a_small_light_run_stays_in_the_caller_and_says_why(backend, caplog):
+    """No option given: a light run of 500 items runs serially in the caller, in growing chunks."""
+    with caplog.at_level(logging.INFO, logger="bulkpool"):
+        report = bulkpool.run(jobs.write_marker_pid, range(500), backend=backend, run_id="small")
+    assert report.ok == 500
+    assert_each_once(500)
+    assert set(writers()) == {os.getpid()}
+    sizing = [note for note in report.notes if note.startswith("Sizing: ")]
+    assert sizing[0].startswith("Sizing: workers=1: ") and "chunk_size=auto: chunks of 10 to" in sizing[1]
+    assert "Sizing: workers=1" in str(report) and "Sizing: workers=1" in caplog.text
+    sizes = list(
+        RunChunk.objects.filter(run__run_id="small").order_by("start").values_list("size", flat=True)
+    )
+    assert sizes[:2] == [FIRST_CHUNK, FIRST_CHUNK * GROWTH] and max(sizes) <= CEILING and sum(sizes) == 500
+
+
+@pytestmark_db
+def test_a_run_that_waits_on_a_slow_service_starts_the_pool_after_measuring():
+    """3 ms of waiting per item in prepare: after its first chunks in the caller, the run
+    starts process workers (more than the CPUs), and every item is written once."""
+    prepare = functools.partial(jobs.wait_then_pass, 0.003)
+    report = bulkpool.run(jobs.write_marker_pid, range(1_500), backend="process", prepare=prepare)
+    assert report.ok == 1_500
+    assert_each_once(1_500)
+    by_process = writers()
+    caller = by_process.pop(os.getpid(), 0)
+    assert 0 < caller < 500  # the first chunks, measured in the caller
+    assert len(by_process) > 2  # then more workers than this machine's CPUs (the items wait)
+    note = next(note for note in report.notes if note.startswith("Sizing: workers="))
+    assert not note.startswith("Sizing: workers=1:")
+    assert ("waiting" in note) or ("SQLite's one writer" in note)
+
+
+@pytestmark_db
+def test_a_pool_that_cannot_start_after_measuring_leaves_the_run_serial(caplog):
+    """If the pool's workers fail to start once the caller measured the first chunks, the
+    run goes on in the caller, says so, and loses nothing."""
+    prepare = functools.partial(jobs.wait_then_pass, 0.003)
+    prepare = functools.partial(jobs.wait_then_pass_with_state, 0.003)
+    setup = functools.partial(jobs.setup_fails_outside, os.getpid())
+    with caplog.at_level(logging.WARNING, logger="bulkpool"):
+        report = bulkpool.run(
+            jobs.write_marker_pid_with_state, range(1_200), backend="process", prepare=prepare, setup=setup
+        )
+    assert report.ok == 1_200
+    assert_each_once(1_200)
+    assert set(writers()) == {os.getpid()}
+    assert "Could not start process workers" in caplog.text
+    assert any("the process workers could not start" in note for note in report.notes)
+
+
+@pytestmark_db
+@pytest.mark.skipif("connection.vendor != 'sqlite'", reason="only on SQLite")
+def test_sqlite_light_work_stays_serial_whatever_its_length():
+    """SQLite's one writer: 5,000 light items stay in the caller (workers would only queue)."""
+    report = bulkpool.run(jobs.write_marker_pid, range(5_000))
+    assert report.ok == 5_000
+    assert set(writers()) == {os.getpid()}
+    assert any("SQLite writes one transaction at a time" in note for note in report.notes)
+
+
+@pytestmark_db
+@pytest.mark.skipif("connection.vendor == 'sqlite'", reason="only on PostgreSQL and MariaDB")
+@pytest.mark.skipif("cpu_quota() < 2", reason="one CPU: a pool of CPU-bound workers would not pay")
+def test_a_long_run_on_a_server_starts_a_worker_per_cpu():
+    """On PostgreSQL and MariaDB, 1 ms of CPU per item over 3,000 items is worth a pool."""
+    report = bulkpool.run(jobs.busy_then_write_marker_pid, range(3_000), backend="process")
+    assert report.ok == 3_000
+    assert_each_once(3_000)
+    by_process = writers()
+    assert 0 < by_process.pop(os.getpid()) < 1_000  # the first chunks, measured in the caller
+    assert len(by_process) >= cpu_quota()
+    note = next(note for note in report.notes if note.startswith("Sizing: workers="))
+    assert f"{cpu_quota()} CPUs" in note
