@@ -218,6 +218,7 @@ def _facts(report: Any) -> dict[str, Any]:
         "report_ok": report.ok,
         "report_failed": report.failed,
         "first_failure": f"{first.exc_type}: {first.message}" if first else None,
+        "notes": list(getattr(report, "notes", [])),  # what workers/chunk_size="auto" chose, and why
     }
 
 
