@@ -114,6 +114,24 @@ def test_every_row_of_each_format_runs_once(tmp_path, format):
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("sizes", [("auto", "auto"), ("auto", "7"), ("2", "auto")])
+def test_workers_and_chunk_size_take_auto_or_a_number(tmp_path, sizes):
+    """--workers / --chunk-size take "auto" (the default) or a number; the report says what
+    auto chose."""
+    workers, chunk_size = sizes
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    code, out, _ = call(
+        "run", f"{JOBS}.write_row", "--input", str(path), "--workers", workers, "--chunk-size", chunk_size
+    )
+    assert code == 0
+    assert marker_counts() == Counter({row["key"]: 1 for row in ROWS})
+    # 45 rows: they all run in the caller while they are measured.
+    measured = "Sizing: workers=1: the whole input ran in the caller while it was measured"
+    assert (measured in out) == (workers == "auto")
+    assert ("Sizing: chunk_size=auto: chunks of " in out) == (chunk_size == "auto")
+
+
+@pytest.mark.django_db(transaction=True)
 def test_process_backend_runs_every_row(tmp_path):
     """The default process backend's workers, started by the command, write to the test database."""
     path = write_jsonl(tmp_path / "rows.jsonl", ROWS)

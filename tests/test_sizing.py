@@ -49,6 +49,8 @@ def test_chunk_sizes_start_small_grow_by_steps_and_stop_at_the_ceiling():
     light = pace(0.00001)  # 10 microseconds an item: a chunk of 0.2 s would be 20,000
     sizes = [sizer.next(Pace())] + [sizer.next(light) for _ in range(5)]
     assert sizes == [FIRST_CHUNK, FIRST_CHUNK * GROWTH, FIRST_CHUNK * GROWTH**2, 640, CEILING, CEILING]
+    for size in sizes:
+        sizer.read(size)
     expected = f"chunks of {FIRST_CHUNK} to {CEILING:,} items, each about 0.2 s at the pace measured"
     assert sizer.summary() == f"chunk_size=auto: {expected}"
 

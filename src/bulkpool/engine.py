@@ -26,6 +26,7 @@ Signal handlers only set a flag (``Interrupts``); the engine reads it between ev
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -261,6 +262,7 @@ class Engine:
         if chunk is None:
             return True, []
         self.report.total += len(chunk)
+        self.sizer.read(len(chunk))
         try:
             pieces = self.journal.plan(chunk) if self.journal else [(chunk, None)]
         except InputChanged as error:
@@ -313,19 +315,23 @@ class Engine:
     def _choose_pool(self) -> None:
         """workers="auto": once the caller's first chunks are measured, stay serial or start the pool."""
         left = None if self._length is None else self._length - self.report.total
-        limits = Limits(
-            cpus=cpu_quota(),
-            free_connections=free_connections(self.options.database),
-            single_writer=connections[self.options.database].vendor == "sqlite",
-            start_seconds=self._pool.start_seconds,
-        )
-        choice = choose_workers(self._pace, left, limits)
+        choice = choose_workers(self._pace, left, self._limits)
         if choice is None:
             return
         self._measuring = False
         if choice.workers > 1:
             choice = self._start_pool(choice)
         self._note_sizing(f"workers={choice.workers}: {choice.why}")
+
+    @functools.cached_property
+    def _limits(self) -> Limits:
+        """What bounds the pool, looked up once, when the pool is first considered."""
+        return Limits(
+            cpus=cpu_quota(),
+            free_connections=free_connections(self.options.database),
+            single_writer=connections[self.options.database].vendor == "sqlite",
+            start_seconds=self._pool.start_seconds,
+        )
 
     def _start_pool(self, choice: Choice) -> Choice:
         pool: Executor = self._pool
@@ -499,6 +505,8 @@ class Engine:
         """The one end of every run: stop the workers, close the bar, the journal, the log."""
         report = self.report
         report.elapsed = time.monotonic() - self._clock
+        if self._measuring and self._workers_started:
+            self._note_sizing("workers=1: the whole input ran in the caller while it was measured")
         if chunks := self.sizer.summary():
             self._note_sizing(chunks)
         try:

@@ -81,7 +81,7 @@ class ChunkSizer:
 
     fixed: int | None = None
     target: float = TARGET_SECONDS
-    smallest: int = 0  # of the sizes chosen so far
+    smallest: int = 0  # of the chunks read so far
     largest: int = 0
     _last: int = 0
 
@@ -100,9 +100,12 @@ class ChunkSizer:
         if left is not None and workers > 1:
             size = min(size, math.ceil(left / (workers * BALANCE)))
         self._last = max(1, min(int(size), CEILING))
-        self.smallest = min(self.smallest or self._last, self._last)
-        self.largest = max(self.largest, self._last)
         return self._last
+
+    def read(self, items: int) -> None:
+        """A chunk of ``items`` was read (the input's last may hold fewer than asked for)."""
+        self.smallest = min(self.smallest or items, items)
+        self.largest = max(self.largest, items)
 
     def summary(self) -> str:
         """What ``chunk_size="auto"`` chose, for the report."""
