@@ -453,7 +453,7 @@ def test_show_gives_counts_chunks_and_failures():
     assert code == 0
     assert out.startswith("Run users-2024: interrupted\n")
     assert "last attempt: 40 items: 27 ok, 3 failed, 10 skipped" in out
-    assert "chunks done:  3 (30 items; chunk size 10)" in out
+    assert "chunks done:  3 (30 items; chunks of up to 10)" in out
     assert "Failures (3):" in out
     assert "item 14: django.core.exceptions.ValidationError: bad email 10" in out
     assert '{"email": "bad10"}' in out
@@ -500,7 +500,7 @@ def test_show_a_run_the_command_journaled(tmp_path):
     _, out, _ = call("runs")
     assert out.splitlines()[1].split()[:5] == ["real", "finished", "12", "11", "1"]
     _, out, _ = call("show", "real")
-    assert "chunks done:  3 (12 items; chunk size 5)" in out
+    assert "chunks done:  3 (12 items; chunks of up to 5)" in out
     assert "item 6: ValueError: row k6 is marked bad" in out
 
 

@@ -342,7 +342,7 @@ class Command(BaseCommand):
             ),
             (
                 "chunks done",
-                f"{chunk_count:,} ({totals.done_items:,} items; chunk size {run.chunk_size})",
+                f"{chunk_count:,} ({totals.done_items:,} items; chunks of up to {run.chunk_size:,})",
             ),
             ("started", _when(run.started_at)),
             ("updated", _when(run.updated_at)),
