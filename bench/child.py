@@ -3,12 +3,16 @@
     python -m bench.child prepare
     python -m bench.child method NAME --workload trivial --items 10000
 
+NAME is a create method (``methods.METHODS``) or an update method (``methods.UPDATE_METHODS``:
+the table is filled with ``--items`` users by ``bulk_create`` before the clock starts).
+
 ``run.py`` starts these with DJANGO_SETTINGS_MODULE, DATABASE_URL and the calibrated
 loop counts in the environment. A method that raises, writes the wrong number of rows,
 or whose Report disagrees with the table, is reported with ``"ok": false``.
 """
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
@@ -32,6 +36,9 @@ def main(argv: list[str]) -> None:
         print(json.dumps(measure(args.name, args.workload, args.items)))
 
 
+UPDATED = "updated"  # the first_name every update method sets
+
+
 def prepare() -> dict[str, Any]:
     """Migrate, calibrate the per-item work, and report versions."""
     from django.core.management import call_command
@@ -41,8 +48,10 @@ def prepare() -> dict[str, Any]:
     call_command("migrate", verbosity=0)
     return {
         "database": _database_version(),
+        "driver": _driver_version(),
         "django": django.get_version(),
         "bulkpool": _bulkpool_version(),
+        "bulkpool_defaults": _bulkpool_defaults(),
         jobs.SPIN_ENV: jobs.calibrate(jobs.spin),
         jobs.HASH_ENV: jobs.calibrate(jobs.pbkdf2),
     }
@@ -51,14 +60,19 @@ def prepare() -> dict[str, Any]:
 def measure(name: str, workload_name: str, count: int) -> dict[str, Any]:
     """Time one method over ``count`` items, then check what it wrote."""
     from bench.jobs import WORKLOADS
-    from bench.methods import METHODS
+    from bench.methods import METHODS, UPDATE_METHODS
 
     _empty_user_tables()
+    if name in UPDATE_METHODS:
+        _fill_user_table(count)
+        call = functools.partial(UPDATE_METHODS[name], UPDATED)
+    else:
+        call = functools.partial(METHODS[name], WORKLOADS[workload_name], _items(count))
     result: dict[str, Any] = {"method": name, "items": count, "load": os.getloadavg()[0]}
     cpu_before = _cpu_seconds()
     start = time.perf_counter()
     try:
-        facts = METHODS[name](WORKLOADS[workload_name], _items(count))
+        facts = call()
     except ImportError as exc:
         if exc.name != "bulkpool":
             raise
@@ -70,7 +84,7 @@ def measure(name: str, workload_name: str, count: int) -> dict[str, Any]:
     result["cpu"] = _cpu_seconds() - cpu_before
     result["rss_mb"] = _peak_rss_mb()
     result.update(facts or {})
-    result.update(_count_rows())
+    result.update(_count_rows(updated=name in UPDATE_METHODS))
     result["problems"] = _problems(result)
     return result
 
@@ -89,13 +103,27 @@ def _empty_user_tables() -> None:
     connection.ops.execute_sql_flush(sql)
 
 
-def _count_rows() -> dict[str, int]:
+def _fill_user_table(count: int) -> None:
+    """The rows an update method changes: written in bulk, so no receiver has stamped them."""
+    from django.contrib.auth import get_user_model
+    from django.db import connections
+
+    user = get_user_model()
+    user.objects.bulk_create((user(**item) for item in _items(count)), batch_size=1000)
+    connections.close_all()  # process workers must not inherit this connection
+
+
+def _count_rows(updated: bool) -> dict[str, int]:
+    """``rows``: the rows the method wrote (created, or changed by an update method)."""
     from django.contrib.auth import get_user_model
     from django.db import connections
 
     connections.close_all()  # a method may have left this connection in a bad state
     users = get_user_model().objects
-    return {"rows": users.count(), "signalled": users.filter(last_name="signalled").count()}
+    counts = {"rows": users.count(), "signalled": users.filter(last_name="signalled").count()}
+    if updated:
+        counts = {"table_rows": counts["rows"], "rows": users.filter(first_name=UPDATED).count()}
+    return counts
 
 
 def _problems(result: dict[str, Any]) -> list[str]:
@@ -133,6 +161,31 @@ def _database_version() -> str:
         cursor.execute(query)
         version = cursor.fetchone()[0].split(" ")[0].split("-")[0]  # 10.11.6-MariaDB-0+deb12u1
     return f"{connection.display_name} {version}"
+
+
+def _driver_version() -> str:
+    from django.db import connection
+
+    if connection.vendor == "sqlite":
+        return f"sqlite3 (standard library), SQLite library {sqlite3.sqlite_version}"
+    names = ["psycopg", "psycopg2"] if connection.vendor == "postgresql" else ["mysqlclient"]
+    for name in names:
+        try:
+            return f"{name} {importlib.metadata.version(name)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _bulkpool_defaults() -> dict[str, str]:
+    """What a run with no option gets today: the defaults the untuned methods measure."""
+    try:
+        from bulkpool.options import Options
+
+        options = Options()
+    except Exception as exc:  # bulkpool missing or changed: say so, measure the rest
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {name: repr(getattr(options, name)) for name in ("backend", "workers", "chunk_size", "atomic")}
 
 
 def _bulkpool_version() -> str:

@@ -8,6 +8,8 @@ A workload is a per-item ``work()`` done before ``User.objects.create(**item)``:
 - ``hash2ms``: about 2 ms of ``hashlib.pbkdf2_hmac``, which releases the GIL while it hashes,
   so threads can overlap it (2 threads ran it 2.2x faster than 1 on a 2-core machine,
   where the pure-Python loop ran 0.84x as fast).
+- ``io5ms``: a 5 ms ``time.sleep``, standing for a call to another service: the GIL is
+  free while it waits, so threads (or more processes than cores) overlap it.
 
 The loop counts come from the environment (set by ``run.py`` after one calibration) so
 every method and every worker process does exactly the same work.
@@ -27,6 +29,7 @@ from django.db import transaction
 SPIN_ENV = "BENCH_SPIN_ITERATIONS"
 HASH_ENV = "BENCH_HASH_ITERATIONS"
 TARGET_SECONDS = 0.002
+IO_SECONDS = 0.005
 
 saved = 0  # post_save calls seen by this process
 
@@ -70,6 +73,10 @@ def hash_work() -> None:
     pbkdf2(_iterations(HASH_ENV))
 
 
+def io_work() -> None:
+    time.sleep(IO_SECONDS)
+
+
 def create_user(item: dict[str, str]) -> None:
     get_user_model().objects.create(**item)
 
@@ -81,6 +88,11 @@ def create_user_after_spin(item: dict[str, str]) -> None:
 
 def create_user_after_hash(item: dict[str, str]) -> None:
     hash_work()
+    create_user(item)
+
+
+def create_user_after_io(item: dict[str, str]) -> None:
+    io_work()
     create_user(item)
 
 
@@ -107,6 +119,7 @@ WORKLOADS = {
     "trivial": Workload(create_user, no_work),
     "setup2ms": Workload(create_user_after_spin, spin_work),
     "hash2ms": Workload(create_user_after_hash, hash_work),
+    "io5ms": Workload(create_user_after_io, io_work),
 }
 
 

@@ -1,6 +1,7 @@
 """The methods compared: each takes a workload and a generator of items and writes them all.
 
 A method returns None, or a dict of facts worth checking (``bulkpool.run``'s Report).
+``UPDATE_METHODS`` take a value instead, and set every user's ``first_name`` to it.
 """
 
 import functools
@@ -8,11 +9,12 @@ import itertools
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.db import connections, transaction
+from django.db.models.signals import post_save, pre_save
 from tqdm import tqdm
 
 from bench import jobs
@@ -54,6 +56,51 @@ def pool_atomic500(workload: Workload, items: Items) -> None:
     with multiprocessing.Pool(2) as pool:
         for _ in pool.imap_unordered(run_chunk, _chunks(items, 500)):
             pass
+
+
+def thread_atomic100(workload: Workload, items: Items) -> None:
+    """A ThreadPoolExecutor(8), one atomic() per 100 items; each block closes its thread's connection."""
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        blocks = [executor.submit(_run_block_in_thread, workload.job, chunk) for chunk in _chunks(items, 100)]
+        for block in blocks:
+            block.result()
+
+
+def _run_block_in_thread(job: Callable[[dict[str, str]], None], items: list[dict[str, str]]) -> None:
+    try:
+        jobs.run_atomically(job, items)
+    finally:
+        connections.close_all()  # a thread's connection can only be closed by that thread
+
+
+def bulkpool_untuned(workload: Workload, items: Items) -> dict[str, Any]:
+    """``bulkpool.run(job, items)`` with no option at all: whatever the defaults are today."""
+    import bulkpool
+
+    return _facts(bulkpool.run(workload.job, items))
+
+
+def bulkpool_fast(workload: Workload, items: Items) -> dict[str, Any]:
+    """``bulkpool.create(User, items, fast=True)``, no other option (the work in ``prepare``)."""
+    return _bulkpool_create(workload, items, fast=True)
+
+
+def bulkpool_fast_serial(workload: Workload, items: Items) -> dict[str, Any]:
+    """The same on the caller's core: ``backend="serial"``."""
+    return _bulkpool_create(workload, items, fast=True, backend="serial")
+
+
+def bulkpool_fast_process2(workload: Workload, items: Items) -> dict[str, Any]:
+    """The same on 2 processes: ``backend="process", workers=2``."""
+    return _bulkpool_create(workload, items, fast=True, backend="process", workers=2)
+
+
+def _bulkpool_create(workload: Workload, items: Items, **options: Any) -> dict[str, Any]:
+    import bulkpool
+
+    if workload.work is not jobs.no_work:
+        options["prepare"] = functools.partial(jobs.prepare_item, workload.work)
+    return _facts(bulkpool.create(get_user_model(), items, **options))
 
 
 def bulkpool_serial(workload: Workload, items: Items) -> dict[str, Any]:
@@ -139,6 +186,25 @@ def bulk_create(workload: Workload, items: Items) -> None:
         user.objects.bulk_create(objects)
 
 
+def signalled_bulk_create(workload: Workload, items: Items) -> None:
+    """The floor of a signal-keeping bulk path, by hand (FINDINGS.md): ``pre_save`` per
+    object, ``bulk_create`` per 1,000, ``post_save`` per object, one atomic() per 1,000."""
+    user = get_user_model()
+    for chunk in _chunks(items, 1000):
+        objects = []
+        for item in chunk:
+            workload.work()
+            objects.append(user(**item))
+        with transaction.atomic():
+            for obj in objects:
+                pre_save.send(user, instance=obj, raw=False, using="default", update_fields=None)
+            user.objects.bulk_create(objects)
+            for obj in objects:
+                post_save.send(
+                    user, instance=obj, created=True, raw=False, using="default", update_fields=None
+                )
+
+
 def _bulkpool(workload: Workload, items: Items, **options: Any) -> dict[str, Any]:
     import bulkpool  # here, so the other methods run while the library cannot be imported
 
@@ -152,10 +218,11 @@ def _facts(report: Any) -> dict[str, Any]:
         "report_ok": report.ok,
         "report_failed": report.failed,
         "first_failure": f"{first.exc_type}: {first.message}" if first else None,
+        "notes": list(getattr(report, "notes", [])),  # what workers/chunk_size="auto" chose, and why
     }
 
 
-def _chunks(items: Items, size: int) -> Iterator[list[dict[str, str]]]:
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     iterator = iter(items)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
@@ -175,4 +242,56 @@ METHODS: dict[str, Callable[[Workload, Items], dict[str, Any] | None]] = {
     "bulkpool_process_journaled": bulkpool_process_journaled,
     "bulkpool_celery": bulkpool_celery,
     "bulk_create": bulk_create,
+    "thread_atomic100": thread_atomic100,
+    "bulkpool_untuned": bulkpool_untuned,
+    "bulkpool_fast": bulkpool_fast,
+    "bulkpool_fast_serial": bulkpool_fast_serial,
+    "bulkpool_fast_process2": bulkpool_fast_process2,
+    "signalled_bulk_create": signalled_bulk_create,
+}
+
+
+def update_loop_atomic500(value: str) -> None:
+    """By hand: load 500 users at a time, set, ``save(update_fields=...)``, one atomic() per 500."""
+    user = get_user_model()
+    pks = list(user.objects.order_by("pk").values_list("pk", flat=True))
+    for chunk in _chunks(pks, 500):
+        with transaction.atomic():
+            for obj in user.objects.filter(pk__in=chunk):
+                obj.first_name = value
+                obj.save(update_fields=["first_name"])
+
+
+def bulk_update(value: str) -> None:
+    """For reference: load all, set, ``bulk_update`` per 1,000; no save(), no signals."""
+    user = get_user_model()
+    objects = list(user.objects.all())
+    for obj in objects:
+        obj.first_name = value
+    user.objects.bulk_update(objects, ["first_name"], batch_size=1000)
+
+
+def bulkpool_update(value: str) -> dict[str, Any]:
+    """``bulkpool.update`` with no option: a ``save(update_fields=...)`` per object."""
+    return _bulkpool_update(value)
+
+
+def bulkpool_update_fast(value: str) -> dict[str, Any]:
+    """The same with ``fast=True``: the signals per object, the UPDATEs in bulk."""
+    return _bulkpool_update(value, fast=True)
+
+
+def _bulkpool_update(value: str, **options: Any) -> dict[str, Any]:
+    import bulkpool
+
+    users = get_user_model().objects.all()
+    report = bulkpool.update(users, values={"first_name": value}, update_fields=["first_name"], **options)
+    return _facts(report)
+
+
+UPDATE_METHODS: dict[str, Callable[[str], dict[str, Any] | None]] = {
+    "update_loop_atomic500": update_loop_atomic500,
+    "bulk_update": bulk_update,
+    "bulkpool_update": bulkpool_update,
+    "bulkpool_update_fast": bulkpool_update_fast,
 }

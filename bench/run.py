@@ -14,12 +14,14 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,14 +45,14 @@ METHODS = [
 # Run only when named in --methods: the celery backend beside the process backend with the
 # journal it always has; it needs a broker (Redis, see bench/celery_app.py).
 OPTIONAL_METHODS = ["bulkpool_process_journaled", "bulkpool_celery"]
-WORKLOADS = ["trivial", "setup2ms", "hash2ms"]
+WORKLOADS = ["trivial", "setup2ms", "hash2ms", "io5ms"]
 
 
 def main() -> int:
     args = _parse()
     with tempfile.TemporaryDirectory(prefix="bulkpool-bench-") as tmp:
         env = _child_env(args, tmp)
-        prepared = _child(env, ["prepare"], args.timeout)
+        prepared = run_child(env, ["prepare"], args.timeout)
         env.update({k: str(v) for k, v in prepared.items() if k.startswith("BENCH_")})
         results = _run_methods(args, env)
     text = render(args, prepared, results)
@@ -66,30 +68,43 @@ def _run_methods(args: argparse.Namespace, env: dict[str, str]) -> dict[str, lis
     for _ in range(args.repeat):
         for name in args.methods:
             step = ["method", name, "--workload", args.workload, "--items", str(args.items)]
-            result = _child(env, step, args.timeout)
+            result = run_child(env, step, args.timeout)
             results[name].append(result)
             print(f"  {name:<17} {_summary(result)}", file=sys.stderr, flush=True)
     return results
 
 
-def _child(env: dict[str, str], step: list[str], timeout: float) -> dict[str, Any]:
-    """Run one step in a fresh interpreter; its last stdout line is its JSON result."""
+def run_child(env: dict[str, str], step: list[str], timeout: float) -> dict[str, Any]:
+    """Run one step in a fresh interpreter; its last stdout line is its JSON result.
+
+    The child leads a session of its own, so a timeout kills its pool's workers with it:
+    left running, they would go on writing rows while the next method is measured.
+    """
     command = [sys.executable, "-m", "bench.child", *step]
-    try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"problems": [f"timed out after {timeout:.0f} s"], "items": 0}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
+    with subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=PIPE, stderr=PIPE, text=True, start_new_session=True
+    ) as child:
+        try:
+            stdout, stderr = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+            return {"problems": [f"timed out after {timeout:g} s"], "items": 0, "timed_out": timeout}
+    lines = stdout.strip().splitlines()
+    if child.returncode != 0 or not lines:
         if step[0] == "prepare":
-            sys.exit(f"bench: {' '.join(step)} failed:\n{done.stderr}")
-        tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+            sys.exit(f"bench: {' '.join(step)} failed:\n{stderr}")
+        tail = stderr.strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
         return {"problems": [f"crashed: {tail[0]}"], "items": 0}
     return json.loads(lines[-1])
 
 
 def _child_env(args: argparse.Namespace, tmp: str) -> dict[str, str]:
-    url = args.url or DEFAULT_URLS.get(args.database) or f"sqlite:///{tmp}/bench.sqlite3"
+    return child_env(args.url or DEFAULT_URLS.get(args.database) or f"sqlite:///{tmp}/bench.sqlite3")
+
+
+def child_env(url: str) -> dict[str, str]:
+    """The environment of every child: the bench project on the database at ``url``."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return {
         **os.environ,
@@ -152,10 +167,10 @@ def _median_rate(runs: list[dict[str, Any]]) -> float | None:
 def _machine(prepared: dict[str, Any], args: argparse.Namespace, results: dict) -> str:
     loads = [r["load"] for runs in results.values() for r in runs if "load" in r] or [0.0]
     return (
-        f"{time.strftime('%Y-%m-%d')}; {os.cpu_count()} cores ({_cpu_model()}), "
+        f"{time.strftime('%Y-%m-%d')}; {os.cpu_count()} cores ({cpu_model()}), "
         f"{platform.system()} {platform.release()}; Python {platform.python_version()}, "
         f"Django {prepared['django']}, django-bulkpool {prepared['bulkpool']} "
-        f"(commit {_commit()}), {prepared['database']}. "
+        f"(commit {commit()}), {prepared['database']}. "
         f"Per-item work: {_work(prepared, args.workload)}. "
         f"Median of {args.repeat} run(s); 1-minute load average {min(loads):.2f} to "
         f"{max(loads):.2f} as the methods started. "
@@ -172,7 +187,7 @@ def _work(prepared: dict[str, Any], workload: str) -> str:
     return "none"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -182,7 +197,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _commit() -> str:
+def commit() -> str:
     def git(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
 

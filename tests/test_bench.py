@@ -1,0 +1,86 @@
+"""The benchmark matrix runs end to end on a tiny size (nothing is timed or compared here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ITEMS = 30
+METHODS = ["loop_atomic500", "bulkpool_untuned"]
+
+
+@pytest.fixture(scope="module")
+def matrix_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("matrix") / "tiny.json"
+    command = [sys.executable, "-m", "bench.matrix", "--databases", "sqlite", "--sizes", str(ITEMS)]
+    command += ["--workloads", "trivial", "--methods", ",".join(METHODS), "--update-methods", "bulk_update"]
+    command += ["--big", "", "--repeat", "1", "--timeout", "60", "--output", str(output)]
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    return output
+
+
+@pytest.fixture(scope="module")
+def results(matrix_json: Path) -> dict[str, Any]:
+    return json.loads(matrix_json.read_text())
+
+
+@pytest.mark.vendor("sqlite")  # the matrix brings its own SQLite database: run it once, not per server
+def test_the_matrix_records_the_machine_and_the_versions(results):
+    """The JSON says what ran where: machine, versions, commit, bulkpool's defaults."""
+    assert {"cpu_count", "affinity", "cgroup_cpu_max", "cpu_model"} <= results["machine"].keys()
+    assert {"python", "django", "bulkpool", "bulkpool_defaults", "commit", "finished"} <= results.keys()
+    assert results["databases"]["sqlite"]["server"].startswith("SQLite")
+    assert results["databases"]["sqlite"]["driver"]
+
+
+@pytest.mark.vendor("sqlite")
+def test_every_method_wrote_every_row_and_got_a_rate(results):
+    """Each planned method ran, wrote the expected rows, and has a rate only because it did."""
+    create, update = results["cells"]
+    assert (create["operation"], create["items"], list(create["methods"])) == ("create", ITEMS, METHODS)
+    assert (update["operation"], list(update["methods"])) == ("update", ["bulk_update"])
+    for cell in results["cells"]:
+        assert len(cell["load_before"]) == len(cell["load_after"]) == 3
+        for method in cell["methods"].values():
+            assert method["status"] == "ok", method["problems"]
+            assert method["rows"] == [method["expected_rows"]] == [ITEMS]
+            assert method["items_per_s"] > 0 and len(method["seconds"]) == 1
+
+
+@pytest.mark.vendor("sqlite")
+def test_a_method_that_writes_the_wrong_count_is_failed_without_a_rate():
+    """summarise() marks a short count failed and gives it no rate, however fast it was."""
+    from bench.matrix import summarise
+
+    run = {"elapsed": 0.001, "rows": ITEMS - 1, "problems": [f"{ITEMS - 1} rows written for {ITEMS} items"]}
+    summary = summarise("loop", [run], ITEMS)
+    assert (summary["status"], summary["items_per_s"], summary["median_seconds"]) == ("failed", None, None)
+
+
+@pytest.mark.vendor("sqlite")
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
+def test_the_charts_are_drawn_from_the_json(matrix_json, tmp_path):
+    """python -m bench.charts writes one PNG per database and the fast-path chart."""
+    command = [sys.executable, "-m", "bench.charts", str(matrix_json), "--out", str(tmp_path)]
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    assert sorted(path.name for path in tmp_path.glob("*.png")) == ["fast-path.png", "matrix-sqlite.png"]
+
+
+@pytest.mark.vendor("sqlite")
+def test_the_ratios_tabulate_the_json_without_matplotlib(results):
+    """bench.ratios (standard library only) renders every table, the targets' first."""
+    from bench import ratios
+
+    text = ratios.markdown(results)
+    server = results["databases"]["sqlite"]["server"]
+    assert text.index("### Issue 9's targets") < text.index("### Untuned bulkpool against")
+    assert f"| {server} | trivial, 30 | `loop_atomic500` (" in text
