@@ -63,3 +63,10 @@ def marker_with_state(i: int, state: None) -> int:
     """Write one Marker keyed by the item (``func`` of a run with ``setup``)."""
     Marker.objects.create(key=str(i), value=i)
     return i
+
+
+def marker_failing_at_0_slowly(pause: float, i: int) -> int:
+    """Item 0 raises at once; every other item writes one Marker, then holds ``pause`` seconds."""
+    if i == 0:
+        raise ValueError("item 0 is refused")
+    return marker(pause, i)

@@ -488,6 +488,8 @@ class Engine:
         if self._end is None:
             self._end = stop
             self.report.stopped_early = stop.reason
+            if self._workers_started:
+                self.executor.withdraw()  # chunks queued in a broker need not run
         self._scheduler.stopping = True
 
     def _notice_interrupt(self) -> None:

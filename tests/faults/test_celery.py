@@ -391,6 +391,41 @@ def test_a_whole_node_killed_mid_run_and_a_new_one_started_loses_and_doubles_not
     assert report.ok + report.skipped == 500
 
 
+def test_a_stopping_run_revokes_the_chunks_still_queued(celery_env):
+    """max_failures=1 stops the run at its first failure: the chunks still waiting in the
+    broker are revoked and counted not run, instead of run and waited for."""
+    from tests.celery_jobs import marker_failing_at_0_slowly
+
+    with pytest.raises(bulkpool.TooManyFailures) as stopped:
+        bulkpool.run(
+            functools.partial(marker_failing_at_0_slowly, 0.2),
+            range(64),
+            backend=_executor(celery_env),
+            workers=8,  # 16 chunks in flight for the node's 2 pool processes: 14 wait in the broker
+            chunk_size=4,
+            max_failures=1,
+        )
+    report = stopped.value.report
+    _wait_idle(celery_env)  # a revoke can come too late for a chunk a pool process just took
+    found = tally(range(1, 64))
+    record(f"celery {_label(celery_env)}: stop with chunks queued", found, report)
+    assert (found.duplicated, found.unexpected) == (0, 0), found
+    assert report.ok <= found.written < 32  # without the revoke, all 63 would have run
+    assert report.not_run == 64 - report.ok - report.failed >= 32
+
+
+def _wait_idle(env: dict[str, Any], within: float = 30.0) -> None:
+    """Until the module's node runs no task (so the test's database can be emptied)."""
+    node = env["node"].name
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        active = env["app"].control.inspect(destination=[node], timeout=1.0).active() or {}
+        if active and not active.get(node):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"celery node {node} still busy after {within:g}s")
+
+
 def test_chunks_prefetched_by_a_node_that_dies_are_sent_again_without_waiting_for_the_broker(celery_env):
     """A node that prefetches 8 chunks is SIGKILLed: on Redis its messages would wait out the
     visibility timeout (an hour); the chunks sent after them start elsewhere, so after a

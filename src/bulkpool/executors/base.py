@@ -87,6 +87,10 @@ class Executor(ABC):
         (``traceback`` says where). ``in_doubt`` once the chunk's COMMIT had begun.
         """
 
+    def withdraw(self) -> None:  # noqa: B027 - optional hook
+        """The run is stopping: take back, where the transport can, chunks sent and not
+        started yet; each comes back ``ChunkLost(started=False)`` and counts as not run."""
+
     @abstractmethod
     def stop(self, *, cancel: bool = False) -> None:
         """Shut the workers down and release their connections.

@@ -316,6 +316,17 @@ class CeleryExecutor(Executor):
                     started=False,
                 )
 
+    def withdraw(self) -> None:
+        """Revoke the chunks still queued in the broker, so a stopping run does not wait for
+        them. One a worker starts all the same commits with its journal record: a resume
+        skips it."""
+        waiting = [key for key, flight in self._flight.items() if not flight.starts]
+        if waiting:
+            self._revoke(waiting)
+        for key in waiting:
+            flight = self._flight.pop(key)
+            self._received.append(ChunkLost(flight.chunk, "withdrawn: the run is stopping", started=False))
+
     def _lose(self, key: str, reason: str, *, started: bool = True, traceback: str = "") -> None:
         flight = self._flight.pop(key)
         self._revoke([key])
