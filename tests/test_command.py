@@ -125,9 +125,9 @@ def test_workers_and_chunk_size_take_auto_or_a_number(tmp_path, sizes):
     )
     assert code == 0
     assert marker_counts() == Counter({row["key"]: 1 for row in ROWS})
-    # 45 rows: they all run in the caller while they are measured.
-    measured = "Sizing: workers=1: the whole input ran in the caller while it was measured"
-    assert (measured in out) == (workers == "auto")
+    # 45 rows stay in the caller: they all ran while measured, or SQLite's one writer, or
+    # too few are left for a pool to pay.
+    assert ("Sizing: workers=1: " in out) == (workers == "auto")
     assert ("Sizing: chunk_size=auto: chunks of " in out) == (chunk_size == "auto")
 
 

@@ -130,6 +130,21 @@ def test_a_resume_with_another_chunk_size_keeps_the_recorded_boundaries(sizes):
     assert sum(size for _, size in ranges) == 230
 
 
+def test_restart_forgets_the_starts_counted_by_earlier_attempts():
+    """Starts counted for a chunk (celery's poison detection) belong to an attempt: a restart
+    clears them, so a chunk that ran fine is not refused after a few restarts."""
+    from bulkpool.journal import count_start
+    from bulkpool.models import ChunkDelivery
+
+    bulkpool.run(jobs.write_marker, range(20), backend="serial", chunk_size=10, run_id="starts")
+    run = Run.objects.get(run_id="starts")
+    ref = JournalRef(run.pk, 10)
+    assert [count_start(ref, "default", Chunk(0, 0, list(range(10)))) for _ in range(3)] == [1, 2, 3]
+    bulkpool.run(jobs.write_marker, range(20), backend="serial", chunk_size=10, run_id="starts", restart=True)
+    assert ChunkDelivery.objects.filter(run=run).count() == 0
+    assert count_start(ref, "default", Chunk(0, 0, list(range(10)))) == 1
+
+
 def test_restart_forgets_the_previous_run():
     """restart=True starts a run_id over: its chunks run again."""
     bulkpool.run(jobs.write_marker, range(20), backend="serial", chunk_size=10, run_id="again")

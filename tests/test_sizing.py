@@ -227,3 +227,34 @@ def test_a_long_run_on_a_server_starts_a_worker_per_cpu():
     assert len(by_process) >= cpu_quota()
     note = next(note for note in report.notes if note.startswith("Sizing: workers="))
     assert f"{cpu_quota()} CPUs" in note
+
+
+@pytestmark_db
+def test_a_serial_run_with_a_known_length_is_not_shared_out_among_cpus():
+    """Serial (and the caller while it measures) is one worker: its chunks are not cut
+    small to share a known input out among workers that do not exist."""
+    bulkpool.run(jobs.write_marker_pid, list(range(300)), backend="serial", run_id="one-worker")
+    sizes = list(
+        RunChunk.objects.filter(run__run_id="one-worker").order_by("start").values_list("size", flat=True)
+    )
+    assert sizes[:2] == [FIRST_CHUNK, FIRST_CHUNK * GROWTH] and sum(sizes) == 300
+    assert sizes[2] > 250 // 8  # shared out among 2 CPUs it would be at most 32
+
+
+@pytestmark_db
+def test_an_input_longer_than_its_length_said_is_sized_as_one_of_unknown_length():
+    """A length that falls behind the input (a QuerySet that grew) is no longer trusted."""
+
+    class Shrunk(list):
+        def __len__(self) -> int:
+            return 5
+
+    report = bulkpool.run(
+        jobs.write_marker_pid, Shrunk(range(300)), backend="process", workers=2, run_id="grown"
+    )
+    assert report.ok == 300
+    sizes = list(
+        RunChunk.objects.filter(run__run_id="grown").order_by("start").values_list("size", flat=True)
+    )
+    # Shared out while the length held (chunks of 1), then sized from the pace again.
+    assert sum(sizes) == 300 and max(sizes) >= 64 and len(sizes) < 20

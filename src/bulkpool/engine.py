@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from django.db import connections, transaction
+from django.db import DatabaseError, connections, transaction
 from tqdm import tqdm
 
 from bulkpool.chunking import chunked, known_length
@@ -77,6 +77,14 @@ POLL_SECONDS = 0.5
 EARLY_STOP_AFTER = 100  # items that all fail alike before early_stop stops the run
 
 
+class _JournalUnreadable(Exception):
+    """Reading the journal failed while the next chunk was being cut from the input."""
+
+    def __init__(self, error: DatabaseError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass(frozen=True)
 class _Stop:
     """Why no more work goes out, and the exception that says so once the work in flight is in."""
@@ -114,14 +122,16 @@ class Engine:
                 self.executor.name,
             )
         self.options = options
-        self.workers: int = self.executor.workers or (
-            cpu_quota() if options.workers == AUTO else int(options.workers)
-        )
         # workers="auto": the caller runs the first chunks while they are measured (sizing).
         self._measuring = (
             options.workers == AUTO and not self.executor.workers and self.executor.local
             and not self.executor.supports_caller_transaction
         )  # fmt: skip
+        self.workers: int = self.executor.workers or (
+            cpu_quota() if options.workers == AUTO else int(options.workers)
+        )
+        if self._measuring or self.executor.supports_caller_transaction:
+            self.workers = 1  # what runs the chunks until a pool is chosen, or for good
         self.sizer = ChunkSizer(None if options.chunk_size == AUTO else int(options.chunk_size))
         if not self.executor.local:
             self.sizer.target = REMOTE_TARGET_SECONDS  # a broker's round trip is dearer
@@ -256,6 +266,8 @@ class Engine:
         """Read one chunk of input and plan it; returns (input exhausted, settled pieces)."""
         try:
             chunk = next(fresh, None)
+        except _JournalUnreadable as unreadable:
+            raise unreadable.error from None  # as when planning fails: bulkpool's own failure
         except Exception as error:
             self._stop(_input_failed(error))
             return True, []
@@ -283,9 +295,20 @@ class Engine:
         return False, settled
 
     def _next_size(self, start: int) -> int:
-        left = None if self._length is None else self._length - start
-        size = self.sizer.next(self._pace, left=left, workers=self.workers)
-        return self.journal.aligned(start, size) if self.journal is not None else size
+        size = self.sizer.next(self._pace, left=self._left(start), workers=self.workers)
+        if self.journal is None:
+            return size
+        try:
+            return self.journal.aligned(start, size)
+        except DatabaseError as error:  # the journal's failure, not the input's
+            raise _JournalUnreadable(error) from error
+
+    def _left(self, read: int) -> int | None:
+        """Items not read yet, when the input's length is known (and still holds: a
+        QuerySet counted when the run began may have grown since)."""
+        if self._length is None or read > self._length:
+            return None
+        return self._length - read
 
     def _send(self, chunk: Chunk) -> list[tuple[Chunk, ChunkResult]]:
         if not self._workers_started:
@@ -314,8 +337,7 @@ class Engine:
 
     def _choose_pool(self) -> None:
         """workers="auto": once the caller's first chunks are measured, stay serial or start the pool."""
-        left = None if self._length is None else self._length - self.report.total
-        choice = choose_workers(self._pace, left, self._limits)
+        choice = choose_workers(self._pace, self._left(self.report.total), self._limits)
         if choice is None:
             return
         self._measuring = False
@@ -507,7 +529,7 @@ class Engine:
         """The one end of every run: stop the workers, close the bar, the journal, the log."""
         report = self.report
         report.elapsed = time.monotonic() - self._clock
-        if self._measuring and self._workers_started:
+        if self._measuring and self._workers_started and self._end is None:
             self._note_sizing("workers=1: the whole input ran in the caller while it was measured")
         if chunks := self.sizer.summary():
             self._note_sizing(chunks)

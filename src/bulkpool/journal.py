@@ -279,6 +279,7 @@ class Journal:
                 run = Run(run_id=str(options.run_id), attempts=0)
             elif options.restart:
                 run.chunks.all().delete()
+                run.deliveries.all().delete()  # starts counted by an earlier attempt
                 run.attempts = 0
             earlier = run.chunk_size if run.pk and not options.restart else 0
             run.func, run.chunk_size = self.identity, max(self.max_chunk, earlier)  # bounds its records

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from django.db import DEFAULT_DB_ALIAS, connections
 
 from bulkpool.errors import ConfigurationError
+from bulkpool.sizing import CEILING, TARGET_SECONDS
 
 Atomic = Literal["chunk", "item", False]
 OnError = Literal["collect", "raise"]
@@ -55,7 +56,7 @@ class Options:
         default="auto",
         metadata=_meta(
             "Items per unit of work, or auto (the default): sized from the pace measured, so that "
-            "a chunk takes about 0.2 s, up to 1,000 items.",
+            f"a chunk takes about {TARGET_SECONDS:g} s, up to {CEILING:,} items.",
             kind="size",
             metavar="N|auto",
         ),

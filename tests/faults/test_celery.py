@@ -391,6 +391,7 @@ def test_a_whole_node_killed_mid_run_and_a_new_one_started_loses_and_doubles_not
     assert report.ok + report.skipped == 500
 
 
+@pytest.mark.vendor("postgresql", "mysql")  # on SQLite the failing chunk may wait out the others for the lock
 def test_a_stopping_run_revokes_the_chunks_still_queued(celery_env):
     """max_failures=1 stops the run at its first failure: the chunks still waiting in the
     broker are revoked and counted not run, instead of run and waited for."""
