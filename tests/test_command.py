@@ -28,7 +28,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
 
-from bulkpool.models import Run, RunChunk, RunFailure
+from bulkpool.models import ChunkDelivery, Run, RunChunk, RunFailure
 from tests.testapp.models import Marker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -748,7 +748,7 @@ def test_journal_commands_before_migrate_say_so_in_one_line():
     from django.db import connection
 
     with connection.schema_editor() as editor:
-        for model in (RunFailure, RunChunk, Run):
+        for model in (RunFailure, RunChunk, ChunkDelivery, Run):
             editor.delete_model(model)
     try:
         for args in (["runs"], ["show", "x"], ["rejects", "x"]):
@@ -758,7 +758,7 @@ def test_journal_commands_before_migrate_say_so_in_one_line():
             assert "migrate bulkpool" in line
     finally:
         with connection.schema_editor() as editor:
-            for model in (Run, RunChunk, RunFailure):
+            for model in (Run, ChunkDelivery, RunChunk, RunFailure):
                 editor.create_model(model)
 
 

@@ -71,7 +71,7 @@ def crashing_worker(monkeypatch):
 
 def test_local_executors_declare_delivery_and_loss_detection():
     """Serial, thread and process give each chunk to one worker and notice lost chunks themselves."""
-    local = [SerialExecutor, ThreadExecutor, ProcessExecutor]
+    local: list[type[Executor]] = [SerialExecutor, ThreadExecutor, ProcessExecutor]
     for executor in local:
         assert (executor.delivery, executor.detects_loss) == ("exactly_once", True), executor
     assert (Executor.delivery, Executor.detects_loss) == ("at_least_once", False)

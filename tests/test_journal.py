@@ -14,7 +14,7 @@ from django.test import override_settings
 import bulkpool
 from bulkpool import ConfigurationError, ItemFailed
 from bulkpool.journal import JournalRef
-from bulkpool.models import Run, RunChunk, RunFailure
+from bulkpool.models import ChunkDelivery, Run, RunChunk, RunFailure
 from bulkpool.protocol import Chunk, Task
 from bulkpool.work import Worker
 from tests import jobs
@@ -165,7 +165,7 @@ def test_run_id_without_the_app_is_refused_with_the_fix():
 
 def test_run_id_without_the_tables_is_refused_and_checked():
     """Without the journal tables, run_id is refused and `manage.py check --database` warns."""
-    models = [RunFailure, RunChunk, Run]
+    models = [RunFailure, RunChunk, ChunkDelivery, Run]  # children first: MySQL refuses otherwise
     with connection.schema_editor() as editor:
         for model in models:
             editor.delete_model(model)
