@@ -179,11 +179,17 @@ def bulk_create(workload: Workload, items: Items) -> None:
     """For reference: one INSERT per 1,000 rows; no save(), no signals."""
     user = get_user_model()
     for chunk in _chunks(items, 1000):
-        objects = []
-        for item in chunk:
-            workload.work()
-            objects.append(user(**item))
-        user.objects.bulk_create(objects)
+        user.objects.bulk_create(_built_users(workload, chunk))
+
+
+def _built_users(workload: Workload, chunk: Any) -> list[Any]:
+    """Unsaved users for the bulk methods, each after its item's work."""
+    user = get_user_model()
+    objects = []
+    for item in chunk:
+        workload.work()
+        objects.append(user(**item))
+    return objects
 
 
 def signalled_bulk_create(workload: Workload, items: Items) -> None:
@@ -191,10 +197,7 @@ def signalled_bulk_create(workload: Workload, items: Items) -> None:
     object, ``bulk_create`` per 1,000, ``post_save`` per object, one atomic() per 1,000."""
     user = get_user_model()
     for chunk in _chunks(items, 1000):
-        objects = []
-        for item in chunk:
-            workload.work()
-            objects.append(user(**item))
+        objects = _built_users(workload, chunk)
         with transaction.atomic():
             for obj in objects:
                 pre_save.send(user, instance=obj, raw=False, using="default", update_fields=None)
