@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -52,9 +51,9 @@ from bulkpool.errors import (
 )
 from bulkpool.executors import Executor, SerialExecutor, resolve
 from bulkpool.interrupts import Interrupts
-from bulkpool.journal import InputChanged, Journal, job_identity
+from bulkpool.journal import InputChanged, Journal, job_identity, new_run_id
 from bulkpool.journal import RunStatus as Status
-from bulkpool.options import Options
+from bulkpool.options import EARLY_STOP_AFTER, Options
 from bulkpool.outcomes import Failure, Report
 from bulkpool.protocol import Chunk, ChunkLost, ChunkResult, ErrorInfo, Task, Unreadable
 from bulkpool.reporting import open_rejects, progress_bar, write_reject
@@ -74,7 +73,6 @@ from bulkpool.sizing import (
 logger = logging.getLogger("bulkpool")
 
 POLL_SECONDS = 0.5
-EARLY_STOP_AFTER = 100  # items that all fail alike before early_stop stops the run
 
 
 class _JournalUnreadable(Exception):
@@ -110,11 +108,11 @@ class Engine:
             raise ConfigurationError(f"func must be callable, not {type(func).__name__}.")
         self.items = items
         self.executor = resolve(options.backend)
-        options = self.executor.configure(options)  # an executor may adjust them (celery's run_id)
+        self.executor.check_options(options)
         at_least_once = getattr(self.executor, "delivery", "exactly_once") != "exactly_once"
         # A dry run commits nothing, so a chunk delivered twice applies nothing twice.
         if at_least_once and not options.run_id and not options.dry_run:
-            options = replace(options, run_id=_made_up_run_id())
+            options = replace(options, run_id=new_run_id())
             logger.warning(
                 "Journaled as run_id=%r: the %s backend may deliver a chunk twice, and the journal "
                 "applies it once. Run again with that run_id to resume.",
@@ -656,10 +654,6 @@ def _unreadable_apart(piece: Chunk) -> list[tuple[Chunk, ChunkResult | None]]:
     if start < piece.end:
         parts.append((piece.piece(start, piece.end), None))
     return parts
-
-
-def _made_up_run_id() -> str:
-    return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def _default_resume_hint(options: Options) -> str:

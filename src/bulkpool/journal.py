@@ -35,6 +35,7 @@ import functools
 import hashlib
 import json
 import logging
+import secrets
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -102,6 +103,11 @@ def func_name(func: Any) -> str:
         func = func.func
     module = getattr(func, "__module__", None) or "?"
     return f"{module}.{getattr(func, '__qualname__', None) or type(func).__qualname__}"
+
+
+def new_run_id() -> str:
+    """A run_id for a run that must be journaled and was given none."""
+    return f"run-{timezone.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
 def job_identity(func: Any) -> str:

@@ -18,6 +18,8 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from bulkpool.errors import ConfigurationError
 from bulkpool.sizing import CEILING, TARGET_SECONDS
 
+EARLY_STOP_AFTER = 100  # items that all fail alike before early_stop stops the run
+
 Atomic = Literal["chunk", "item", False]
 OnError = Literal["collect", "raise"]
 
@@ -126,7 +128,7 @@ class Options:
     early_stop: bool = field(
         default=True,
         metadata=_meta(
-            f"Stop when the first {100} items all fail with the same error: a mistake in the "
+            f"Stop when the first {EARLY_STOP_AFTER} items all fail with the same error: a mistake in the "
             "function or the columns, not in the data (--no-early-stop: run every item anyway).",
             cli="switch",
         ),

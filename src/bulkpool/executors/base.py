@@ -58,10 +58,10 @@ class Executor(ABC):
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers
 
-    def configure(self, options: Options) -> Options:
-        """The options the run goes with, given the caller's: a hook called before anything
-        is checked (the celery executor makes up a ``run_id`` when none is given)."""
-        return options
+    def check_options(self, options: Options) -> None:  # noqa: B027 - optional hook
+        """Refuse, with a ``ConfigurationError``, options this executor cannot run with.
+        Executors never change the options: what a run needs (a ``run_id`` for an
+        at-least-once ``delivery``) the engine decides from the flags above."""
 
     def check(self, task: Task) -> None:  # noqa: B027 - optional hook
         """Refuse, with a ``ConfigurationError``, a task this executor cannot run."""

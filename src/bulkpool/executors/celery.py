@@ -29,7 +29,7 @@ without one, on Redis and RabbitMQ alike. The reply queue expires on RabbitMQ wh
 caller has gone for ``REPLY_EXPIRES`` seconds; on Redis it is deleted by ``stop()`` (a
 caller killed with SIGKILL leaves a small list behind).
 
-Exactly once. Every celery run is journaled (``delivery = "at_least_once"``; ``configure``
+Exactly once. Every celery run is journaled (``delivery = "at_least_once"``; the engine
 makes a ``run_id`` up when none is given). The task is ``acks_late`` with
 ``reject_on_worker_lost``, so the chunk of a killed pool child goes back to the broker at
 once and runs again elsewhere; a chunk that runs twice meets its journal record
@@ -76,10 +76,8 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-from django.utils import timezone
 
 from bulkpool.errors import ConfigurationError, WorkerStartupError
 from bulkpool.executors.base import Executor
@@ -139,26 +137,15 @@ class CeleryExecutor(Executor):
 
     # -- before the run --------------------------------------------------------------------
 
-    def configure(self, options: Options) -> Options:
+    def check_options(self, options: Options) -> None:
         from django.apps import apps
 
-        if options.dry_run:
-            return options
-        if not apps.is_installed("bulkpool"):
+        if not options.dry_run and not apps.is_installed("bulkpool"):
             raise ConfigurationError(
                 "The celery backend journals every run, so that a chunk delivered twice is applied "
                 'once: add "bulkpool" to INSTALLED_APPS (the workers need it too, for their task) '
                 "and run `python manage.py migrate bulkpool`."
             )
-        if options.run_id:
-            return options
-        run_id = f"celery-{timezone.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-        logger.warning(
-            "backend='celery' journals every run; this one is run_id=%r. To resume it, run it "
-            "again with that run_id (pass run_id=... to choose the name).",
-            run_id,
-        )
-        return replace(options, run_id=run_id)
 
     def check(self, task: Task) -> None:
         job_of(task, heartbeat=self.heartbeat)  # refuses what cannot travel, before anything is sent
