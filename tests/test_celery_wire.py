@@ -10,8 +10,8 @@ import pytest
 
 from bulkpool import ConfigurationError
 from bulkpool.executors.celery import _task_of, encode_chunk, job_of, rebuild, reference
-from bulkpool.operations import CreateRow
 from bulkpool.protocol import JSON, Chunk
+from bulkpool.rows import CreateRow
 from tests.celery_jobs import marker
 
 

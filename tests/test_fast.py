@@ -334,6 +334,7 @@ def add_x(book: Book) -> None:
     ("model", "options"),
     [
         (Book, {"values": {"pages": 7}, "update_fields": ["pages"]}),
+        (Book, {"values": {"pages": 7}, "update_fields": []}),  # save() does nothing, sends nothing
         (Book, {"func": add_x}),
         (Customer, {"values": {"email": "new@example.com"}}),
         (User, {"values": {"is_staff": True}, "update_fields": ["is_staff"]}),

@@ -46,7 +46,7 @@ from django.db import DatabaseError, connections, router
 from django.db.models import Model
 from django.db.models.signals import m2m_changed, post_save, pre_save
 
-from bulkpool.operations import CreateRow, DeleteRow, UpdateRow, split_values
+from bulkpool.rows import CreateRow, DeleteRow, UpdateRow, split_values
 
 
 def why_not(model: type[Model], database: str) -> str | None:
@@ -271,9 +271,11 @@ class FastUpdateRow(UpdateRow):
                 setattr(obj, name, value)
             if self.func is not None:
                 self.func(obj, *state)
-            groups.setdefault(_update_fields_of(obj, self.update_fields), []).append(obj)
+            groups.setdefault(_update_fields_of(obj, self.update_fields, using), []).append(obj)
         saved: list[tuple[Model, frozenset[str] | None]] = []
         for update_fields, group in groups.items():
+            if update_fields == frozenset():  # save(update_fields=[]) does nothing, sends nothing
+                continue
             fields = _columns(model, update_fields)
             for obj in group:
                 pre_save.send(sender=model, instance=obj, raw=False, using=using, update_fields=update_fields)
@@ -286,6 +288,8 @@ class FastUpdateRow(UpdateRow):
             saved.extend((obj, update_fields) for obj in group)
         by_object = dict((id(obj), fields) for obj, fields in saved)
         for obj in objects:  # post_save in the chunk's order
+            if id(obj) not in by_object:
+                continue
             obj._state.db = using
             obj._state.adding = False
             post_save.send(
@@ -300,12 +304,18 @@ class FastUpdateRow(UpdateRow):
         return [None] * len(objects)
 
 
-def _update_fields_of(obj: Model, given: tuple[str, ...] | None) -> frozenset[str] | None:
-    """The ``update_fields`` that ``obj.save(update_fields=given)`` sends and saves."""
+def _update_fields_of(obj: Model, given: tuple[str, ...] | None, using: str) -> frozenset[str] | None:
+    """The ``update_fields`` that ``obj.save(update_fields=given, using=using)`` sends and
+    saves: the lines of Django's ``Model.save()`` that choose them, kept in step with it
+    (an empty frozenset: save() returns at once, saving and sending nothing)."""
     if given is not None:
         return frozenset(given)
-    deferred = obj.get_deferred_fields()
-    if deferred:  # save() then saves the loaded fields only
+    deferred = {
+        f.attname
+        for f in obj._meta.concrete_fields
+        if f.attname not in obj.__dict__ and not getattr(f, "generated", False)
+    }
+    if deferred and using == obj._state.db:  # save() then saves the loaded fields only
         names = {
             f.attname for f in obj._meta.concrete_fields if not f.primary_key and not hasattr(f, "through")
         }

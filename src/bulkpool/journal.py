@@ -43,11 +43,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.apps import apps
 from django.db import DatabaseError, IntegrityError, connections, transaction
-from django.db.models import F, TextChoices
+from django.db.models import F
 from django.utils import timezone
 
 from bulkpool.errors import ConfigurationError
 from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo
+from bulkpool.status import RunStatus as RunStatus  # re-exported for the engine
 from bulkpool.transactions import writing_from_begin
 
 if TYPE_CHECKING:
@@ -65,15 +66,6 @@ _ATTEMPT_FIELDS = (
 )  # fmt: skip
 
 logger = logging.getLogger("bulkpool")
-
-
-class RunStatus(TextChoices):
-    """A run's status (``Run.Status``); defined here so importing bulkpool loads no model."""
-
-    RUNNING = "running"
-    INTERRUPTED = "interrupted"
-    STOPPED = "stopped"  # on_error="raise", max_failures, bad input, an imap consumer that stopped...
-    FINISHED = "finished"  # every item ran
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from django.db import models
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from bulkpool.journal import RunStatus
+from bulkpool.status import RunStatus
 
 
 class RunQuerySet(models.QuerySet["Run"]):

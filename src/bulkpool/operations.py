@@ -14,9 +14,9 @@ Data flow (the engine, executors and transactions are those of ``run``):
                                                    save(update_fields=...), many-to-many .set()
                                                    DeleteRow(obj): obj.delete()
 
-The per-row callables are small frozen dataclasses defined here, so every backend can
+The per-row callables (``rows.py``) are small frozen dataclasses, so every backend can
 ship them; they hold the model's ``"app_label.ModelName"`` label, never the class, and
-look the class up in the worker.
+look the class up in the worker. ``fast.py`` gives them a ``batch`` for ``fast=True``.
 
 Decisions, where the contract is silent:
 
@@ -45,11 +45,8 @@ Decisions, where the contract is silent:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from django.apps import apps
@@ -58,12 +55,13 @@ from django.db import router
 from django.db.models import Model, QuerySet
 from django.db.models.query import ModelIterable
 
+from bulkpool import fast as bulk
 from bulkpool import querysets
 from bulkpool.api import build_engine
 from bulkpool.engine import Engine
 from bulkpool.errors import ConfigurationError
-from bulkpool.journal import func_name
 from bulkpool.outcomes import Report
+from bulkpool.rows import CreateRow, DeleteRow, UpdateRow, field_names, split_values
 
 logger = logging.getLogger("bulkpool")
 
@@ -86,8 +84,6 @@ def create(
     options.setdefault("database", router.db_for_write(model))
     func = CreateRow(model._meta.label, bool(validate), options["database"])
     if _checked_fast(fast):
-        from bulkpool import fast as bulk
-
         reason = bulk.why_not(model, options["database"])
         if reason is None:
             func = bulk.FastCreateRow(model._meta.label, bool(validate), options["database"])
@@ -120,8 +116,6 @@ def update(
     options.setdefault("database", querysets.database_of(queryset))
     row = UpdateRow(model._meta.label, func, plain, m2m, fields, options["database"])
     if _checked_fast(fast):
-        from bulkpool import fast as bulk
-
         reason = bulk.why_not_update(model, m2m)
         if reason is None:
             row = bulk.FastUpdateRow(model._meta.label, func, plain, m2m, fields, options["database"])
@@ -136,106 +130,12 @@ def delete(queryset: QuerySet[Any], *, fast: bool = False, **options: Any) -> Re
     options.setdefault("database", querysets.database_of(queryset))
     row = DeleteRow(model._meta.label, options["database"])
     if _checked_fast(fast):
-        from bulkpool import fast as bulk
-
         reason = bulk.why_not_delete(model)
         if reason is None:
             row = bulk.FastDeleteRow(model._meta.label, options["database"])
         else:
             _say_exact("delete", model, reason)
     return build_engine(row, queryset, options, missing_ok=True).run()
-
-
-@dataclass(frozen=True)
-class CreateRow:
-    model: str
-    validate: bool
-    database: str
-
-    def __call__(self, row: Mapping[str, Any], *state: Any) -> Any:
-        model = apps.get_model(self.model)
-        if not isinstance(row, Mapping):
-            raise TypeError(f"a row must be a dict of field values, not {type(row).__name__}")
-        plain, m2m = split_values(model, row)
-        obj = model(**plain)
-        if self.validate:
-            obj.full_clean()
-        obj.save(force_insert=True, using=self.database)
-        for name, value in m2m.items():
-            getattr(obj, name).set(value)
-        return obj.pk
-
-    def journal_identity(self) -> str:
-        return f"create({self.model}, validate={self.validate})"
-
-
-@dataclass(frozen=True)
-class UpdateRow:
-    model: str
-    func: Callable[..., Any] | None
-    values: dict[str, Any]
-    m2m: dict[str, Any]
-    update_fields: tuple[str, ...] | None
-    database: str
-
-    def __call__(self, obj: Model, *state: Any) -> None:
-        for name, value in self.values.items():
-            setattr(obj, name, value)
-        if self.func is not None:
-            self.func(obj, *state)
-        obj.save(update_fields=self.update_fields, using=self.database)
-        for name, value in self.m2m.items():
-            getattr(obj, name).set(value)
-
-    def __repr__(self) -> str:  # names the user's function in "cannot be sent to workers" errors
-        return f"update({getattr(self.func, '__qualname__', self.func)!r})"
-
-    def journal_identity(self) -> str:
-        # The values by fingerprint: an update that sets other values is another job.
-        arguments = json.dumps([sorted(self.values.items()), sorted(self.m2m.items())], default=repr)
-        values = hashlib.sha256(arguments.encode()).hexdigest()[:16]
-        func = func_name(self.func) if self.func is not None else None
-        fields = self.update_fields
-        return f"update({self.model}, func={func}, values=sha256:{values}, update_fields={fields})"
-
-
-@dataclass(frozen=True)
-class DeleteRow:
-    model: str
-    database: str
-
-    def journal_identity(self) -> str:
-        return f"delete({self.model})"
-
-    def __call__(self, obj: Model | None, *state: Any) -> None:
-        if obj is not None:  # None: already deleted, by an earlier row's cascade
-            obj.delete(using=self.database)
-
-
-def split_values(model: type[Model], values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``values`` as (what to assign before the save, many-to-many values to set after it)."""
-    plain: dict[str, Any] = {}
-    m2m: dict[str, Any] = {}
-    for name, value in values.items():
-        try:
-            field = model._meta.get_field(name)
-        except FieldDoesNotExist:
-            if isinstance(getattr(model, name, None), property):
-                plain[name] = value
-                continue
-            raise FieldDoesNotExist(
-                f"{model.__name__} has no field named {name!r}; its fields are: {_field_names(model)}"
-            ) from None
-        if field.many_to_many:
-            m2m[name] = value
-        elif field.auto_created and not field.concrete:
-            raise ValueError(
-                f"{name!r} is the reverse side of a foreign key from {field.related_model!r}: "
-                "set that foreign key on those rows instead"
-            )
-        else:
-            plain[name] = value
-    return plain, m2m
 
 
 def _checked_fast(fast: object) -> bool:
@@ -303,7 +203,7 @@ def _checked_update_fields(model: type[Model], names: Iterable[str]) -> tuple[st
         except FieldDoesNotExist:
             raise ConfigurationError(
                 f"update_fields: {model.__name__} has no field named {name!r}; its fields are: "
-                f"{_field_names(model)}"
+                f"{field_names(model)}"
             ) from None
         if not field.concrete or field.primary_key:
             raise ConfigurationError(
@@ -311,9 +211,3 @@ def _checked_update_fields(model: type[Model], names: Iterable[str]) -> tuple[st
                 "(many-to-many values go in values=, and are set after the save)."
             )
     return names
-
-
-def _field_names(model: type[Model]) -> str:
-    return ", ".join(
-        f.name for f in model._meta.get_fields() if f.concrete or f.many_to_many or not f.auto_created
-    )

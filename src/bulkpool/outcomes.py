@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from bulkpool.errors import ITEM_ERRORS, ItemError
+from bulkpool.errors import ITEM_ERRORS, ItemError, ItemFailed
 from bulkpool.protocol import ErrorInfo
 
 MAX_ITEM_REPR = 200
@@ -133,8 +133,6 @@ class Report:
 
     def raise_for_failures(self) -> None:
         """Raise ``ItemFailed`` for the first failure, if any item failed."""
-        from bulkpool.errors import ItemFailed
-
         if self.failures:
             raise ItemFailed(self.failures[0], self)
 
