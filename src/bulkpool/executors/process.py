@@ -35,7 +35,6 @@ from typing import Any
 
 import cloudpickle
 
-import bulkpool
 from bulkpool.errors import ConfigurationError, WorkerStartupError
 from bulkpool.executors.base import Delivery, Executor
 from bulkpool.executors.environment import DjangoEnvironment
@@ -298,7 +297,7 @@ def _first_message(conn: Connection, ended: Callable[[], str]) -> tuple[str, Any
 
 def _spawn_interpreter(args: list[str], fds: list[int]) -> subprocess.Popen[bytes]:
     """A fresh Python that can import bulkpool; it never imports the caller's ``__main__``."""
-    package_root = str(Path(bulkpool.__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder bulkpool/ is in
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     return subprocess.Popen(
