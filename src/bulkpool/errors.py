@@ -2,7 +2,8 @@
 
     BulkpoolError
     ├── ConfigurationError      bad options or a setup the run cannot work in (also
-    │                           Django's ImproperlyConfigured); raised before item one
+    │   │                       Django's ImproperlyConfigured); raised before item one
+    │   └── RunInProgress       the run_id is held by a live run (another caller)
     ├── WorkerStartupError      a worker could not start; carries the worker's traceback
     ├── InputError              an input file cannot be read (missing, unparsable line N);
     │                           names the file and the place, and says how to fix it
@@ -44,6 +45,10 @@ class BulkpoolError(Exception):
 
 class ConfigurationError(BulkpoolError, ImproperlyConfigured):
     """The options, the function or the environment cannot make a working run."""
+
+
+class RunInProgress(ConfigurationError):
+    """Another caller is running this ``run_id`` now (its lease on the run holds)."""
 
 
 class WorkerStartupError(BulkpoolError):

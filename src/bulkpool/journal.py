@@ -12,7 +12,9 @@ Data flow for ``run_id="nightly-import"``:
     parent   Journal.plan(chunk): the chunk's pieces, each either recorded (skipped, with
              its recorded failures) or to run; refuses input that differs from what was
              recorded (digests per record)
-    parent   Journal.begin(): before the first piece runs: status "running", one more attempt
+    parent   Journal.begin(): before the first piece runs: status "running", one more
+             attempt, and the run's lease taken (``status.py``): refused while another live
+             caller holds it; renewed by Journal.beat() while the run goes on
     worker   record_chunk(): inside the piece's own transaction, lock the Run row, refuse a
              range that overlaps a record (the piece ran before: AlreadyDone), write the record
     worker   count_start() (at-least-once executors: celery): in a transaction of its own,
@@ -20,7 +22,8 @@ Data flow for ``run_id="nightly-import"``:
              it, so a piece that kills every worker stops being redelivered, caller or not
     parent   Journal.record_lost(): the failures no worker could record (an item that kills
              every worker it touches), so a resume reports them instead of running them again
-    parent   Journal.close(): the attempt's status and counts, for ``bulkpool runs``
+    parent   Journal.close(): the attempt's status and counts, for ``bulkpool runs``; the
+             lease let go
 
 Why the Run row is locked: the unique (run, start) constraint stops one range from being
 written twice, but two *overlapping* ranges with different starts (a chunk sent again
@@ -35,7 +38,10 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import secrets
+import socket
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,8 +52,9 @@ from django.db import DatabaseError, IntegrityError, connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from bulkpool.errors import ConfigurationError
+from bulkpool.errors import ConfigurationError, RunInProgress
 from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo
+from bulkpool.status import HEARTBEAT_SECONDS, STALE_AFTER_SECONDS
 from bulkpool.status import RunStatus as RunStatus  # re-exported for the engine
 from bulkpool.transactions import writing_from_begin
 
@@ -62,7 +69,7 @@ PAGE = 1000  # records read at a time while planning
 # What an attempt changes on its Run row (begin() and close()); a refused rerun puts them back.
 _ATTEMPT_FIELDS = (
     "func", "chunk_size", "attempts", "status", "finished_at", "total", "ok", "failed", "skipped",
-    "command", "updated_at",
+    "command", "owner", "heartbeat_at", "updated_at",
 )  # fmt: skip
 
 logger = logging.getLogger("bulkpool")
@@ -135,6 +142,8 @@ class Journal:
         self._records: deque[_Record] = deque()
         self._read_up_to = -1  # records starting at or before this have been read
         self._before: dict[str, Any] | None = None  # the Run row's attempt fields before begin()
+        self.owner = f"{socket.gethostname()} pid {os.getpid()} ({secrets.token_hex(3)})"
+        self._beaten = 0.0  # time.monotonic() of the latest renewal of the lease
 
     @classmethod
     def open(cls, options: Options, identity: str, max_chunk: int) -> Journal:
@@ -142,8 +151,10 @@ class Journal:
 
         _require_tables(options.database)
         run = Run.objects.using(options.database).filter(run_id=options.run_id).first()
-        if run is not None and not options.restart:
-            _require_same_job(run, identity)
+        if run is not None:
+            _require_free(run)  # before anything runs; begin() checks again, under the lock
+            if not options.restart:
+                _require_same_job(run, identity)
         return cls(options, identity, run, max_chunk)
 
     @property
@@ -263,11 +274,19 @@ class Journal:
     # -- writing ---------------------------------------------------------------------------
 
     def begin(self, command: str = "") -> None:
-        """Mark the run as running: once, before the first piece is sent."""
-        from bulkpool.models import Run
-
+        """Mark the run as running and take its lease: once, before the first piece is sent."""
         if self.begun:
             return
+        try:
+            self._take(command)
+        except IntegrityError:  # another caller created this run_id a moment ago
+            self._take(command)  # it exists now: refused while that caller's lease holds
+        self.begun = True
+        self._beaten = time.monotonic()
+
+    def _take(self, command: str) -> None:
+        from bulkpool.models import Run
+
         options = self.options
         with _write_transaction(self.database):
             runs = Run.objects.using(self.database).select_for_update()
@@ -275,19 +294,44 @@ class Journal:
             self._before = None if run is None else {f: getattr(run, f) for f in _ATTEMPT_FIELDS}
             if run is None:
                 run = Run(run_id=str(options.run_id), attempts=0)
-            elif options.restart:
-                run.chunks.all().delete()
-                run.deliveries.all().delete()  # starts counted by an earlier attempt
-                run.attempts = 0
+            else:
+                _require_free(run)
+                if options.restart:
+                    run.chunks.all().delete()
+                    run.deliveries.all().delete()  # starts counted by an earlier attempt
+                    run.attempts = 0
             earlier = run.chunk_size if run.pk and not options.restart else 0
             run.func, run.chunk_size = self.identity, max(self.max_chunk, earlier)  # bounds its records
             run.attempts += 1
             run.status, run.finished_at = Run.Status.RUNNING, None
+            run.owner, run.heartbeat_at = self.owner, timezone.now()
             if command and hasattr(run, "command"):
                 run.command = command
             run.save(using=self.database)
         self.run = run
-        self.begun = True
+
+    def beat(self) -> None:
+        """Renew the lease, at most every HEARTBEAT_SECONDS: call it often while the run goes on."""
+        if not self.begun or time.monotonic() - self._beaten < HEARTBEAT_SECONDS:
+            return
+        from bulkpool.models import Run
+
+        self._beaten = time.monotonic()
+        try:
+            held = (
+                Run.objects.using(self.database)
+                .filter(pk=self.run.pk, owner=self.owner)
+                .update(heartbeat_at=timezone.now())
+            )
+        except DatabaseError as error:  # the next beat tries again; the lease is generous
+            logger.debug("Could not renew the lease of run %r: %s", self.options.run_id, error)
+            return
+        if not held:
+            logger.warning(
+                "Run %r was taken over by another caller after this one's lease lapsed: both "
+                "now run it. The journal still writes each item once.",
+                self.options.run_id,
+            )
 
     def undo_begin(self) -> None:
         """A rerun refused before it sent anything: the Run row as it was (or no row)."""
@@ -322,6 +366,7 @@ class Journal:
         run = self.run
         run.status = status
         run.finished_at = timezone.now() if status == Run.Status.FINISHED else None
+        run.owner = ""  # the lease let go: another caller may resume it at once
         run.total, run.ok, run.failed, run.skipped = report.total, report.ok, report.failed, report.skipped
         try:
             run.save(using=self.database)
@@ -340,8 +385,12 @@ def record_chunk(ref: JournalRef, database: str, chunk: Chunk, errors: dict[int,
     """Write the range's record and failures; call inside the transaction that did its work."""
     from bulkpool.models import Run, RunChunk, RunFailure
 
-    list(Run.objects.using(database).select_for_update().filter(pk=ref.run_pk).values_list("pk"))
-    if _overlapping(ref, database, chunk, lock=True):
+    # The Run row's lock serialises the last step of every chunk of the run; under it, its
+    # chunk_size is the bound every attempt so far has put on its records -- a later
+    # attempt's bigger chunks included, which this attempt's own bound would miss.
+    locked = Run.objects.using(database).select_for_update().filter(pk=ref.run_pk)
+    bound = locked.values_list("chunk_size", flat=True).first() or 0
+    if _overlapping(ref, database, chunk, lock=True, max_size=max(bound, ref.max_size)):
         raise AlreadyDone
     try:
         with transaction.atomic(using=database):  # a savepoint: the failed insert must not poison the chunk
@@ -390,12 +439,15 @@ def is_recorded(ref: JournalRef, database: str, chunk: Chunk) -> bool:
     return _overlapping(ref, database, chunk, lock=False)
 
 
-def _overlapping(ref: JournalRef, database: str, chunk: Chunk, *, lock: bool) -> bool:
+def _overlapping(
+    ref: JournalRef, database: str, chunk: Chunk, *, lock: bool, max_size: int | None = None
+) -> bool:
     from bulkpool.models import RunChunk
 
     # Records are at most max_size long, so only those starting in this window can overlap.
+    window = max_size or ref.max_size
     candidates = RunChunk.objects.using(database).filter(
-        run_id=ref.run_pk, start__gt=chunk.start - ref.max_size, start__lt=chunk.end
+        run_id=ref.run_pk, start__gt=chunk.start - window, start__lt=chunk.end
     )
     if lock:  # a locking read sees what committed since this transaction's snapshot (MySQL)
         candidates = candidates.select_for_update()
@@ -411,6 +463,34 @@ def _require_tables(database: str) -> None:
         raise ConfigurationError(
             f"run_id needs the bulkpool tables, which database {database!r} does not have. {FIX_INSTALL}"
         )
+
+
+def _require_free(run: Any) -> None:
+    """Refuse a run_id whose run is live: marked running, by a caller whose lease holds."""
+    if run.status != run.Status.RUNNING or not run.owner or run.lease_lapsed() or _gone(run.owner):
+        return
+    renewed = (timezone.now() - run.heartbeat_at).total_seconds()
+    raise RunInProgress(
+        f"run_id={run.run_id!r} is being run now by {run.owner} (its lease was renewed "
+        f"{renewed:.0f} s ago): wait for it to end, or stop it. If that caller is gone, the run "
+        f"can be resumed {STALE_AFTER_SECONDS:.0f} s after its last renewal."
+    )
+
+
+def _gone(owner: str) -> bool:
+    """Whether the caller named by ``owner`` ("host pid N (token)") is a process of this
+    machine that no longer exists: then its lease means nothing, whatever its age."""
+    host, _, rest = owner.partition(" pid ")
+    pid = rest.split(" ", 1)[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _require_same_job(run: Any, identity: str) -> None:

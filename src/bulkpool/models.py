@@ -9,16 +9,24 @@ of writing its rows again.
 
 from __future__ import annotations
 
+import datetime
+
 from django.db import models
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from bulkpool.status import RunStatus
+from bulkpool.status import STALE, STALE_AFTER_SECONDS, RunStatus
 
 
 class RunQuerySet(models.QuerySet["Run"]):
     def unfinished(self) -> RunQuerySet:
         return self.exclude(status=Run.Status.FINISHED)
+
+    def stale(self) -> RunQuerySet:
+        """Runs marked running whose caller stopped renewing its lease (killed, or gone)."""
+        since = timezone.now() - datetime.timedelta(seconds=STALE_AFTER_SECONDS)
+        lapsed = models.Q(heartbeat_at__lt=since) | models.Q(heartbeat_at__isnull=True)
+        return self.filter(lapsed, status=Run.Status.RUNNING)
 
     def finished(self) -> RunQuerySet:
         return self.filter(status=Run.Status.FINISHED)
@@ -55,6 +63,12 @@ class Run(models.Model):
     command = models.TextField(
         blank=True, help_text="How to resume it, as the caller that started it wrote it."
     )
+    owner = models.CharField(
+        max_length=300, blank=True, help_text="The host and pid of the caller running it now."
+    )
+    heartbeat_at = models.DateTimeField(
+        null=True, blank=True, help_text="When its caller last renewed its lease on the run_id."
+    )
 
     objects = RunQuerySet.as_manager()
 
@@ -62,7 +76,20 @@ class Run(models.Model):
         ordering = ["-started_at"]
 
     def __str__(self) -> str:
-        return f"{self.run_id} ({self.status})"
+        return f"{self.run_id} ({self.state})"
+
+    @property
+    def state(self) -> str:
+        """The status to show: ``stale`` for a run marked running whose lease lapsed."""
+        if self.status == self.Status.RUNNING and self.lease_lapsed():
+            return STALE
+        return str(self.status)
+
+    def lease_lapsed(self, now: datetime.datetime | None = None) -> bool:
+        if self.heartbeat_at is None:
+            return True
+        now = now or timezone.now()
+        return (now - self.heartbeat_at).total_seconds() > STALE_AFTER_SECONDS
 
 
 class RunChunk(models.Model):

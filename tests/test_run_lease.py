@@ -1,0 +1,159 @@
+"""One live run per run_id: the lease on the Run row, stale runs, and the journal's bound."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import socket
+import threading
+from collections import Counter
+
+import pytest
+from django.db import connections, transaction
+from django.utils import timezone
+
+import bulkpool
+from bulkpool import RunInProgress
+from bulkpool.journal import AlreadyDone, JournalRef, record_chunk
+from bulkpool.models import Run, RunChunk
+from bulkpool.protocol import Chunk
+from bulkpool.status import STALE, STALE_AFTER_SECONDS
+from tests import jobs
+from tests.testapp.models import Marker
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SLOW = functools.partial(jobs.wait_then_pass, 0.02)
+
+
+def marker_counts() -> Counter[str]:
+    return Counter(Marker.objects.values_list("key", flat=True))
+
+
+def live_run(run_id: str, *, owner: str, renewed: float = 1.0) -> Run:
+    """A run marked running whose lease ``owner`` renewed ``renewed`` seconds ago."""
+    return Run.objects.create(
+        run_id=run_id,
+        func="tests.jobs.write_marker",
+        chunk_size=10,
+        status=Run.Status.RUNNING,
+        owner=owner,
+        heartbeat_at=timezone.now() - datetime.timedelta(seconds=renewed),
+    )
+
+
+def in_thread(func, *args, **kwargs):
+    """Run ``func`` on a thread of its own (its own connection); returns (thread, outcome)."""
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["report"] = func(*args, **kwargs)
+        except BaseException as error:
+            outcome["error"] = error
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_second_caller_of_a_live_run_id_is_refused_and_nothing_is_written_twice():
+    """While a run holds its run_id, another caller gets one line naming it; every item is written once."""
+    first, outcome = in_thread(
+        bulkpool.run, jobs.write_marker, range(200), backend="serial", chunk_size=5, run_id="held",
+        prepare=SLOW,
+    )  # fmt: skip
+    try:
+        while not Run.objects.filter(run_id="held", status=Run.Status.RUNNING).exists():
+            assert first.is_alive(), outcome
+        with pytest.raises(RunInProgress) as refused:
+            bulkpool.run(jobs.write_marker, range(200), backend="thread", workers=2, run_id="held")
+    finally:
+        first.join()
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"{socket.gethostname()} pid {os.getpid()}" in message
+    assert outcome["report"].ok == 200
+    assert set(marker_counts().values()) == {1} and len(marker_counts()) == 200
+    run = Run.objects.get(run_id="held")
+    assert (run.status, run.attempts, run.owner) == (Run.Status.FINISHED, 1, "")
+
+
+def test_two_fresh_runs_started_together_one_is_refused():
+    """Two callers starting one new run_id at once: one runs it, the other is refused (not IntegrityError)."""
+    barrier = threading.Barrier(2)
+
+    def start() -> bulkpool.Report:
+        barrier.wait()
+        return bulkpool.run(jobs.write_marker, range(100), backend="serial", chunk_size=5, run_id="race",
+                            prepare=SLOW)  # fmt: skip
+
+    runs = [in_thread(start) for _ in range(2)]
+    for thread, _ in runs:
+        thread.join()
+    outcomes = [outcome for _, outcome in runs]
+    refused = [o["error"] for o in outcomes if "error" in o]
+    assert len(refused) == 1 and isinstance(refused[0], RunInProgress), outcomes
+    assert [o["report"].ok for o in outcomes if "report" in o] == [100]
+    assert set(marker_counts().values()) == {1} and len(marker_counts()) == 100
+
+
+def test_a_live_run_on_another_host_is_refused_before_anything_runs():
+    """The refusal comes before item one, and names the other caller's host and pid."""
+    live_run("remote", owner="other-host pid 4242 (abc123)")
+    with pytest.raises(RunInProgress, match="other-host pid 4242"):
+        bulkpool.run(jobs.write_marker, range(10), backend="serial", run_id="remote")
+    assert not Marker.objects.exists()
+
+
+def test_a_lapsed_lease_is_stale_and_the_run_is_taken_over():
+    """A run whose caller stopped renewing its lease shows as stale, and the next caller resumes it."""
+    live_run("lapsed", owner="other-host pid 4242 (abc123)", renewed=STALE_AFTER_SECONDS + 5)
+    live_run("fresh", owner="other-host pid 4243 (def456)")
+    assert list(Run.objects.stale().values_list("run_id", flat=True)) == ["lapsed"]
+    assert Run.objects.get(run_id="lapsed").state == STALE
+    assert Run.objects.get(run_id="fresh").state == Run.Status.RUNNING
+    report = bulkpool.run(jobs.write_marker, range(10), backend="serial", run_id="lapsed")
+    assert report.ok == 10
+    assert Run.objects.get(run_id="lapsed").state == Run.Status.FINISHED
+
+
+def test_a_killed_caller_on_this_machine_does_not_hold_its_run_id():
+    """A caller of this machine that is gone (no such pid) holds nothing, however fresh its lease."""
+    gone = 2**22 + 12345  # above Linux's default pid_max, so no process has it
+    live_run("killed", owner=f"{socket.gethostname()} pid {gone} (abc123)")
+    assert bulkpool.run(jobs.write_marker, range(10), backend="serial", run_id="killed").ok == 10
+
+
+def test_the_lease_is_renewed_while_the_run_goes_on(monkeypatch):
+    """Journal.beat() renews heartbeat_at while the run holds it, and warns once another caller took it."""
+    from bulkpool.journal import Journal
+    from bulkpool.options import Options
+
+    journal = Journal.open(Options(run_id="beating"), "tests.jobs.write_marker", 10)
+    journal.begin()
+    run = Run.objects.get(run_id="beating")
+    Run.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now() - datetime.timedelta(seconds=60))
+    journal._beaten = 0.0  # as if HEARTBEAT_SECONDS had passed
+    journal.beat()
+    renewed = Run.objects.get(pk=run.pk).heartbeat_at
+    assert (timezone.now() - renewed).total_seconds() < 5
+    Run.objects.filter(pk=run.pk).update(owner="other-host pid 1 (zzz)")
+    warnings = []
+    monkeypatch.setattr("bulkpool.journal.logger.warning", lambda *args: warnings.append(args))
+    journal._beaten = 0.0
+    journal.beat()
+    assert len(warnings) == 1 and "taken over" in warnings[0][0]
+
+
+def test_a_record_overlapping_a_bigger_record_of_another_attempt_is_refused():
+    """The overlap window is the run's bound (its largest chunk so far), not this attempt's own."""
+    run = Run.objects.create(run_id="bound", func="tests.jobs.write_marker", chunk_size=200)
+    RunChunk.objects.create(run=run, start=0, size=200, digest="x", ok=200)
+    small = JournalRef(run.pk, max_size=10)  # an attempt that runs chunks of 10
+    with pytest.raises(AlreadyDone), transaction.atomic():  # as a worker calls it: in the chunk's own
+        record_chunk(small, "default", Chunk(15, 150, list(range(150, 160))), {})
+    assert RunChunk.objects.filter(run=run).count() == 1
