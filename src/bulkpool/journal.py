@@ -53,7 +53,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from bulkpool.errors import ConfigurationError, RunInProgress
-from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo
+from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo, Unreadable
 from bulkpool.status import HEARTBEAT_SECONDS, STALE_AFTER_SECONDS
 from bulkpool.status import RunStatus as RunStatus  # re-exported for the engine
 from bulkpool.transactions import writing_from_begin
@@ -408,13 +408,20 @@ def record_chunk(ref: JournalRef, database: str, chunk: Chunk, errors: dict[int,
         RunFailure(
             chunk=record,
             index=chunk.start + offset,
-            item=json.dumps(chunk.items[offset], default=repr, ensure_ascii=False),
+            **_item_fields(chunk.items[offset]),
             exc_type=error.exc_type,
             message=error.message,
             traceback=error.traceback,
         )
         for offset, error in sorted(errors.items())
     )
+
+
+def _item_fields(item: Any) -> dict[str, Any]:
+    """How a failed item is kept: as JSON; a line the input could not read as its text and line."""
+    if isinstance(item, Unreadable):
+        return {"item": item.text, "line": item.line}
+    return {"item": json.dumps(item, default=repr, ensure_ascii=False)}
 
 
 def count_start(ref: JournalRef, database: str, chunk: Chunk) -> int:

@@ -136,7 +136,10 @@ class RunFailure(models.Model):
 
     chunk = models.ForeignKey(RunChunk, on_delete=models.CASCADE, related_name="failures")
     index = models.BigIntegerField()
-    item = models.TextField(help_text="The item as JSON, or its repr.")
+    line = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Its line in the input file, for a line that could not be read."
+    )
+    item = models.TextField(help_text="The item as JSON, or its repr (an unreadable line: its text).")
     exc_type = models.CharField(max_length=300)
     message = models.TextField()
     traceback = models.TextField(blank=True)
