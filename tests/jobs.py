@@ -27,6 +27,14 @@ def fail_multiples_of_7(i: int) -> int:
     return i
 
 
+def fail_multiples_of_7_while_flagged(flag_path: str, i: int) -> int:
+    """As fail_multiples_of_7, while the file ``flag_path`` exists (remove it: "the fix")."""
+    Marker.objects.create(key=str(i), value=i)
+    if i % 7 == 0 and os.path.exists(flag_path):
+        raise ValueError(f"{i} is a multiple of 7")
+    return i
+
+
 def worker_identity() -> str:
     """A name for the worker this runs in: process id and thread id."""
     return f"{os.getpid()}:{threading.get_ident()}"

@@ -1,4 +1,4 @@
-"""One live run per run_id: the lease on the Run row, stale runs, and the journal's bound."""
+"""The journal's failure records: one live run per run_id, stale runs, the records' bound, retry_failed."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from django.utils import timezone
 import bulkpool
 from bulkpool import RunInProgress
 from bulkpool.journal import AlreadyDone, JournalRef, record_chunk
-from bulkpool.models import Run, RunChunk
+from bulkpool.models import Run, RunChunk, RunFailure
 from bulkpool.protocol import Chunk
 from bulkpool.status import STALE, STALE_AFTER_SECONDS
 from tests import jobs
@@ -157,3 +157,25 @@ def test_a_record_overlapping_a_bigger_record_of_another_attempt_is_refused():
     with pytest.raises(AlreadyDone), transaction.atomic():  # as a worker calls it: in the chunk's own
         record_chunk(small, "default", Chunk(15, 150, list(range(150, 160))), {})
     assert RunChunk.objects.filter(run=run).count() == 1
+
+
+@pytest.mark.parametrize("backend", ["serial", "thread", "process"])
+def test_retry_failed_runs_only_the_failed_items_and_replaces_their_failures(backend, tmp_path):
+    """retry_failed=True: once the cause is fixed, only the recorded failures run again, each once."""
+    flag = tmp_path / "broken"
+    flag.touch()
+    func = functools.partial(jobs.fail_multiples_of_7_while_flagged, str(flag))
+    options = {"backend": backend, "workers": 2, "chunk_size": 10, "run_id": "retry"}
+    first = bulkpool.run(func, range(50), **options)
+    assert (first.ok, first.failed) == (42, 8)
+    still = bulkpool.run(func, range(50), retry_failed=True, **options)  # not fixed yet: they fail again
+    assert (still.ok, still.failed, still.skipped) == (0, 8, 42)
+    assert RunFailure.objects.count() == 8
+    flag.unlink()  # the fix
+    retried = bulkpool.run(func, range(50), retry_failed=True, **options)
+    assert (retried.ok, retried.failed, retried.skipped) == (8, 0, 42)
+    assert set(marker_counts().values()) == {1} and len(marker_counts()) == 50
+    assert not RunFailure.objects.exists()
+    assert set(RunChunk.objects.values_list("ok", "failed")) == {(10, 0)}
+    again = bulkpool.run(func, range(50), retry_failed=True, **options)
+    assert (again.ok, again.failed, again.skipped) == (0, 0, 50)

@@ -42,14 +42,14 @@ import os
 import secrets
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.apps import apps
 from django.db import DatabaseError, IntegrityError, connections, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from bulkpool.errors import ConfigurationError, RunInProgress
@@ -81,6 +81,7 @@ class JournalRef:
 
     run_pk: int
     max_size: int  # no record spans more items: bounds the overlap query to an index range
+    attempt: int = 0  # the attempt this is (Run.attempts): a retried failure is replaced in it
 
 
 class AlreadyDone(Exception):
@@ -160,7 +161,7 @@ class Journal:
     @property
     def ref(self) -> JournalRef:
         assert self.run is not None, "begin() first"
-        return JournalRef(self.run.pk, max(self.max_chunk, self.run.chunk_size))
+        return JournalRef(self.run.pk, max(self.max_chunk, self.run.chunk_size), self.run.attempts)
 
     def aligned(self, start: int, size: int) -> int:
         """``size``, or more so that the chunk at ``start`` does not cut a range recorded
@@ -190,6 +191,9 @@ class Journal:
         """As ``plan``, from what is recorded now: a chunk about to be sent again may have had
         pieces committed in this attempt (split on a refused COMMIT before its worker died)."""
         from bulkpool.models import RunChunk
+
+        if chunk.retry:
+            return [self._retried(chunk)]
 
         rows = (
             RunChunk.objects.using(self.database)
@@ -223,7 +227,10 @@ class Journal:
                     "(rows already written stay written)."
                 )
             failures = self._failures(record, piece, earlier)
-            pieces.append((piece, ChunkResult(chunk.number, None, failures, skipped=earlier)))
+            if earlier and failures and self.options.retry_failed:
+                pieces += _failed_again(piece, failures)
+            else:
+                pieces.append((piece, ChunkResult(chunk.number, None, failures, skipped=earlier)))
             position = record.end
         if position < chunk.end:
             pieces.append((chunk.piece(position, chunk.end), None))
@@ -255,6 +262,21 @@ class Journal:
             return False
         self._read_up_to = records[-1].start
         return True
+
+    def _retried(self, chunk: Chunk) -> tuple[Chunk, ChunkResult | None]:
+        """A retried piece sent again: to run, unless its retry committed in this attempt
+        (then its outcome is the failures this attempt recorded for it)."""
+        from bulkpool.models import RunFailure
+
+        if not is_recorded(self.ref, self.database, chunk):
+            return chunk, None
+        rows = RunFailure.objects.using(self.database).filter(
+            chunk__run=self.run, index__gte=chunk.start, index__lt=chunk.end
+        )
+        errors = {
+            row.index - chunk.start: ErrorInfo(row.exc_type, row.message, row.traceback) for row in rows
+        }
+        return chunk, ChunkResult(chunk.number, None, errors)
 
     def _failures(self, record: _Record, piece: Chunk, earlier: bool) -> dict[int, ErrorInfo]:
         from bulkpool.models import RunFailure
@@ -390,6 +412,9 @@ def record_chunk(ref: JournalRef, database: str, chunk: Chunk, errors: dict[int,
     # attempt's bigger chunks included, which this attempt's own bound would miss.
     locked = Run.objects.using(database).select_for_update().filter(pk=ref.run_pk)
     bound = locked.values_list("chunk_size", flat=True).first() or 0
+    if chunk.retry:
+        _replace_failures(ref, database, chunk, errors)
+        return
     if _overlapping(ref, database, chunk, lock=True, max_size=max(bound, ref.max_size)):
         raise AlreadyDone
     try:
@@ -412,8 +437,49 @@ def record_chunk(ref: JournalRef, database: str, chunk: Chunk, errors: dict[int,
             exc_type=error.exc_type,
             message=error.message,
             traceback=error.traceback,
+            attempt=ref.attempt or None,
         )
         for offset, error in sorted(errors.items())
+    )
+
+
+def _replace_failures(ref: JournalRef, database: str, chunk: Chunk, errors: dict[int, ErrorInfo]) -> None:
+    """A retried piece (``retry_failed``): its items' recorded failures give way to their new
+    outcome, in the records that hold them; AlreadyDone if this attempt replaced them already."""
+    from bulkpool.models import RunChunk, RunFailure
+
+    earlier = _earlier_failures(ref, database, chunk).select_for_update()
+    chunk_of = dict(earlier.values_list("index", "chunk_id"))
+    if not chunk_of:
+        raise AlreadyDone
+    earlier.delete()
+    RunFailure.objects.using(database).bulk_create(
+        RunFailure(
+            chunk_id=chunk_of[chunk.start + offset],
+            index=chunk.start + offset,
+            **_item_fields(chunk.items[offset]),
+            exc_type=error.exc_type,
+            message=error.message,
+            traceback=error.traceback,
+            attempt=ref.attempt,
+        )
+        for offset, error in sorted(errors.items())
+        if chunk.start + offset in chunk_of
+    )
+    fixed = Counter(chunk_of[chunk.start + offset] for offset in range(len(chunk)) if offset not in errors)
+    for record, count in fixed.items():
+        RunChunk.objects.using(database).filter(pk=record).update(
+            ok=F("ok") + count, failed=F("failed") - count
+        )
+
+
+def _earlier_failures(ref: JournalRef, database: str, chunk: Chunk) -> Any:
+    """The failures of the piece's items recorded before this attempt."""
+    from bulkpool.models import RunFailure
+
+    before = Q(attempt__lt=ref.attempt) | Q(attempt__isnull=True)
+    return RunFailure.objects.using(database).filter(
+        before, chunk__run_id=ref.run_pk, index__gte=chunk.start, index__lt=chunk.end
     )
 
 
@@ -442,7 +508,10 @@ def count_start(ref: JournalRef, database: str, chunk: Chunk) -> int:
 
 
 def is_recorded(ref: JournalRef, database: str, chunk: Chunk) -> bool:
-    """Whether any item of the range was recorded: a cheap look before doing the work."""
+    """Whether any item of the range was recorded (a retried piece: whether its failures were
+    replaced in this attempt): a cheap look before doing the work."""
+    if chunk.retry:
+        return not _earlier_failures(ref, database, chunk).exists()
     return _overlapping(ref, database, chunk, lock=False)
 
 
@@ -470,6 +539,25 @@ def _require_tables(database: str) -> None:
         raise ConfigurationError(
             f"run_id needs the bulkpool tables, which database {database!r} does not have. {FIX_INSTALL}"
         )
+
+
+def _failed_again(piece: Chunk, failures: dict[int, ErrorInfo]) -> list[tuple[Chunk, ChunkResult | None]]:
+    """A recorded piece under retry_failed: its failed items, in runs of neighbours, to run
+    again (``retry``); the items between them done before (skipped)."""
+    parts: list[tuple[Chunk, ChunkResult | None]] = []
+    position = piece.start
+    for offset in sorted(failures):
+        index = piece.start + offset
+        if parts and parts[-1][1] is None and parts[-1][0].end == index:
+            parts[-1] = (replace(parts[-1][0], items=[*parts[-1][0].items, piece.items[offset]]), None)
+        else:
+            if position < index:
+                parts.append((piece.piece(position, index), ChunkResult(piece.number, None, skipped=True)))
+            parts.append((replace(piece.piece(index, index + 1), retry=True), None))
+        position = index + 1
+    if position < piece.end:
+        parts.append((piece.piece(position, piece.end), ChunkResult(piece.number, None, skipped=True)))
+    return parts
 
 
 def _require_free(run: Any) -> None:

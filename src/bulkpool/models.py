@@ -143,6 +143,9 @@ class RunFailure(models.Model):
     exc_type = models.CharField(max_length=300)
     message = models.TextField()
     traceback = models.TextField(blank=True)
+    attempt = models.PositiveIntegerField(
+        null=True, blank=True, help_text="The attempt of the run that recorded it (retry_failed replaces it)."
+    )
 
     class Meta:
         ordering = ["chunk", "index"]

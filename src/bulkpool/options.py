@@ -125,6 +125,15 @@ class Options:
         default=False,
         metadata=_meta("With run_id: forget what an earlier run of that name did.", cli="flag", resume=False),
     )
+    retry_failed: bool = field(
+        default=False,
+        metadata=_meta(
+            "With run_id: run again only the items it recorded as failed (after fixing the code "
+            "or the data); their new outcome replaces the failure.",
+            cli="flag",
+            resume=False,
+        ),
+    )
     early_stop: bool = field(
         default=True,
         metadata=_meta(
@@ -177,6 +186,16 @@ class Options:
             f"run_id={self.run_id!r} must be a non-empty string of at most 200 characters.",
         )
         _require(not self.restart or bool(self.run_id), "restart=True needs a run_id.")
+        _require(self.retry_failed in (True, False), "retry_failed must be True or False.")
+        _require(
+            not self.retry_failed or bool(self.run_id),
+            "retry_failed=True needs the run_id whose failed items to run again.",
+        )
+        _require(
+            not (self.retry_failed and self.restart),
+            "retry_failed=True runs again what a run recorded as failed; restart=True forgets "
+            "what it recorded: pass one of them.",
+        )
         _require(self.dry_run in (True, False), "dry_run must be True or False.")
         _require(self.early_stop in (True, False), "early_stop must be True or False.")
         if self.rejects is not None:

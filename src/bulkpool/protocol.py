@@ -38,6 +38,9 @@ class Chunk:
     number: int
     start: int
     items: list[Any]
+    # Items a journaled run recorded as failed, run again (retry_failed=True): their new
+    # outcome replaces the recorded failures instead of adding a record (journal.py).
+    retry: bool = False
 
     def __len__(self) -> int:
         return len(self.items)
@@ -52,7 +55,7 @@ class Chunk:
 
     def piece(self, start: int, end: int) -> Chunk:
         """The items with input index ``start`` .. ``end - 1``, as a chunk of their own."""
-        return Chunk(self.number, start, self.items[start - self.start : end - self.start])
+        return Chunk(self.number, start, self.items[start - self.start : end - self.start], self.retry)
 
     def halves(self) -> tuple[Chunk, Chunk]:
         middle = self.start + len(self) // 2
