@@ -88,14 +88,16 @@ def test_chunk_run_twice_is_applied_once():
         atomic="chunk",
         database="default",
         retries=0,
-        keep_values=False,
+        keep_values=True,
         own_connections=False,
         journal=JournalRef(run.pk, max_size=5),
     )
     worker = Worker(task)
     chunk = Chunk(0, 0, [1, 2, 3, 4, 5])
-    assert not worker.run(chunk).skipped
-    assert worker.run(chunk).skipped
+    first, second = worker.run(chunk), worker.run(chunk)
+    assert not first.errors and not first.skipped
+    # The second delivery applies nothing, and reports what the first committed.
+    assert (second.values, second.errors, second.skipped) == ([1, 2, 3, 4, 5], {}, False)
     assert sum(marker_counts().values()) == 5
 
 

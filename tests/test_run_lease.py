@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 from collections import Counter
+from typing import Any
 
 import pytest
 from django.db import connections, transaction
@@ -15,9 +16,9 @@ from django.utils import timezone
 
 import bulkpool
 from bulkpool import RunInProgress
-from bulkpool.journal import AlreadyDone, JournalRef, record_chunk
+from bulkpool.journal import AlreadyDone, JournalRef, record_chunk, recorded_result
 from bulkpool.models import Run, RunChunk, RunFailure
-from bulkpool.protocol import Chunk
+from bulkpool.protocol import Chunk, ErrorInfo
 from bulkpool.status import STALE, STALE_AFTER_SECONDS
 from tests import jobs
 from tests.testapp.models import Marker
@@ -179,3 +180,32 @@ def test_retry_failed_runs_only_the_failed_items_and_replaces_their_failures(bac
     assert set(RunChunk.objects.values_list("ok", "failed")) == {(10, 0)}
     again = bulkpool.run(func, range(50), retry_failed=True, **options)
     assert (again.ok, again.failed, again.skipped) == (0, 0, 50)
+
+
+def test_a_resumed_create_reports_the_keys_of_the_chunks_done_before():
+    """create() resumed: report.results holds every new key, those of earlier attempts from the journal."""
+    rows = [{"key": f"k{i}", "value": i} for i in range(30)]
+    rows[15]["value"] = "not a number"
+    options: dict[str, Any] = {"backend": "serial", "chunk_size": 10, "run_id": "keys"}
+    with pytest.raises(bulkpool.ItemFailed):
+        bulkpool.create(Marker, rows, on_error="raise", **options)
+    assert Marker.objects.count() == 19  # the first two chunks, less the failed row
+    resumed = bulkpool.create(Marker, rows, **options)
+    assert (resumed.skipped, resumed.ok, resumed.failed) == (19, 10, 1)
+    keys = dict(Marker.objects.values_list("key", "pk"))
+    assert len(keys) == 29
+    assert resumed.results == [keys.get(f"k{i}") for i in range(30)]
+    assert resumed.results[15] is None and None not in resumed.results[:15]
+
+
+def test_recorded_result_gives_back_a_committed_chunks_values_and_failures():
+    """A chunk delivered again after it committed gets its values and failures from the journal."""
+    run = Run.objects.create(run_id="again", func="x", chunk_size=5)
+    ref = JournalRef(run.pk, max_size=5, attempt=1)
+    chunk = Chunk(0, 0, [1, 2, 3, 4, 5])
+    with transaction.atomic():
+        record_chunk(ref, "default", chunk, {2: ErrorInfo("ValueError", "bad", "")}, [10, 20, None, 40, 50])
+    result = recorded_result(ref, "default", chunk)
+    assert result.values == [10, 20, None, 40, 50]
+    assert {offset: error.message for offset, error in result.errors.items()} == {2: "bad"}
+    assert not result.skipped

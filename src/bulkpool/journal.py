@@ -123,6 +123,7 @@ class _Record(NamedTuple):
     size: int
     digest: str
     failed: int
+    values: str  # JSON, or "" when the values were not kept
 
     @property
     def end(self) -> int:
@@ -199,7 +200,7 @@ class Journal:
             RunChunk.objects.using(self.database)
             .filter(run=self.run, start__gt=chunk.start - self.ref.max_size, start__lt=chunk.end)
             .order_by("start")
-            .values_list("pk", "start", "size", "digest", "failed")
+            .values_list(*_Record._fields)
         )
         records = [record for record in map(_Record._make, rows) if record.end > chunk.start]
         return self._pieces(chunk, records, earlier=False)
@@ -230,7 +231,8 @@ class Journal:
             if earlier and failures and self.options.retry_failed:
                 pieces += _failed_again(piece, failures)
             else:
-                pieces.append((piece, ChunkResult(chunk.number, None, failures, skipped=earlier)))
+                kept = json.loads(record.values) if record.values else None
+                pieces.append((piece, ChunkResult(chunk.number, kept, failures, skipped=earlier)))
             position = record.end
         if position < chunk.end:
             pieces.append((chunk.piece(position, chunk.end), None))
@@ -253,7 +255,7 @@ class Journal:
             RunChunk.objects.using(self.database)
             .filter(run=self.run, start__gt=self._read_up_to)
             .order_by("start")
-            .values_list("pk", "start", "size", "digest", "failed")[:PAGE]
+            .values_list(*_Record._fields)[:PAGE]
         )
         records = [_Record._make(row) for row in rows]
         self._records.extend(records)
@@ -403,8 +405,15 @@ def _write_transaction(database: str) -> Iterator[None]:
         yield
 
 
-def record_chunk(ref: JournalRef, database: str, chunk: Chunk, errors: dict[int, ErrorInfo]) -> None:
-    """Write the range's record and failures; call inside the transaction that did its work."""
+def record_chunk(
+    ref: JournalRef,
+    database: str,
+    chunk: Chunk,
+    errors: dict[int, ErrorInfo],
+    values: list[Any] | None = None,
+) -> None:
+    """Write the range's record and failures (and its items' values, when kept and plain
+    JSON); call inside the transaction that did its work."""
     from bulkpool.models import Run, RunChunk, RunFailure
 
     # The Run row's lock serialises the last step of every chunk of the run; under it, its
@@ -426,6 +435,7 @@ def record_chunk(ref: JournalRef, database: str, chunk: Chunk, errors: dict[int,
                 digest=digest(chunk.items),
                 ok=len(chunk) - len(errors),
                 failed=len(errors),
+                values=_as_json(values),
             )
     except IntegrityError as error:
         raise AlreadyDone from error
@@ -481,6 +491,39 @@ def _earlier_failures(ref: JournalRef, database: str, chunk: Chunk) -> Any:
     return RunFailure.objects.using(database).filter(
         before, chunk__run_id=ref.run_pk, index__gte=chunk.start, index__lt=chunk.end
     )
+
+
+def _as_json(values: list[Any] | None) -> str:
+    """The values as JSON if they come back from it the same (ints, strings, lists of them...);
+    else "" and they are not kept (a UUID, a model instance)."""
+    if values is None:
+        return ""
+    try:
+        text = json.dumps(values, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return ""
+    return text if json.loads(text) == values else ""
+
+
+def recorded_result(ref: JournalRef, database: str, chunk: Chunk) -> ChunkResult:
+    """What the journal says of a range that committed before (a chunk delivered again):
+    its failures, and its values where they were kept; None for a value that was not."""
+    from bulkpool.models import RunChunk, RunFailure
+
+    records = RunChunk.objects.using(database).filter(
+        run_id=ref.run_pk, start__gte=chunk.start, start__lt=chunk.end
+    )
+    values: list[Any] = [None] * len(chunk)
+    for start, size, kept in records.values_list("start", "size", "values"):
+        if kept:
+            values[start - chunk.start : start - chunk.start + size] = json.loads(kept)
+    failures = RunFailure.objects.using(database).filter(
+        chunk__run_id=ref.run_pk, index__gte=chunk.start, index__lt=chunk.end
+    )
+    errors = {
+        row.index - chunk.start: ErrorInfo(row.exc_type, row.message, row.traceback) for row in failures
+    }
+    return ChunkResult(chunk.number, values, errors)
 
 
 def _item_fields(item: Any) -> dict[str, Any]:

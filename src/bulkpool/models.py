@@ -100,6 +100,11 @@ class RunChunk(models.Model):
     ok = models.PositiveIntegerField(default=0)
     failed = models.PositiveIntegerField(default=0)
     finished_at = models.DateTimeField(default=timezone.now)
+    values = models.TextField(
+        blank=True,
+        help_text="What its items returned, as JSON (create: the new keys), when the run keeps them "
+        "and they are plain JSON; a chunk delivered again, or resumed, reports them.",
+    )
 
     class Meta:
         ordering = ["run", "start"]

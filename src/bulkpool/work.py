@@ -62,7 +62,7 @@ from typing import Any
 from django.db import DatabaseError, connections, transaction
 
 from bulkpool.errors import CommitUnknown
-from bulkpool.journal import AlreadyDone, is_recorded, record_chunk
+from bulkpool.journal import AlreadyDone, is_recorded, record_chunk, recorded_result
 from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo, Task, Timings
 from bulkpool.retrying import Retry, Transient, is_transient
 from bulkpool.transactions import (
@@ -252,8 +252,8 @@ class Worker:
                 # After a COMMIT in doubt, the journal says that attempt did commit.
                 if in_doubt is not None:
                     self._settle(piece, in_doubt[0])
-                elif whole:
-                    self._result.skipped, self._result.values = True, None
+                elif whole:  # delivered again after it committed: the journal's outcome is its
+                    self._settle(piece, self._recorded(piece))
                 else:  # a piece committed by an earlier delivery of this chunk
                     self._settle(piece, ChunkResult(piece.number, None))
                 return
@@ -378,9 +378,21 @@ class Worker:
                 raise Transient(error) from error
             raise _JournalFailed(error, reading=True) from error
 
+    def _recorded(self, piece: Chunk) -> ChunkResult:
+        """What the journal recorded of a piece that committed before (its values too, where
+        kept); if it cannot be read, the piece is reported skipped."""
+        try:
+            recorded = recorded_result(self.task.journal, self.task.database, piece)
+        except DatabaseError:
+            self._result.skipped = True
+            return ChunkResult(piece.number, None)
+        if not self.task.keep_values:
+            recorded.values = None
+        return recorded
+
     def _record(self, piece: Chunk, result: ChunkResult) -> None:
         try:
-            record_chunk(self.task.journal, self.task.database, piece, result.errors)
+            record_chunk(self.task.journal, self.task.database, piece, result.errors, result.values)
         except AlreadyDone:
             raise
         except DatabaseError as error:
