@@ -7,6 +7,7 @@ Entry points:
     bulkpool.create(model, rows, *, validate=False, **options) -> Report
     bulkpool.update(queryset, func=None, *, values=None, update_fields=None, **options) -> Report
     bulkpool.delete(queryset, **options) -> Report
+    bulkpool.upsert(model, rows, *, unique_fields, update_fields=None, **options) -> Report
     bulkpool.open_input(path) -> the items of a CSV, JSON Lines or JSON file, read lazily
 
 ``items`` may be a QuerySet: it is split by primary key and each worker loads its own rows.
@@ -41,7 +42,7 @@ from bulkpool.errors import (
 )
 from bulkpool.executors import ProcessExecutor, SerialExecutor, ThreadExecutor
 from bulkpool.inputs import open_input
-from bulkpool.operations import create, delete, update
+from bulkpool.operations import create, delete, update, upsert
 from bulkpool.options import Options
 from bulkpool.outcomes import Failure, Outcome, Report
 
@@ -95,4 +96,5 @@ __all__ = [
     "open_input",
     "run",
     "update",
+    "upsert",
 ]

@@ -43,10 +43,10 @@ from typing import Any
 
 from django.apps import apps
 from django.db import DatabaseError, connections, router
-from django.db.models import Model
+from django.db.models import Field, Model, Q
 from django.db.models.signals import m2m_changed, post_save, pre_save
 
-from bulkpool.rows import CreateRow, DeleteRow, UpdateRow, split_values
+from bulkpool.rows import CreateRow, DeleteRow, UpdateRow, UpsertRow, split_values
 
 
 def why_not(model: type[Model], database: str) -> str | None:
@@ -345,3 +345,142 @@ class FastDeleteRow(DeleteRow):
             model = type(present[0])
             model._base_manager.using(self.database).filter(pk__in=[obj.pk for obj in present]).delete()
         return [None] * len(objects)
+
+
+def why_not_upsert(model: type[Model], unique_fields: tuple[str, ...], database: str) -> str | None:
+    """Why ``upsert(fast=True)`` cannot take the bulk path for ``model``, or None: as for
+    ``create``, whose INSERT it shares."""
+    return why_not(model, database)
+
+
+@dataclass(frozen=True)
+class FastUpsertRow(UpsertRow):
+    """``UpsertRow`` with ``batch``: the piece's existing objects read (and locked) with one
+    keyed query, ``pre_save`` per object in input order, one INSERT of the new objects
+    (parents first) and one ``bulk_update`` per set of fields of the existing ones,
+    ``post_save`` per object with its ``created``, then many-to-many values. A key that
+    appears twice waits for a second round, so its second row updates what the first wrote.
+
+    A concurrent caller that creates one of the new keys first makes the INSERT fail: the
+    worker rolls the piece back and runs it on the exact path (``update_or_create`` per
+    row), where that row becomes an update.
+    """
+
+    def batch(self, rows: list[Any], *state: Any) -> list[Any]:
+        model = apps.get_model(self.model)
+        planned = []
+        for row in rows:
+            if not isinstance(row, Mapping):
+                raise TypeError(f"a row must be a dict of field values, not {type(row).__name__}")
+            plain, m2m = split_values(model, row)
+            self.key_of(plain)  # every row has its key
+            planned.append((plain, m2m))
+        results: list[Any] = [None] * len(rows)
+        for positions in _rounds(model, self.unique_fields, [plain for plain, _ in planned]):
+            done = self._upsert(model, [planned[i] for i in positions])
+            for position, result in zip(positions, done, strict=True):
+                results[position] = result
+        return results
+
+    def _upsert(self, model: type[Model], planned: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[Any]:
+        using = self.database
+        existing = self._existing(model, [plain for plain, _ in planned])
+        saves: list[tuple[Model, bool, frozenset[str] | None]] = []  # object, created, update_fields
+        for plain, _ in planned:
+            obj: Any = existing.get(_key(model, self.unique_fields, plain))
+            if obj is None:
+                obj = model(**plain)
+                obj._prepare_related_fields_for_save(operation_name="save")
+                saves.append((obj, True, None))
+            else:
+                values = {name: value for name, value in plain.items() if name not in self.unique_fields}
+                for name in self.updated(values):
+                    setattr(obj, name, values[name])
+                saves.append((obj, False, _upsert_update_fields(obj, self.updated(values))))
+        for obj, _, update_fields in saves:
+            if update_fields != frozenset():  # save(update_fields=[]) sends nothing
+                pre_save.send(sender=model, instance=obj, raw=False, using=using, update_fields=update_fields)
+        insert(model, [obj for obj, created, _ in saves if created], using)
+        self._update_existing(model, [(obj, fields) for obj, created, fields in saves if not created])
+        for obj, created, update_fields in saves:
+            obj._state.db, obj._state.adding = using, False
+            if update_fields != frozenset():
+                post_save.send(
+                    sender=model,
+                    instance=obj,
+                    created=created,
+                    update_fields=update_fields,
+                    raw=False,
+                    using=using,
+                )
+                _password_changed(obj)
+        for (obj, created, _), (_, m2m) in zip(saves, planned, strict=True):
+            for name, value in m2m.items():
+                if created or self.update_fields is None or name in self.update_fields:
+                    getattr(obj, name).set(value)
+        return [(obj.pk, created) for obj, created, _ in saves]
+
+    def _existing(self, model: type[Model], rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], Model]:
+        """The objects the rows' keys find, by key, locked until the chunk commits."""
+        query = Q()
+        for plain in rows:
+            query |= Q(**{name: plain[name] for name in self.unique_fields})
+        found = model._base_manager.db_manager(self.database).select_for_update().filter(query)
+        return {_key(model, self.unique_fields, obj): obj for obj in found}
+
+    def _update_existing(
+        self, model: type[Model], updates: list[tuple[Model, frozenset[str] | None]]
+    ) -> None:
+        groups: dict[frozenset[str], list[Model]] = {}
+        for obj, update_fields in updates:
+            if update_fields:
+                groups.setdefault(update_fields, []).append(obj)
+        for update_fields, group in groups.items():
+            fields = _columns(model, update_fields)
+            for obj in group:
+                for field in fields:  # auto_now and the like, as _save_table does
+                    setattr(obj, field.attname, field.pre_save(obj, False))
+            changed = model._base_manager.using(self.database).bulk_update(group, [f.name for f in fields])
+            if changed != len(group):
+                raise DatabaseError(f"bulk_update changed {changed} rows of {len(group)}: a row is gone")
+
+
+def _upsert_update_fields(obj: Model, names: list[str]) -> frozenset[str]:
+    """The ``update_fields`` that ``update_or_create`` saves an existing object with: the names
+    given, and the fields whose ``pre_save`` sets them (auto_now)."""
+    fields = set(names)
+    for field in obj._meta.local_concrete_fields:
+        if not (field.primary_key or type(field).pre_save is Field.pre_save):
+            fields |= {field.name, field.attname}
+    return frozenset(fields)
+
+
+def _key(model: type[Model], unique_fields: tuple[str, ...], source: Any) -> tuple[Any, ...]:
+    """A row's key (from its values) or an object's (from its fields), comparable with each other."""
+    key = []
+    for name in unique_fields:
+        field: Any = model._meta.get_field(name)  # a concrete field (operations checked it)
+        if isinstance(source, Model):
+            value = getattr(source, field.attname)
+        else:
+            value = source.get(name, source.get(field.attname))
+            if isinstance(value, Model):
+                value = value.pk
+        key.append(field.to_python(value))
+    return tuple(key)
+
+
+def _rounds(
+    model: type[Model], unique_fields: tuple[str, ...], rows: list[dict[str, Any]]
+) -> list[list[int]]:
+    """The rows' positions in rounds where each key comes once, in input order."""
+    seen: dict[tuple[Any, ...], int] = {}
+    rounds: list[list[int]] = []
+    for position, plain in enumerate(rows):
+        key = _key(model, unique_fields, plain)
+        number = seen.get(key, -1) + 1
+        seen[key] = number
+        if number == len(rounds):
+            rounds.append([])
+        rounds[number].append(position)
+    return rounds

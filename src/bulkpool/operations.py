@@ -61,7 +61,7 @@ from bulkpool.api import build_engine
 from bulkpool.engine import Engine
 from bulkpool.errors import ConfigurationError
 from bulkpool.outcomes import Report
-from bulkpool.rows import CreateRow, DeleteRow, UpdateRow, field_names, split_values
+from bulkpool.rows import CreateRow, DeleteRow, UpdateRow, UpsertRow, field_names, split_values
 
 logger = logging.getLogger("bulkpool")
 
@@ -90,6 +90,39 @@ def create(
         else:
             _say_exact("create", model, reason)
     return _run_with_results(build_engine(func, rows, options, keep_values=True))
+
+
+def upsert(
+    model: type[Model] | str,
+    rows: Iterable[Any],
+    *,
+    unique_fields: Iterable[str],
+    update_fields: Iterable[str] | None = None,
+    fast: bool = False,
+    **options: Any,
+) -> Report:
+    """Create or update one object per row (a dict of field values), keyed on ``unique_fields``,
+    with ``save()``, signals (``created`` right for each row) and M2M.
+
+    ``report.results`` holds ``(pk, created)`` per row in input order (None for a failed
+    row); ``report.created`` and ``report.updated`` count them.
+    """
+    model = _concrete_model(model)
+    keys = _checked_unique_fields(model, unique_fields)
+    fields = None if update_fields is None else _checked_update_fields(model, update_fields)
+    options.setdefault("database", router.db_for_write(model))
+    row = UpsertRow(model._meta.label, keys, fields, options["database"])
+    if _checked_fast(fast):
+        reason = bulk.why_not_upsert(model, keys, options["database"])
+        if reason is None:
+            row = bulk.FastUpsertRow(model._meta.label, keys, fields, options["database"])
+        else:
+            _say_exact("upsert", model, reason)
+    report = _run_with_results(build_engine(row, rows, options, keep_values=True))
+    done = [result for result in report.results or [] if result is not None]
+    report.created = sum(1 for _, created in done if created)
+    report.updated = len(done) - report.created
+    return report
 
 
 def update(
@@ -211,3 +244,47 @@ def _checked_update_fields(model: type[Model], names: Iterable[str]) -> tuple[st
                 "(many-to-many values go in values=, and are set after the save)."
             )
     return names
+
+
+def _checked_unique_fields(model: type[Model], names: Iterable[str]) -> tuple[str, ...]:
+    """The key of ``upsert``: field names that a unique constraint (or the primary key) covers
+    exactly, so that a row's key matches at most one object."""
+    if isinstance(names, str):
+        raise ConfigurationError(f"unique_fields must be a list of field names, not the string {names!r}.")
+    names = tuple(names)
+    if not names:
+        raise ConfigurationError("unique_fields must name the fields that find a row's object.")
+    given = set()
+    for name in names:
+        try:
+            field = model._meta.get_field(name)
+        except FieldDoesNotExist:
+            raise ConfigurationError(
+                f"unique_fields: {model.__name__} has no field named {name!r}; its fields are: "
+                f"{field_names(model)}"
+            ) from None
+        if not field.concrete:
+            raise ConfigurationError(f"unique_fields: {name!r} is not a column of {model.__name__}.")
+        given.add(field.name)
+    keys = unique_keys(model)
+    if frozenset(given) not in keys:
+        known = "; ".join(", ".join(sorted(key)) for key in sorted(keys, key=sorted))
+        raise ConfigurationError(
+            f"unique_fields={list(names)}: no unique constraint of {model.__name__} covers exactly "
+            f"these fields, so a row's key could match several objects. Its unique keys are: {known}."
+        )
+    return names
+
+
+def unique_keys(model: type[Model]) -> set[frozenset[str]]:
+    """The sets of field names that identify one object of ``model``: its primary key,
+    unique fields, unique_together and unconditional UniqueConstraints (its parents' too)."""
+    keys: set[frozenset[str]] = set()
+    for cls in [model, *model._meta.get_parent_list()]:
+        meta = cls._meta
+        keys.update(frozenset([f.name]) for f in meta.local_concrete_fields if f.unique)
+        keys.update(frozenset(together) for together in meta.unique_together)
+        for constraint in meta.total_unique_constraints:
+            if constraint.fields:
+                keys.add(frozenset(constraint.fields))
+    return keys

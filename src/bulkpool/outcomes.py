@@ -103,6 +103,8 @@ class Report:
     failure_counts: Counter[str] = field(default_factory=Counter)
     callback_errors: list[Failure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the run chose, and why
+    created: int | None = None  # upsert: of ok, the rows that created their object
+    updated: int | None = None  # upsert: of ok, the rows that updated an existing one
 
     @property
     def done(self) -> int:
@@ -140,7 +142,10 @@ class Report:
         failed = f"{self.failed:,} failed"
         if self.failed_before:
             failed += f" ({self.failed_before:,} in earlier attempts)"
-        parts = [f"{self.ok:,} ok", failed]
+        ok = f"{self.ok:,} ok"
+        if self.created is not None and self.updated is not None:
+            ok += f" ({self.created:,} created, {self.updated:,} updated)"
+        parts = [ok, failed]
         if self.skipped:
             parts.append(f"{self.skipped:,} skipped (already done)")
         if self.not_run:

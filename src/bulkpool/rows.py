@@ -1,4 +1,4 @@
-"""The per-row callables of ``create``, ``update`` and ``delete`` (``operations.py``).
+"""The per-row callables of ``create``, ``update``, ``delete`` and ``upsert`` (``operations.py``).
 
 Each is a small frozen dataclass that holds the model's ``"app_label.ModelName"`` label,
 never the class, so every backend can ship it (pickled, or as its class path and JSON
@@ -14,9 +14,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import django
 from django.apps import apps
 from django.core.exceptions import FieldDoesNotExist
-from django.db.models import Model
+from django.db import transaction
+from django.db.models import Field, Model
 
 from bulkpool.journal import func_name
 
@@ -117,3 +119,73 @@ def field_names(model: type[Model]) -> str:
     return ", ".join(
         f.name for f in model._meta.get_fields() if f.concrete or f.many_to_many or not f.auto_created
     )
+
+
+@dataclass(frozen=True)
+class UpsertRow:
+    """One row of ``upsert``: the object with the row's key gets the row's values and
+    ``save()``; none is created with them -- as ``update_or_create`` does (the row locked,
+    a lost race to create it turned into an update), many-to-many values set after the save.
+    Returns ``(pk, created)``."""
+
+    model: str
+    unique_fields: tuple[str, ...]
+    update_fields: tuple[str, ...] | None  # what an existing object gets; None: what the row gives
+    database: str
+
+    def __call__(self, row: Mapping[str, Any], *state: Any) -> tuple[Any, bool]:
+        model = apps.get_model(self.model)
+        if not isinstance(row, Mapping):
+            raise TypeError(f"a row must be a dict of field values, not {type(row).__name__}")
+        plain, m2m = split_values(model, row)
+        key = self.key_of(plain)
+        values = {name: value for name, value in plain.items() if name not in key}
+        update = {name: values[name] for name in self.updated(values)}
+        manager = model._base_manager.db_manager(self.database)
+        obj, created = _update_or_create(manager, key, update, values)
+        for name, value in m2m.items():
+            if created or self.update_fields is None or name in self.update_fields:
+                getattr(obj, name).set(value)
+        return obj.pk, created
+
+    def key_of(self, plain: Mapping[str, Any]) -> dict[str, Any]:
+        missing = [name for name in self.unique_fields if name not in plain]
+        if missing:
+            raise KeyError(
+                f"the row has no value for {', '.join(missing)}, which unique_fields "
+                f"({', '.join(self.unique_fields)}) needs to find its object"
+            )
+        return {name: plain[name] for name in self.unique_fields}
+
+    def updated(self, values: Mapping[str, Any]) -> list[str]:
+        """The names an existing object gets: the row's, or those of update_fields it gives."""
+        if self.update_fields is None:
+            return list(values)
+        return [name for name in self.update_fields if name in values]
+
+    def journal_identity(self) -> str:
+        return f"upsert({self.model}, unique_fields={self.unique_fields}, update_fields={self.update_fields})"
+
+
+def _update_or_create(
+    manager: Any, key: dict[str, Any], update: dict[str, Any], values: dict[str, Any]
+) -> tuple[Model, bool]:
+    """``update_or_create(defaults=update, create_defaults=values, **key)``; Django before 5.0
+    has no ``create_defaults``: there, the same steps, as Django 5.x takes them."""
+    if django.VERSION >= (5, 0):
+        return manager.update_or_create(defaults=update, create_defaults=values, **key)
+    with transaction.atomic(using=manager.db):
+        obj, created = manager.select_for_update().get_or_create(defaults=values, **key)
+        if created:
+            return obj, True
+        for name, value in update.items():
+            setattr(obj, name, value)
+        names = set(update)
+        if not names <= obj._meta._non_pk_concrete_field_names:  # a property: save it all
+            obj.save(using=manager.db)
+            return obj, False
+        for field in obj._meta.local_concrete_fields:  # auto_now and the like, as Django adds them
+            if not (field.primary_key or type(field).pre_save is Field.pre_save):
+                names |= {field.name, field.attname}
+        obj.save(using=manager.db, update_fields=names)
+    return obj, False
