@@ -8,6 +8,7 @@ the rows written (every table the receivers write to) and the save signals recei
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -249,3 +250,24 @@ def test_two_runs_upserting_the_same_keys_at_once_create_each_object_once(fast):
     assert sum(r.created or 0 for r in reports) == 40
     assert sum(r.updated or 0 for r in reports) == 40
     assert Customer.objects.count() == 40
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_resumed_upsert_reports_every_result_and_writes_each_row_once(fast):
+    """Stopped when its input broke, then resumed: (pk, created) for every row, those of the first
+    attempt read back from the journal; nothing written twice."""
+    rows = [{"name": f"c{i}", "email": f"{i}@example.com"} for i in range(30)]
+
+    def breaking() -> Iterator[dict[str, Any]]:
+        yield from rows[:20]
+        raise OSError("the input broke")
+
+    options = {**RUN, "chunk_size": 10, "run_id": "upsert-resume", "fast": fast}
+    with pytest.raises(bulkpool.InputFailed):
+        bulkpool.upsert(Customer, breaking(), unique_fields=["name"], **options)
+    assert Customer.objects.count() == 20
+    resumed = bulkpool.upsert(Customer, rows, unique_fields=["name"], **options)
+    assert (resumed.skipped, resumed.ok) == (20, 10)
+    pks = dict(Customer.objects.values_list("name", "pk"))
+    assert resumed.results == [(pks[f"c{i}"], True) for i in range(30)]
+    assert Customer.objects.count() == 30

@@ -231,7 +231,7 @@ class Journal:
             if earlier and failures and self.options.retry_failed:
                 pieces += _failed_again(piece, failures)
             else:
-                kept = json.loads(record.values) if record.values else None
+                kept = _from_json(record.values)
                 pieces.append((piece, ChunkResult(chunk.number, kept, failures, skipped=earlier)))
             position = record.end
         if position < chunk.end:
@@ -494,15 +494,28 @@ def _earlier_failures(ref: JournalRef, database: str, chunk: Chunk) -> Any:
 
 
 def _as_json(values: list[Any] | None) -> str:
-    """The values as JSON if they come back from it the same (ints, strings, lists of them...);
-    else "" and they are not kept (a UUID, a model instance)."""
+    """The values as JSON if they come back from it the same (ints, strings, lists of them,
+    and pairs such as upsert's ``(pk, created)``); else "" and they are not kept (a UUID, a
+    model instance)."""
     if values is None:
         return ""
+    pairs = any(isinstance(value, tuple) for value in values)
+    if pairs and not all(value is None or isinstance(value, tuple) for value in values):
+        return ""
     try:
-        text = json.dumps(values, ensure_ascii=False)
+        text = json.dumps({"tuples": pairs, "values": values}, ensure_ascii=False)
     except (TypeError, ValueError):
         return ""
-    return text if json.loads(text) == values else ""
+    return text if _from_json(text) == values else ""
+
+
+def _from_json(text: str) -> list[Any] | None:
+    if not text:
+        return None
+    kept = json.loads(text)
+    if kept["tuples"]:
+        return [None if value is None else tuple(value) for value in kept["values"]]
+    return list(kept["values"])
 
 
 def recorded_result(ref: JournalRef, database: str, chunk: Chunk) -> ChunkResult:
@@ -514,9 +527,10 @@ def recorded_result(ref: JournalRef, database: str, chunk: Chunk) -> ChunkResult
         run_id=ref.run_pk, start__gte=chunk.start, start__lt=chunk.end
     )
     values: list[Any] = [None] * len(chunk)
-    for start, size, kept in records.values_list("start", "size", "values"):
-        if kept:
-            values[start - chunk.start : start - chunk.start + size] = json.loads(kept)
+    for start, size, text in records.values_list("start", "size", "values"):
+        kept = _from_json(text)
+        if kept is not None:
+            values[start - chunk.start : start - chunk.start + size] = kept
     failures = RunFailure.objects.using(database).filter(
         chunk__run_id=ref.run_pk, index__gte=chunk.start, index__lt=chunk.end
     )
