@@ -216,8 +216,9 @@ def test_a_row_without_its_key_fails_alone(fast):
 @pytest.mark.parametrize("fast", [False, True])
 def test_the_same_key_on_two_workers_at_once_creates_one_object(fast):
     """Each key twice, in chunks that two processes run at once: one object per key, every row ok."""
-    keys = [f"k{i}" for i in range(40)]
-    rows = [{"name": key, "email": f"{n}@example.com"} for n, key in enumerate(keys + keys[::-1])]
+    # Chunks 2j and 2j+1 hold the same five keys, and the two workers take them at once.
+    keys = [f"k{i}" for group in range(8) for i in [*range(group * 5, group * 5 + 5)] * 2]
+    rows = [{"name": key, "email": f"{n}@example.com"} for n, key in enumerate(keys)]
     report = bulkpool.upsert(
         Customer, rows, unique_fields=["name"], fast=fast, backend="process", workers=2, chunk_size=5
     )
@@ -271,3 +272,31 @@ def test_a_resumed_upsert_reports_every_result_and_writes_each_row_once(fast):
     pks = dict(Customer.objects.values_list("name", "pk"))
     assert resumed.results == [(pks[f"c{i}"], True) for i in range(30)]
     assert Customer.objects.count() == 30
+
+
+@pytest.mark.vendor("postgresql", "mysql")
+def test_a_lost_race_to_create_becomes_an_update():
+    """Another transaction creates the key between this row's read and its INSERT: the row
+    updates that object (created False) instead of failing."""
+    from bulkpool.rows import UpsertRow
+
+    upsert = UpsertRow("thirdparty.Customer", ("name",), None, "default")
+    inserted, done = threading.Event(), threading.Event()
+
+    def first() -> None:
+        try:
+            with transaction.atomic():
+                upsert({"name": "k", "email": "first@example.com"})
+                inserted.set()
+                done.wait(0.5)  # the second caller is blocked on this uncommitted row meanwhile
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert inserted.wait(10)
+    with transaction.atomic():
+        pk, created = upsert({"name": "k", "email": "second@example.com"})
+    thread.join()
+    assert created is False
+    assert list(Customer.objects.values_list("pk", "email")) == [(pk, "second@example.com")]

@@ -43,10 +43,10 @@ from typing import Any
 
 from django.apps import apps
 from django.db import DatabaseError, connections, router
-from django.db.models import Field, Model, Q
+from django.db.models import Model, Q
 from django.db.models.signals import m2m_changed, post_save, pre_save
 
-from bulkpool.rows import CreateRow, DeleteRow, UpdateRow, UpsertRow, split_values
+from bulkpool.rows import CreateRow, DeleteRow, UpdateRow, UpsertRow, split_values, update_fields_for
 
 
 def why_not(model: type[Model], database: str) -> str | None:
@@ -396,7 +396,10 @@ class FastUpsertRow(UpsertRow):
                 values = {name: value for name, value in plain.items() if name not in self.unique_fields}
                 for name in self.updated(values):
                     setattr(obj, name, values[name])
-                saves.append((obj, False, _upsert_update_fields(obj, self.updated(values))))
+                update_fields = update_fields_for(obj, self.updated(values))
+                if update_fields is None:  # a property among the values: the exact path saves it
+                    raise ValueError("a value that is not a column: upsert this piece row by row")
+                saves.append((obj, False, update_fields))
         for obj, _, update_fields in saves:
             if update_fields != frozenset():  # save(update_fields=[]) sends nothing
                 pre_save.send(sender=model, instance=obj, raw=False, using=using, update_fields=update_fields)
@@ -422,9 +425,13 @@ class FastUpsertRow(UpsertRow):
 
     def _existing(self, model: type[Model], rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], Model]:
         """The objects the rows' keys find, by key, locked until the chunk commits."""
-        query = Q()
-        for plain in rows:
-            query |= Q(**{name: plain[name] for name in self.unique_fields})
+        if len(self.unique_fields) == 1:  # one IN (...), not a thousand ORs
+            (name,) = self.unique_fields
+            query = Q(**{f"{name}__in": [plain[name] for plain in rows]})
+        else:
+            query = Q()
+            for plain in rows:
+                query |= Q(**{name: plain[name] for name in self.unique_fields})
         found = model._base_manager.db_manager(self.database).select_for_update().filter(query)
         return {_key(model, self.unique_fields, obj): obj for obj in found}
 
@@ -435,24 +442,25 @@ class FastUpsertRow(UpsertRow):
         for obj, update_fields in updates:
             if update_fields:
                 groups.setdefault(update_fields, []).append(obj)
+        manager = model._base_manager.db_manager(self.database)
+        features = connections[self.database].features
+        by_conflict = not model._meta.parents and features.supports_update_conflicts
+        # MySQL's ON DUPLICATE KEY UPDATE takes no target: any unique key of the row finds it.
+        target = list(self.unique_fields) if features.supports_update_conflicts_with_target else None
         for update_fields, group in groups.items():
             fields = _columns(model, update_fields)
             for obj in group:
                 for field in fields:  # auto_now and the like, as _save_table does
                     setattr(obj, field.attname, field.pre_save(obj, False))
-            changed = model._base_manager.using(self.database).bulk_update(group, [f.name for f in fields])
+            names = [f.name for f in fields]
+            if by_conflict and names:
+                # The rows exist and are locked (the keyed read): an INSERT that meets each one's
+                # key and updates it is one statement, where bulk_update's CASE per row is slow.
+                manager.bulk_create(group, update_conflicts=True, unique_fields=target, update_fields=names)
+                continue
+            changed = manager.bulk_update(group, names)
             if changed != len(group):
                 raise DatabaseError(f"bulk_update changed {changed} rows of {len(group)}: a row is gone")
-
-
-def _upsert_update_fields(obj: Model, names: list[str]) -> frozenset[str]:
-    """The ``update_fields`` that ``update_or_create`` saves an existing object with: the names
-    given, and the fields whose ``pre_save`` sets them (auto_now)."""
-    fields = set(names)
-    for field in obj._meta.local_concrete_fields:
-        if not (field.primary_key or type(field).pre_save is Field.pre_save):
-            fields |= {field.name, field.attname}
-    return frozenset(fields)
 
 
 def _key(model: type[Model], unique_fields: tuple[str, ...], source: Any) -> tuple[Any, ...]:

@@ -8,16 +8,16 @@ fields); it looks the class up where it runs. ``fast.py`` subclasses them with a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import django
 from django.apps import apps
 from django.core.exceptions import FieldDoesNotExist
-from django.db import transaction
+from django.db import IntegrityError, connections, transaction
 from django.db.models import Field, Model
 
 from bulkpool.journal import func_name
@@ -124,9 +124,11 @@ def field_names(model: type[Model]) -> str:
 @dataclass(frozen=True)
 class UpsertRow:
     """One row of ``upsert``: the object with the row's key gets the row's values and
-    ``save()``; none is created with them -- as ``update_or_create`` does (the row locked,
-    a lost race to create it turned into an update), many-to-many values set after the save.
-    Returns ``(pk, created)``."""
+    ``save()``; none is created with them. The steps and signals of ``update_or_create``
+    (the row locked, a lost race to create it turned into an update), with fewer round
+    trips: it runs inside the chunk's transaction, so only the INSERT of a new object needs
+    a savepoint (where a lost race would abort the transaction: not on SQLite, whose writer
+    is alone). Many-to-many values are set after the save. Returns ``(pk, created)``."""
 
     model: str
     unique_fields: tuple[str, ...]
@@ -140,13 +142,32 @@ class UpsertRow:
         plain, m2m = split_values(model, row)
         key = self.key_of(plain)
         values = {name: value for name, value in plain.items() if name not in key}
-        update = {name: values[name] for name in self.updated(values)}
-        manager = model._base_manager.db_manager(self.database)
-        obj, created = _update_or_create(manager, key, update, values)
+        with transaction.atomic(using=self.database, savepoint=False):  # atomic=False: its own
+            obj, created = self._save(model, key, values)
         for name, value in m2m.items():
             if created or self.update_fields is None or name in self.update_fields:
                 getattr(obj, name).set(value)
         return obj.pk, created
+
+    def _save(self, model: type[Model], key: dict[str, Any], values: dict[str, Any]) -> tuple[Model, bool]:
+        objects = model._base_manager.db_manager(self.database).select_for_update()
+        obj = objects.filter(**key).first()
+        if obj is None:
+            obj = model(**key, **values)
+            try:
+                with _savepoint_for_a_race(self.database):
+                    obj.save(force_insert=True, using=self.database)
+                return obj, True
+            except IntegrityError:
+                obj = objects.filter(**key).first()  # the object whose creation won the race
+                if obj is None:
+                    raise  # another constraint refused the row
+        names = self.updated(values)
+        for name in names:
+            setattr(obj, name, values[name])
+        update_fields = update_fields_for(obj, names)
+        obj.save(using=self.database, update_fields=update_fields)
+        return obj, False
 
     def key_of(self, plain: Mapping[str, Any]) -> dict[str, Any]:
         missing = [name for name in self.unique_fields if name not in plain]
@@ -167,25 +188,23 @@ class UpsertRow:
         return f"upsert({self.model}, unique_fields={self.unique_fields}, update_fields={self.update_fields})"
 
 
-def _update_or_create(
-    manager: Any, key: dict[str, Any], update: dict[str, Any], values: dict[str, Any]
-) -> tuple[Model, bool]:
-    """``update_or_create(defaults=update, create_defaults=values, **key)``; Django before 5.0
-    has no ``create_defaults``: there, the same steps, as Django 5.x takes them."""
-    if django.VERSION >= (5, 0):
-        return manager.update_or_create(defaults=update, create_defaults=values, **key)
-    with transaction.atomic(using=manager.db):
-        obj, created = manager.select_for_update().get_or_create(defaults=values, **key)
-        if created:
-            return obj, True
-        for name, value in update.items():
-            setattr(obj, name, value)
-        names = set(update)
-        if not names <= obj._meta._non_pk_concrete_field_names:  # a property: save it all
-            obj.save(using=manager.db)
-            return obj, False
-        for field in obj._meta.local_concrete_fields:  # auto_now and the like, as Django adds them
-            if not (field.primary_key or type(field).pre_save is Field.pre_save):
-                names |= {field.name, field.attname}
-        obj.save(using=manager.db, update_fields=names)
-    return obj, False
+def update_fields_for(obj: Model, names: list[str]) -> frozenset[str] | None:
+    """What ``update_or_create`` saves an existing object with: the names given and the
+    fields whose ``pre_save`` sets them (auto_now); None (every field) when a name is not a
+    column (a property). An empty set saves nothing and sends nothing, as in Django."""
+    columns = {n for f in obj._meta.concrete_fields if not f.primary_key for n in (f.name, f.attname)}
+    if not set(names) <= columns:
+        return None
+    fields = set(names)
+    for field in obj._meta.local_concrete_fields:
+        if not (field.primary_key or type(field).pre_save is Field.pre_save):
+            fields |= {field.name, field.attname}
+    return frozenset(fields)
+
+
+def _savepoint_for_a_race(database: str) -> Any:
+    """A savepoint around an INSERT that may lose a race, where the failure would abort the
+    transaction; SQLite's single writer has no such race."""
+    if connections[database].vendor == "sqlite":
+        return contextlib.nullcontext()
+    return transaction.atomic(using=database)
