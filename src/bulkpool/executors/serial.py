@@ -5,17 +5,16 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import replace
 
-from bulkpool.errors import WorkerStartupError
 from bulkpool.executors.base import CommitWatch, Delivery, Executor, crashed
-from bulkpool.protocol import Chunk, ChunkDone, ErrorInfo, Event, Task
+from bulkpool.protocol import Chunk, ChunkDone, Event, Task
 from bulkpool.work import Worker
 
 
 class SerialExecutor(Executor):
     """Runs each chunk as it is submitted. Sees the caller's transaction, so works in a ``TestCase``.
 
-    ``stand_in``: running the first chunks of a pool's run while ``workers="auto"`` measures
-    them (``bulkpool.sizing``); a failing setup is then reported as a pool worker's would be.
+    A failing setup raises as the caller's own error (``bulkpool.pooling``, which has the
+    caller stand in for a pool's worker while it measures, reports it as that worker's).
     """
 
     name = "serial"
@@ -26,27 +25,12 @@ class SerialExecutor(Executor):
     local = True
     start_seconds = 0.0
 
-    def __init__(self, workers: int | None = None, *, stand_in: bool = False) -> None:
-        super().__init__(workers)
-        self.stand_in = stand_in
-
     def start(self, task: Task, workers: int) -> None:
         self._commit = CommitWatch()
         self._done: deque[Event] = deque()
         worker_task = replace(task, own_connections=False)
         self._worker = Worker(worker_task, before_commit=self._commit, in_caller_thread=True)
-        if not self.stand_in:
-            self._worker.start()  # a failing setup raises as the caller's own error
-            return
-        try:
-            self._worker.start()
-        except Exception as error:
-            info = ErrorInfo.from_exception(error)
-            raise WorkerStartupError(
-                "A worker failed in setup (the calling process, which runs the first chunks while "
-                f"workers='auto' measures them): {info.exc_type}: {info.message}",
-                info.traceback,
-            ) from error
+        self._worker.start()
 
     def capacity(self) -> int:
         return 1
