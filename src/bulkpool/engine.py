@@ -123,7 +123,7 @@ class Engine:
             journaled=self.journal is not None, ordered=ordered,
         )  # fmt: skip
         abandon = False
-        self.output.open(append_rejects=bool(self.journal and self.journal.resumed))
+        self.output.open()
         with Interrupts() as self._interrupts, _dry_run(self.options, self._whole_run_dry, self.report):
             try:
                 yield from self._pump()
@@ -158,6 +158,8 @@ class Engine:
         scheduler = self._scheduler
         while True:
             self._notice_interrupt()
+            if self.journal is not None:
+                self.journal.beat()  # the run's lease on its run_id, renewed now and then
             released: list[tuple[Chunk, ChunkResult]] = []
             settled_now = 0
             while scheduler.may_send():
@@ -203,8 +205,10 @@ class Engine:
             for part, result in [(piece, done_before)] if done_before else _unreadable_apart(piece):
                 if result is None:
                     pending.append(part)
-                else:
-                    settled += self._settle(part, result)
+                    continue
+                if done_before is None and self.journal is not None:  # a line it could not read
+                    self.journal.record_lost(part, result.errors)  # a failure like any other
+                settled += self._settle(part, result)
         return False, settled
 
     def _next_size(self, start: int) -> int:

@@ -42,9 +42,9 @@ class Output:
         self._rejects: IO[str] | None = None
         self._said_waiting = False
 
-    def open(self, *, append_rejects: bool) -> None:
+    def open(self) -> None:
         self._bar = progress_bar(self._show, self._items)
-        self._rejects = open_rejects(self._rejects_path, append=append_rejects)
+        self._rejects = open_rejects(self._rejects_path)
 
     def record(self, chunk: Chunk, result: ChunkResult) -> Failure | None:
         """Count a settled chunk; returns its first failure that ran in this attempt, if any."""
@@ -59,9 +59,11 @@ class Output:
         for offset, error in sorted(result.errors.items()):
             failure = self._failure(chunk, offset, error)
             report.add_failure(failure, earlier=result.skipped)
+            # Every failure, those of earlier attempts (from the journal) too: a resumed run's
+            # rejects file, written afresh, holds each failed item once.
+            write_reject(self._rejects, failure)
             if not result.skipped:
                 first = first or failure
-                write_reject(self._rejects, failure)
         for offset, error in sorted(result.callback_errors.items()):
             callback = self._failure(chunk, offset, error)
             report.add_callback_error(callback)
@@ -139,9 +141,10 @@ def progress_bar(progress: bool | None, items: Any) -> Any:
     return tqdm(total=known_length(items), unit="item", desc="bulkpool", file=sys.stderr, smoothing=0.1)
 
 
-def open_rejects(path: Any, *, append: bool) -> IO[str] | None:
-    """The rejects file: started afresh, or added to when resuming a journaled run."""
-    return open(path, "a" if append else "w", encoding="utf-8") if path else None
+def open_rejects(path: Any) -> IO[str] | None:
+    """The rejects file, written afresh by every run: a resumed run writes the failures of
+    its earlier attempts into it too, as the journal recorded them."""
+    return open(path, "w", encoding="utf-8") if path else None
 
 
 def write_reject(file: IO[str] | None, failure: Failure) -> None:

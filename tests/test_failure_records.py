@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import os
 import socket
 import threading
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 from django.db import connections, transaction
+from django.db.models import Sum
 from django.utils import timezone
 
 import bulkpool
@@ -20,7 +22,7 @@ from bulkpool.journal import AlreadyDone, JournalRef, record_chunk, recorded_res
 from bulkpool.models import Run, RunChunk, RunFailure
 from bulkpool.protocol import Chunk, ErrorInfo
 from bulkpool.status import STALE, STALE_AFTER_SECONDS
-from tests import jobs
+from tests import command_jobs, jobs
 from tests.testapp.models import Marker
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -209,3 +211,34 @@ def test_recorded_result_gives_back_a_committed_chunks_values_and_failures():
     assert result.values == [10, 20, None, 40, 50]
     assert {offset: error.message for offset, error in result.errors.items()} == {2: "bad"}
     assert not result.skipped
+
+
+def test_rejects_journal_and_report_name_every_failure_once_across_resumes(tmp_path):
+    """Unreadable lines and failing items, a run stopped early and resumed twice: the rejects
+    file, the journal and the report each hold every failure once, unreadable lines too."""
+    lines = [json.dumps({"key": f"k{i}", "bad": i in (5, 20, 41, 50)}) for i in range(60)]
+    lines[10] = lines[35] = "{not json"
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    rejects = tmp_path / "rejects.jsonl"
+    expected = [5, 10, 20, 35, 41, 50]
+
+    def run(**options: Any) -> bulkpool.Report:
+        with bulkpool.open_input(path, on_bad_line="skip") as items:
+            return bulkpool.run(
+                command_jobs.write_row_unless_bad, items, backend="serial", chunk_size=10,
+                run_id="records", rejects=rejects, **options,
+            )  # fmt: skip
+
+    with pytest.raises(bulkpool.TooManyFailures):
+        run(max_failures=2)
+    for _ in range(2):  # the resume, then a rerun of the finished run
+        report = run()
+        written = [json.loads(line) for line in rejects.read_text().splitlines()]
+        assert [line["index"] for line in written] == expected
+        assert [line.get("line") for line in written if line.get("unreadable")] == [11, 36]
+        assert sorted(RunFailure.objects.values_list("index", flat=True)) == expected
+        assert sorted(RunFailure.objects.exclude(line=None).values_list("line", flat=True)) == [11, 36]
+        assert [f.index for f in report.failures] == expected and report.failed == 6
+    assert Run.objects.get(run_id="records").chunks.aggregate(Sum("failed"))["failed__sum"] == 6
+    assert Marker.objects.count() == 54
