@@ -775,3 +775,85 @@ def test_a_closed_output_pipe_ends_quietly():
     _, err = process.communicate("".join(f"{i}\n" for i in range(50)).encode(), timeout=120)
     assert b"Traceback" not in err, err.decode()
     assert b"BrokenPipeError" not in err
+
+
+# -- CSV files as users have them (issue 15) ----------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_unclosed_quote_skipped_loses_no_row(tmp_path):
+    """--on-bad-line skip and a quote never closed: that line fails, every row after it runs."""
+    path = tmp_path / "rows.csv"
+    path.write_text('key\nok1\nbad"quote\n"unterminated,b\nok2\nok3\nok4\n')
+    code, out, _ = call(
+        "run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial", "--on-bad-line", "skip"
+    )
+    assert code == 1
+    assert "6 items: 5 ok, 1 failed" in out
+    assert "line 4 (item 2)" in out and "quote opened on line 4 is never closed" in out
+    assert marker_counts() == Counter(["ok1", 'bad"quote', "ok2", "ok3", "ok4"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_bad_line_that_stops_the_run_names_the_flag_that_skips_it(tmp_path):
+    """The one-line error for a bad CSV line says --on-bad-line skip would go on past it."""
+    path = tmp_path / "rows.csv"
+    path.write_text("key\nk1\nk2,extra\nk3\n")
+    code, _, err = call("run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial")
+    assert code == 2
+    assert "line 3: 2 fields, but the header row has 1" in err
+    assert "--on-bad-line skip" in err
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_semicolon_file_is_refused_then_read_with_delimiter(tmp_path):
+    """A semicolon-delimited CSV: refused before any item with the flag to pass, then read with it."""
+    path = tmp_path / "rows.csv"
+    path.write_text("key;note\nk1;a\nk2;b\n")
+    code, _, err = call("run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial")
+    assert code == 2
+    assert "looks like a semicolon-delimited file" in err and "--delimiter ';'" in err
+    assert marker_counts() == Counter()
+    code, out, _ = call(
+        "run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial", "--delimiter", ";"
+    )
+    assert code == 0, out
+    assert marker_counts() == Counter(["k1", "k2"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_tab_delimiter_is_spelt_tab(tmp_path):
+    """--delimiter tab reads a tab-separated file (a shell cannot easily pass a tab)."""
+    path = tmp_path / "rows.csv"
+    path.write_text("key\tnote\nk1\ta\n")
+    code, out, _ = call(
+        "run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial", "--delimiter", "tab"
+    )
+    assert code == 0, out
+    assert marker_counts() == Counter(["k1"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_long_field_names_field_size_limit_which_raises_it(tmp_path):
+    """A 200 KB field: the error names --field-size-limit; with it raised, the row runs."""
+    path = tmp_path / "rows.csv"
+    path.write_text(f"key,note\nk1,{'x' * 200_000}\n")
+    code, _, err = call("run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial")
+    assert code == 2
+    assert "--field-size-limit" in err
+    code, out, _ = call(
+        "run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial",
+        "--field-size-limit", "300000",
+    )  # fmt: skip
+    assert code == 0, out
+    assert marker_counts() == Counter(["k1"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_bare_carriage_returns_are_read(tmp_path):
+    """A file with old Mac line endings (bare CR) runs every row."""
+    path = tmp_path / "rows.csv"
+    path.write_bytes(b"key\rk1\rk2\r")
+    code, out, _ = call("run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial")
+    assert code == 0, out
+    assert marker_counts() == Counter(["k1", "k2"])

@@ -78,6 +78,14 @@ def size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is not auto or a whole number, 1 or more") from None
 
 
+def delimiter(text: str) -> str:
+    """One character; ``tab`` or ``\\t`` for a tab (a shell passes neither easily as it is)."""
+    value = "\t" if text in ("tab", "\\t") else text
+    if len(value) != 1 or value in '"\r\n':
+        raise argparse.ArgumentTypeError(f"{text!r} is not one character (tab: --delimiter tab)")
+    return value
+
+
 def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
@@ -123,6 +131,18 @@ class Command(BaseCommand):
             default="stop",
             help="A line of --input that cannot be read (CSV, JSON Lines): stop the run there "
             "(default), or skip it: it fails in the report and the rejects file, with its line.",
+        )
+        run.add_argument(
+            "--delimiter",
+            type=delimiter,
+            metavar="CHAR",
+            help="The separator of a CSV --input (default: a comma); tab for a tab.",
+        )
+        run.add_argument(
+            "--field-size-limit",
+            type=positive_int,
+            metavar="N",
+            help="The most characters a CSV field may hold (default: 131,072, csv's own limit).",
         )
         run.add_argument(
             "--include-unsafe",
@@ -214,6 +234,8 @@ class Command(BaseCommand):
                 options["format"],
                 include_unsafe=options["include_unsafe"],
                 on_bad_line=options["on_bad_line"],
+                delimiter=options["delimiter"],
+                field_size_limit=options["field_size_limit"],
             )
         except InputError as error:
             raise CommandError(str(error), returncode=USAGE) from None
@@ -532,6 +554,10 @@ def _command_line(options: dict[str, Any]) -> str:
         words += ["--format", options["format"]]
     if options.get("on_bad_line", "stop") != "stop":
         words += ["--on-bad-line", options["on_bad_line"]]
+    if options.get("delimiter") is not None:
+        words += ["--delimiter", "tab" if options["delimiter"] == "\t" else options["delimiter"]]
+    if options.get("field_size_limit") is not None:
+        words += ["--field-size-limit", str(options["field_size_limit"])]
     for option in table():
         meta, value = option.metadata, options.get(option.name)
         if meta["cli"] is None or value is None or not meta.get("resume", True):
