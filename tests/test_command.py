@@ -453,10 +453,40 @@ def test_show_gives_counts_chunks_and_failures():
     assert code == 0
     assert out.startswith("Run users-2024: interrupted\n")
     assert "last attempt: 40 items: 27 ok, 3 failed, 10 skipped" in out
-    assert "chunks done:  3 (30 items; chunks of up to 10)" in out
+    assert "chunks done:  3 chunks of 10 items (30 items in all)" in out
+    assert "resume:       Run the same call again with run_id='users-2024'" in out
     assert "Failures (3):" in out
     assert "item 14: django.core.exceptions.ValidationError: bad email 10" in out
     assert '{"email": "bad10"}' in out
+
+
+@pytest.mark.django_db(transaction=True)
+def test_show_gives_the_sizes_chunks_held_counts_with_commas_and_no_resume_once_finished():
+    """A run resumed with another chunk size: `show` gives the sizes its chunks held (not the
+    size it started with), every count as 1,234, and no resume line once it finished."""
+    run = Run.objects.create(
+        run_id="big",
+        func="myapp.jobs.f",
+        chunk_size=1000,
+        status=Run.Status.FINISHED,
+        total=123456,
+        ok=123000,
+        failed=456,
+        attempts=2,
+        command="To resume, run:\n  python manage.py bulkpool run myapp.jobs.f --input a.csv --run-id big",
+    )
+    RunChunk.objects.create(run=run, start=0, size=10, digest="x" * 64, ok=10)
+    RunChunk.objects.create(run=run, start=10, size=1551, digest="x" * 64, ok=1551)
+    code, out, _ = call("show", "big")
+    assert code == 0
+    assert "chunks done:  2 chunks of 10-1,551 items (1,561 items in all)" in out
+    assert "last attempt: 123,456 items: 123,000 ok, 456 failed, 0 skipped" in out
+    assert "resume" not in out.lower()
+    assert "1000" not in out and "123456" not in out
+    Run.objects.filter(pk=run.pk).update(status=Run.Status.INTERRUPTED)
+    _, out, _ = call("show", "big")
+    assert "resume:       python manage.py bulkpool run myapp.jobs.f --input a.csv --run-id big" in out
+    assert "To resume, run:" not in out
 
 
 @pytest.mark.django_db(transaction=True)
@@ -500,7 +530,7 @@ def test_show_a_run_the_command_journaled(tmp_path):
     _, out, _ = call("runs")
     assert out.splitlines()[1].split()[:5] == ["real", "finished", "12", "11", "1"]
     _, out, _ = call("show", "real")
-    assert "chunks done:  3 (12 items; chunks of up to 5)" in out
+    assert "chunks done:  3 chunks of 2-5 items (12 items in all)" in out
     assert "item 6: ValueError: row k6 is marked bad" in out
 
 

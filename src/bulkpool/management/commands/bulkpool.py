@@ -24,6 +24,7 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 import bulkpool
+from bulkpool import display
 from bulkpool.api import build_engine
 from bulkpool.errors import (
     ConfigurationError,
@@ -322,9 +323,9 @@ class Command(BaseCommand):
             [
                 run.run_id,
                 run.status,
-                f"{run.done_items:,}",
-                f"{run.done_ok:,}",
-                f"{run.done_failed:,}",
+                display.count(run.done_items),
+                display.count(run.done_ok),
+                display.count(run.done_failed),
                 f"#{run.attempts}: {run.ok:,} ok, {run.failed:,} failed, {run.skipped:,} skipped",
                 _when(run.started_at),
                 run.func,
@@ -340,48 +341,49 @@ class Command(BaseCommand):
             self.stdout.write(line)
 
     def show(self, options: dict[str, Any]) -> None:
-        from bulkpool.models import Run, RunChunk, RunFailure
+        from bulkpool.models import Run, RunFailure
 
         alias = options["database"]
         run = _one_run(options["run_id"], alias)
-        chunks = RunChunk.objects.using(alias).filter(run=run)
-        chunk_count = chunks.count()
         totals = Run.objects.using(alias).with_totals().get(pk=run.pk)
         failures = RunFailure.objects.using(alias).filter(chunk__run=run).order_by("index")
         failure_count = failures.count()
         status_style = self.style.SUCCESS if run.status == Run.Status.FINISHED else self.style.WARNING
         self.stdout.write(f"Run {run.run_id}: {run.status}", status_style)
+        count = display.count
         for label, value in [
             ("function", run.func),
-            ("attempts", f"{run.attempts}"),
+            ("attempts", count(run.attempts)),
             (
                 "all attempts",
-                f"{totals.done_items:,} items done: {totals.done_ok:,} ok, {totals.done_failed:,} failed",
+                f"{count(totals.done_items)} items done: {count(totals.done_ok)} ok, "
+                f"{count(totals.done_failed)} failed",
             ),
             (
                 "last attempt",
-                f"{run.total:,} items: {run.ok:,} ok, {run.failed:,} failed, {run.skipped:,} skipped",
+                f"{count(run.total)} items: {count(run.ok)} ok, {count(run.failed)} failed, "
+                f"{count(run.skipped)} skipped",
             ),
-            (
-                "chunks done",
-                f"{chunk_count:,} ({totals.done_items:,} items; chunks of up to {run.chunk_size:,})",
-            ),
+            ("chunks done", f"{display.chunks_held(run)} ({count(totals.done_items)} items in all)"),
             ("started", _when(run.started_at)),
             ("updated", _when(run.updated_at)),
             ("finished", _when(run.finished_at)),
         ]:
             self.stdout.write(f"  {label + ':':<14}{value}")
+        resume = display.resume_command(run)
+        if resume is not None:
+            self.stdout.write(f"  {'resume:':<14}{resume}")
         if not failure_count:
             self.stdout.write("No failures.")
             return
-        self.stdout.write(f"Failures ({failure_count:,}):", self.style.WARNING)
+        self.stdout.write(f"Failures ({count(failure_count)}):", self.style.WARNING)
         shown = failures if not options["limit"] else failures[: options["limit"]]
         for failure in shown:
             self.stdout.write(f"  item {failure.index}: {failure.exc_type}: {failure.message}")
             self.stdout.write(f"      {_cut(failure.item)}")
         hidden = failure_count - len(shown)
         if hidden > 0:
-            self.stdout.write(f"  ... and {hidden:,} more (--limit 0 shows all)")
+            self.stdout.write(f"  ... and {count(hidden)} more (--limit 0 shows all)")
 
     # -- prune -------------------------------------------------------------------------------
 
