@@ -518,3 +518,12 @@ def test_a_quoted_field_keeps_its_line_breaks_whatever_they_are(tmp_path):
     """CR, LF and CRLF inside a quoted field stay in the field."""
     path = write(tmp_path, "a.csv", b'a,b\r\n1,"x\ry\r\nz"\r\n2,w\r\n')
     assert read(path) == [{"a": "1", "b": "x\ry\r\nz"}, {"a": "2", "b": "w"}]
+
+
+def test_csv_options_are_refused_for_other_formats(tmp_path):
+    """delimiter= and field_size_limit= on a JSON Lines file are refused, not silently ignored."""
+    path = write(tmp_path, "a.jsonl", "1\n")
+    with pytest.raises(InputError, match="delimiter= applies to CSV files only"):
+        open_input(path, delimiter=";")
+    with pytest.raises(InputError, match="field_size_limit= applies to CSV files only"):
+        open_input(path, field_size_limit=10)

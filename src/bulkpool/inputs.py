@@ -158,6 +158,12 @@ class Input:
         self.delimiter = delimiter
         self.field_size_limit = field_size_limit
         self.format = format or guess_format(self.path)
+        if self.format != "csv" and (delimiter is not None or field_size_limit is not None):
+            given = "delimiter" if delimiter is not None else "field_size_limit"
+            raise InputError(
+                f"{self.path}: {given}= applies to CSV files only, and this one is read as {self.format}.",
+                path=self.path,
+            )
         self.items_read = 0
         self.include_unsafe = include_unsafe
         self.unsafe_skipped = 0
