@@ -527,3 +527,16 @@ def test_csv_options_are_refused_for_other_formats(tmp_path):
         open_input(path, delimiter=";")
     with pytest.raises(InputError, match="field_size_limit= applies to CSV files only"):
         open_input(path, field_size_limit=10)
+
+
+def test_a_line_read_again_after_an_unclosed_quote_keeps_its_own_problem(tmp_path):
+    """A line that is not UTF-8, among those read again after a quote never closed, is still
+    reported as not UTF-8 (not given as a row with replacement characters)."""
+    from bulkpool.protocol import Unreadable
+
+    path = write(tmp_path, "a.csv", b'a\n"open\nok\nbad\xff\nlast\n')
+    with open_input(path, on_bad_line="skip") as source:
+        items = list(source)
+    assert items[1] == {"a": "ok"} and items[3] == {"a": "last"}
+    assert isinstance(items[0], Unreadable) and items[0].line == 2
+    assert isinstance(items[2], Unreadable) and items[2].line == 4 and "not UTF-8" in items[2].error.message

@@ -289,8 +289,6 @@ class Input:
         """The record in ``lines.record`` broke csv's rules: raised, or skipped as the module
         docstring says (only a quote never closed has its lines read again)."""
         (start, first), (last, _) = lines.record[0], lines.record[-1]
-        for number, _ in lines.record:
-            lines.undecodable.pop(number, None)
         if problem.startswith("field larger than field limit"):
             limit = self.field_size_limit or csv.field_size_limit()
             raise self.error(
@@ -300,14 +298,18 @@ class Input:
                 f"opened on line {start} is never closed, close it",
             )
         if problem == "unexpected end of data":
-            lines.read_again(lines.record[1:])
+            lines.undecodable.pop(start, None)
+            lines.read_again(lines.record[1:])  # their own problems, if any, are met again
+            goes_on = "; the lines after it are read again as rows" if self.skip_bad_lines else ""
             return self._bad(
                 start,
                 first,
                 f"a quote opened on line {start} is never closed (the file ends inside it, at line "
-                f"{last}); skipping, the lines after it are read again as rows",
+                f"{last}){goes_on}",
                 'close the quote, or double each quote inside a quoted field ("")',
             )
+        for number, _ in lines.record:
+            lines.undecodable.pop(number, None)
         text = "".join(text for _, text in lines.record)
         return self._bad(start, text, f"not valid CSV ({problem})", "check the quoting", last)
 
