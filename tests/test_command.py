@@ -887,3 +887,13 @@ def test_bare_carriage_returns_are_read(tmp_path):
     code, out, _ = call("run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial")
     assert code == 0, out
     assert marker_counts() == Counter(["k1", "k2"])
+
+
+def test_the_resume_command_keeps_the_csv_options():
+    """The command that resumes a run repeats --delimiter (a tab as "tab") and --field-size-limit."""
+    from bulkpool.management.commands.bulkpool import _command_line
+
+    options = {"func": "app.jobs.f", "input": "a.tsv", "format": "csv", "on_bad_line": "skip"}
+    line = _command_line({**options, "delimiter": "\t", "field_size_limit": 500000, "run_id": "r"})
+    assert "--on-bad-line skip --delimiter tab --field-size-limit 500000" in line
+    assert "--delimiter" not in _command_line({**options, "delimiter": None, "field_size_limit": None})
