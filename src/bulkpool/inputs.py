@@ -253,111 +253,7 @@ class Input:
     # -- the formats ---------------------------------------------------------------------
 
     def _csv(self) -> Iterator[tuple[int, Any]]:
-        lines = _RecordLines(self._lines())
-        reader = csv.reader(lines, strict=True, delimiter=self.delimiter or ",")
-        header = self._header(reader)
-        while True:
-            lines.record.clear()
-            try:
-                with self._field_limit():
-                    row = next(reader, None)
-            except csv.Error as error:
-                yield lines.record[0][0], self._broken_record(str(error), lines)
-                continue
-            if row is None:
-                return
-            if not row:
-                continue  # a blank line
-            start, last = lines.record[0][0], lines.record[-1][0]
-            broken = [lines.undecodable.pop(n) for n in range(start, last + 1) if n in lines.undecodable]
-            if broken:
-                yield start, broken[0]
-            elif len(row) != len(header):
-                yield (
-                    start,
-                    self._bad(
-                        start,
-                        (self.delimiter or ",").join(row),
-                        f"{len(row)} fields, but the header row has {len(header)}",
-                        "quote fields that contain the delimiter, and give every row the header's columns",
-                    ),
-                )
-            else:
-                yield start, dict(zip(header, row, strict=True))
-
-    def _broken_record(self, problem: str, lines: _RecordLines) -> Unreadable:
-        """The record in ``lines.record`` broke csv's rules: raised, or skipped as the module
-        docstring says (only a quote never closed has its lines read again)."""
-        (start, first), (last, _) = lines.record[0], lines.record[-1]
-        if problem.startswith("field larger than field limit"):
-            limit = self.field_size_limit or csv.field_size_limit()
-            raise self.error(
-                start,
-                f"a field longer than {limit:,} characters (csv's limit), read to line {last}",
-                f"raise the limit with field_size_limit= (--field-size-limit N); or, if a quote "
-                f"opened on line {start} is never closed, close it",
-            )
-        if problem == "unexpected end of data":
-            lines.undecodable.pop(start, None)
-            lines.read_again(lines.record[1:])  # their own problems, if any, are met again
-            goes_on = "; the lines after it are read again as rows" if self.skip_bad_lines else ""
-            return self._bad(
-                start,
-                first,
-                f"a quote opened on line {start} is never closed (the file ends inside it, at line "
-                f"{last}){goes_on}",
-                'close the quote, or double each quote inside a quoted field ("")',
-            )
-        for number, _ in lines.record:
-            lines.undecodable.pop(number, None)
-        text = "".join(text for _, text in lines.record)
-        return self._bad(start, text, f"not valid CSV ({problem})", "check the quoting", last)
-
-    @contextmanager
-    def _field_limit(self) -> Iterator[None]:
-        """csv's field size limit is global to the process: raised for this reader's reads only."""
-        if self.field_size_limit is None:
-            yield
-            return
-        saved = csv.field_size_limit(self.field_size_limit)
-        try:
-            yield
-        finally:
-            csv.field_size_limit(saved)
-
-    def _header(self, reader: Any) -> list[str]:
-        try:
-            with self._field_limit():
-                header = next(reader, None)
-        except csv.Error as error:
-            raise self.error(1, f"not valid CSV ({error})", "check the quoting") from None
-        if header is None:
-            raise self.error(1, "the file is empty, with no header row", "put the column names first")
-        blank = [number for number, name in enumerate(header, 1) if not name.strip()]
-        if blank:
-            raise self.error(
-                1, f"column {blank[0]} of the header row has no name", "name every column in line 1"
-            )
-        repeated = sorted({name for name in header if header.count(name) > 1})
-        if repeated:
-            raise self.error(1, f"the header names {repeated[0]!r} twice", "give each column its own name")
-        if len(header) == 1 and self.delimiter is None:
-            self._check_one_column(header[0])
-        return list(header)
-
-    def _check_one_column(self, name: str) -> None:
-        """A header read as one column that holds another usual separator: the wrong delimiter,
-        which would give every row as one field (and a KeyError per item in ``func``)."""
-        for separator, word in SEPARATORS.items():
-            if separator in name:
-                flag = "tab" if separator == "\t" else f"'{separator}'"
-                raise self.error(
-                    1,
-                    f"the header row is one column, {name!r}, which holds a {word}: this looks like "
-                    f"a {word}-delimited file",
-                    f"pass delimiter={separator!r} (--delimiter {flag}); or delimiter=',' if the "
-                    "file really has one column",
-                )
+        return iter(_CsvRows(self))
 
     def _jsonl(self) -> Iterator[tuple[int, Any]]:
         rejects: bool | None = None  # decided by the first value
@@ -393,6 +289,123 @@ class Input:
     def _json(self) -> Iterator[tuple[int, Any]]:
         # Elements have no line of their own worth tracking; 0 keeps line_of() silent.
         return ((0, value) for value in _JsonArray(_Decoded(self._file, self), self).values())
+
+
+class _CsvRows:
+    """The rows of a CSV input as (line, item): dicts keyed by the header row; a record that
+    cannot be read raised, or skipped as the module docstring says."""
+
+    def __init__(self, source: Input) -> None:
+        self.source = source
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        lines = _RecordLines(self.source._lines())
+        reader = csv.reader(lines, strict=True, delimiter=self.source.delimiter or ",")
+        header = self._header(reader)
+        while True:
+            lines.record.clear()
+            try:
+                with self._field_limit():
+                    row = next(reader, None)
+            except csv.Error as error:
+                yield lines.record[0][0], self._broken_record(str(error), lines)
+                continue
+            if row is None:
+                return
+            if not row:
+                continue  # a blank line
+            start, last = lines.record[0][0], lines.record[-1][0]
+            broken = [lines.undecodable.pop(n) for n in range(start, last + 1) if n in lines.undecodable]
+            if broken:
+                yield start, broken[0]
+            elif len(row) != len(header):
+                yield (
+                    start,
+                    self.source._bad(
+                        start,
+                        (self.source.delimiter or ",").join(row),
+                        f"{len(row)} fields, but the header row has {len(header)}",
+                        "quote fields that contain the delimiter, and give every row the header's columns",
+                    ),
+                )
+            else:
+                yield start, dict(zip(header, row, strict=True))
+
+    def _broken_record(self, problem: str, lines: _RecordLines) -> Unreadable:
+        """The record in ``lines.record`` broke csv's rules: raised, or skipped as the module
+        docstring says (only a quote never closed has its lines read again)."""
+        (start, first), (last, _) = lines.record[0], lines.record[-1]
+        if problem.startswith("field larger than field limit"):
+            limit = self.source.field_size_limit or csv.field_size_limit()
+            raise self.source.error(
+                start,
+                f"a field longer than {limit:,} characters (csv's limit), read to line {last}",
+                f"raise the limit with field_size_limit= (--field-size-limit N); or, if a quote "
+                f"opened on line {start} is never closed, close it",
+            )
+        if problem == "unexpected end of data":
+            lines.undecodable.pop(start, None)
+            lines.read_again(lines.record[1:])  # their own problems, if any, are met again
+            goes_on = "; the lines after it are read again as rows" if self.source.skip_bad_lines else ""
+            return self.source._bad(
+                start,
+                first,
+                f"a quote opened on line {start} is never closed (the file ends inside it, at line "
+                f"{last}){goes_on}",
+                'close the quote, or double each quote inside a quoted field ("")',
+            )
+        for number, _ in lines.record:
+            lines.undecodable.pop(number, None)
+        text = "".join(text for _, text in lines.record)
+        return self.source._bad(start, text, f"not valid CSV ({problem})", "check the quoting", last)
+
+    @contextmanager
+    def _field_limit(self) -> Iterator[None]:
+        """csv's field size limit is global to the process: raised for this reader's reads only."""
+        if self.source.field_size_limit is None:
+            yield
+            return
+        saved = csv.field_size_limit(self.source.field_size_limit)
+        try:
+            yield
+        finally:
+            csv.field_size_limit(saved)
+
+    def _header(self, reader: Any) -> list[str]:
+        try:
+            with self._field_limit():
+                header = next(reader, None)
+        except csv.Error as error:
+            raise self.source.error(1, f"not valid CSV ({error})", "check the quoting") from None
+        if header is None:
+            raise self.source.error(1, "the file is empty, with no header row", "put the column names first")
+        blank = [number for number, name in enumerate(header, 1) if not name.strip()]
+        if blank:
+            raise self.source.error(
+                1, f"column {blank[0]} of the header row has no name", "name every column in line 1"
+            )
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise self.source.error(
+                1, f"the header names {repeated[0]!r} twice", "give each column its own name"
+            )
+        if len(header) == 1 and self.source.delimiter is None:
+            self._check_one_column(header[0])
+        return list(header)
+
+    def _check_one_column(self, name: str) -> None:
+        """A header read as one column that holds another usual separator: the wrong delimiter,
+        which would give every row as one field (and a KeyError per item in ``func``)."""
+        for separator, word in SEPARATORS.items():
+            if separator in name:
+                flag = "tab" if separator == "\t" else f"'{separator}'"
+                raise self.source.error(
+                    1,
+                    f"the header row is one column, {name!r}, which holds a {word}: this looks like "
+                    f"a {word}-delimited file",
+                    f"pass delimiter={separator!r} (--delimiter {flag}); or delimiter=',' if the "
+                    "file really has one column",
+                )
 
 
 class _RecordLines:
