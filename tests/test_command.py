@@ -897,3 +897,15 @@ def test_the_resume_command_keeps_the_csv_options():
     line = _command_line({**options, "delimiter": "\t", "field_size_limit": 500000, "run_id": "r"})
     assert "--on-bad-line skip --delimiter tab --field-size-limit 500000" in line
     assert "--delimiter" not in _command_line({**options, "delimiter": None, "field_size_limit": None})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_function_whose_signature_does_not_fit_is_refused_before_any_row(tmp_path):
+    """FUNC taking (item, state) without --setup: exit 2 with what is wrong and how to fix it;
+    no row is written."""
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    code, _, err = call("run", f"{JOBS}.write_row_with_state", "--input", str(path), "--backend", "serial")
+    assert code == 2
+    assert "write_row_with_state(item, state) takes 2 arguments but bulkpool calls it with 1" in err
+    assert "--setup" in err
+    assert marker_counts() == Counter()
