@@ -139,19 +139,55 @@ def test_run_page_shows_its_failures_paginated(admin_client: Client):
 
 
 def test_run_page_shows_the_resume_command(admin_client: Client):
-    """The recorded command is shown when there is one, else how to resume with the run_id."""
-    recorded = make_run(
-        "from-cli", command="python manage.py bulkpool run app.jobs.f --input u.csv --run-id from-cli"
-    )
-    unrecorded = make_run("from-code")
-    recorded_page = admin_client.get(reverse("admin:bulkpool_run_change", args=[recorded.pk]))
+    """An unfinished run shows the recorded command (without the "To resume, run:" of the
+    terminal's line), else how to resume with the run_id; a finished run has nothing to resume."""
+    command = "python manage.py bulkpool run app.jobs.f --input u.csv --run-id from-cli"
+    recorded = make_run("from-cli", status=Run.Status.INTERRUPTED, command=f"To resume, run:\n  {command}")
+    unrecorded = make_run("from-code", status=Run.Status.INTERRUPTED)
+    finished = make_run("done", command=f"To resume, run:\n  {command}")
+    recorded_page = admin_client.get(
+        reverse("admin:bulkpool_run_change", args=[recorded.pk])
+    ).content.decode()
     unrecorded_page = admin_client.get(reverse("admin:bulkpool_run_change", args=[unrecorded.pk]))
-    assert (
-        "python manage.py bulkpool run app.jobs.f --input u.csv --run-id from-cli"
-        in recorded_page.content.decode()
-    )
+    finished_page = admin_client.get(
+        reverse("admin:bulkpool_run_change", args=[finished.pk])
+    ).content.decode()
+    assert command in recorded_page and "To resume, run:" not in recorded_page
     assert "Run the same call again with run_id=&#x27;from-code&#x27;" in unrecorded_page.content.decode()
     assert "No item failed." in unrecorded_page.content.decode()
+    assert "Finished: nothing to resume." in finished_page
+    assert command not in finished_page and "To resume" not in finished_page
+
+
+def field_text(page: str, name: str) -> str:
+    """The text of a read-only field on a run's page."""
+    found = re.search(rf'class="[^"]*field-{name}[^"]*">(.*?)</div>\s*</div>', page, re.S)
+    assert found, f"no field {name}"
+    return " ".join(re.sub(r"<[^>]+>", " ", found.group(1)).split())
+
+
+def test_run_page_gives_the_sizes_chunks_held_and_counts_with_commas(admin_client: Client):
+    """The sizes the run's chunks held (not the chunk_size it started with), and every count
+    written 1,234, as `bulkpool show` writes them."""
+    run = make_run("big", chunks=1, failures=1, total=123456, ok=123000, failed=456, skipped=2000, attempts=3)
+    RunChunk.objects.create(run=run, start=10, size=1551, digest="x", ok=1551)
+    page = admin_client.get(reverse("admin:bulkpool_run_change", args=[run.pk])).content.decode()
+    assert field_text(page, "chunks").endswith("2 chunks of 10-1,551 items")
+    assert field_text(page, "read_last").endswith("123,456")
+    assert field_text(page, "ok_last").endswith("123,000")
+    assert field_text(page, "skipped_last").endswith("2,000")
+    assert field_text(page, "items_done").endswith("1,561")
+    assert "123456" not in page and "1561" not in page
+
+
+def test_the_item_column_wraps(admin_client: Client):
+    """A long item without spaces wraps in its column instead of running off the page."""
+    run = make_run("wide", chunks=1, failures=1)
+    RunFailure.objects.filter(chunk__run=run).update(item="x" * 280)
+    page = admin_client.get(reverse("admin:bulkpool_run_change", args=[run.pk])).content.decode()
+    assert "table-layout: fixed" in page
+    cell = re.search(r'<td class="bulkpool-item" style="([^"]*)"', page)
+    assert cell and "overflow-wrap: anywhere" in cell.group(1)
 
 
 def test_download_failures_gives_the_selected_runs_failures_as_json_lines(admin_client: Client):

@@ -453,10 +453,40 @@ def test_show_gives_counts_chunks_and_failures():
     assert code == 0
     assert out.startswith("Run users-2024: interrupted\n")
     assert "last attempt: 40 items: 27 ok, 3 failed, 10 skipped" in out
-    assert "chunks done:  3 (30 items; chunks of up to 10)" in out
+    assert "chunks done:  3 chunks of 10 items (30 items in all)" in out
+    assert "resume:       Run the same call again with run_id='users-2024'" in out
     assert "Failures (3):" in out
     assert "item 14: django.core.exceptions.ValidationError: bad email 10" in out
     assert '{"email": "bad10"}' in out
+
+
+@pytest.mark.django_db(transaction=True)
+def test_show_gives_the_sizes_chunks_held_counts_with_commas_and_no_resume_once_finished():
+    """A run resumed with another chunk size: `show` gives the sizes its chunks held (not the
+    size it started with), every count as 1,234, and no resume line once it finished."""
+    run = Run.objects.create(
+        run_id="big",
+        func="myapp.jobs.f",
+        chunk_size=1000,
+        status=Run.Status.FINISHED,
+        total=123456,
+        ok=123000,
+        failed=456,
+        attempts=2,
+        command="To resume, run:\n  python manage.py bulkpool run myapp.jobs.f --input a.csv --run-id big",
+    )
+    RunChunk.objects.create(run=run, start=0, size=10, digest="x" * 64, ok=10)
+    RunChunk.objects.create(run=run, start=10, size=1551, digest="x" * 64, ok=1551)
+    code, out, _ = call("show", "big")
+    assert code == 0
+    assert "chunks done:  2 chunks of 10-1,551 items (1,561 items in all)" in out
+    assert "last attempt: 123,456 items: 123,000 ok, 456 failed, 0 skipped" in out
+    assert "resume" not in out.lower()
+    assert "1000" not in out and "123456" not in out
+    Run.objects.filter(pk=run.pk).update(status=Run.Status.INTERRUPTED)
+    _, out, _ = call("show", "big")
+    assert "resume:       python manage.py bulkpool run myapp.jobs.f --input a.csv --run-id big" in out
+    assert "To resume, run:" not in out
 
 
 @pytest.mark.django_db(transaction=True)
@@ -500,7 +530,7 @@ def test_show_a_run_the_command_journaled(tmp_path):
     _, out, _ = call("runs")
     assert out.splitlines()[1].split()[:5] == ["real", "finished", "12", "11", "1"]
     _, out, _ = call("show", "real")
-    assert "chunks done:  3 (12 items; chunks of up to 5)" in out
+    assert "chunks done:  3 chunks of 2-5 items (12 items in all)" in out
     assert "item 6: ValueError: row k6 is marked bad" in out
 
 
@@ -775,3 +805,107 @@ def test_a_closed_output_pipe_ends_quietly():
     _, err = process.communicate("".join(f"{i}\n" for i in range(50)).encode(), timeout=120)
     assert b"Traceback" not in err, err.decode()
     assert b"BrokenPipeError" not in err
+
+
+# -- CSV files as users have them (issue 15) ----------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_unclosed_quote_skipped_loses_no_row(tmp_path):
+    """--on-bad-line skip and a quote never closed: that line fails, every row after it runs."""
+    path = tmp_path / "rows.csv"
+    path.write_text('key\nok1\nbad"quote\n"unterminated,b\nok2\nok3\nok4\n')
+    code, out, _ = call(
+        "run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial", "--on-bad-line", "skip"
+    )
+    assert code == 1
+    assert "6 items: 5 ok, 1 failed" in out
+    assert "line 4 (item 2)" in out and "quote opened on line 4 is never closed" in out
+    assert marker_counts() == Counter(["ok1", 'bad"quote', "ok2", "ok3", "ok4"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_bad_line_that_stops_the_run_names_the_flag_that_skips_it(tmp_path):
+    """The one-line error for a bad CSV line says --on-bad-line skip would go on past it."""
+    path = tmp_path / "rows.csv"
+    path.write_text("key\nk1\nk2,extra\nk3\n")
+    code, _, err = call("run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial")
+    assert code == 2
+    assert "line 3: 2 fields, but the header row has 1" in err
+    assert "--on-bad-line skip" in err
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_semicolon_file_is_refused_then_read_with_delimiter(tmp_path):
+    """A semicolon-delimited CSV: refused before any item with the flag to pass, then read with it."""
+    path = tmp_path / "rows.csv"
+    path.write_text("key;note\nk1;a\nk2;b\n")
+    code, _, err = call("run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial")
+    assert code == 2
+    assert "looks like a semicolon-delimited file" in err and "--delimiter ';'" in err
+    assert marker_counts() == Counter()
+    code, out, _ = call(
+        "run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial", "--delimiter", ";"
+    )
+    assert code == 0, out
+    assert marker_counts() == Counter(["k1", "k2"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_tab_delimiter_is_spelt_tab(tmp_path):
+    """--delimiter tab reads a tab-separated file (a shell cannot easily pass a tab)."""
+    path = tmp_path / "rows.csv"
+    path.write_text("key\tnote\nk1\ta\n")
+    code, out, _ = call(
+        "run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial", "--delimiter", "tab"
+    )
+    assert code == 0, out
+    assert marker_counts() == Counter(["k1"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_long_field_names_field_size_limit_which_raises_it(tmp_path):
+    """A 200 KB field: the error names --field-size-limit; with it raised, the row runs."""
+    path = tmp_path / "rows.csv"
+    path.write_text(f"key,note\nk1,{'x' * 200_000}\n")
+    code, _, err = call("run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial")
+    assert code == 2
+    assert "--field-size-limit" in err
+    code, out, _ = call(
+        "run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial",
+        "--field-size-limit", "300000",
+    )  # fmt: skip
+    assert code == 0, out
+    assert marker_counts() == Counter(["k1"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_bare_carriage_returns_are_read(tmp_path):
+    """A file with old Mac line endings (bare CR) runs every row."""
+    path = tmp_path / "rows.csv"
+    path.write_bytes(b"key\rk1\rk2\r")
+    code, out, _ = call("run", f"{JOBS}.write_row", "--input", str(path), "--backend", "serial")
+    assert code == 0, out
+    assert marker_counts() == Counter(["k1", "k2"])
+
+
+def test_the_resume_command_keeps_the_csv_options():
+    """The command that resumes a run repeats --delimiter (a tab as "tab") and --field-size-limit."""
+    from bulkpool.management.commands.bulkpool import _command_line
+
+    options = {"func": "app.jobs.f", "input": "a.tsv", "format": "csv", "on_bad_line": "skip"}
+    line = _command_line({**options, "delimiter": "\t", "field_size_limit": 500000, "run_id": "r"})
+    assert "--on-bad-line skip --delimiter tab --field-size-limit 500000" in line
+    assert "--delimiter" not in _command_line({**options, "delimiter": None, "field_size_limit": None})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_function_whose_signature_does_not_fit_is_refused_before_any_row(tmp_path):
+    """FUNC taking (item, state) without --setup: exit 2 with what is wrong and how to fix it;
+    no row is written."""
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    code, _, err = call("run", f"{JOBS}.write_row_with_state", "--input", str(path), "--backend", "serial")
+    assert code == 2
+    assert "write_row_with_state(item, state) takes 2 arguments but bulkpool calls it with 1" in err
+    assert "--setup" in err
+    assert marker_counts() == Counter()

@@ -84,3 +84,46 @@ def test_the_api_reference_covers_every_public_name():
 
     documented = re.findall(r"^::: bulkpool\.(\w+)$", (ROOT / "docs" / "reference.md").read_text(), re.M)
     assert sorted(documented) == sorted(bulkpool.__all__)
+
+
+def _options_table_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("options_table", ROOT / "scripts" / "options_table.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_api_reference_lists_every_option_as_the_options_table_has_it():
+    """docs/reference.md's options table is what scripts/options_table.py writes from
+    bulkpool.options: every option, its default, its flag and its help, in order."""
+    from bulkpool.options import table
+
+    script = _options_table_script()
+    text = (ROOT / "docs" / "reference.md").read_text()
+    assert script.page_with_table(text) == text, "run: python scripts/options_table.py"
+    region = text.split(script.START)[1].split(script.END)[0]
+    listed = re.findall(r"^\| `(\w+)` \|", region, re.M)
+    assert listed == [option.name for option in table()]
+
+
+def test_the_options_check_finds_a_stale_table():
+    """The check itself: a table missing a row, or missing markers, is found."""
+    script = _options_table_script()
+    text = (ROOT / "docs" / "reference.md").read_text()
+    stale = re.sub(r"^\| `dry_run` \|.*\n", "", text, flags=re.M)
+    assert stale != text and script.page_with_table(stale) == text
+    with pytest.raises(SystemExit, match="markers"):
+        script.page_with_table("# no table here")
+
+
+def test_the_readme_options_table_names_every_option():
+    """README.md's options table (hand-written, with examples) has a row for every option."""
+    from bulkpool.options import table
+
+    readme = (ROOT / "README.md").read_text()
+    listed = set(re.findall(r"^\| `(\w+)` \|", readme, re.M))
+    missing = [option.name for option in table() if option.name not in listed]
+    assert not missing, f"README.md's options table lacks {missing}"

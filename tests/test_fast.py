@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,6 +22,7 @@ from django.db.models import Model
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete, pre_save
 
 import bulkpool
+from bulkpool import fast as bulk
 from bulkpool.fast import why_not
 from tests import jobs
 from tests.testapp.models import AuditLog, Author, Book, Document, Marker, Place, Restaurant, Tag
@@ -140,6 +142,32 @@ def table_rows() -> dict[str, list[Any]]:
     }
 
 
+@contextmanager
+def batched() -> Iterator[Counter[str]]:
+    """Rows handed to the bulk path (``batch`` of FastCreateRow, FastUpdateRow, FastDeleteRow)
+    meanwhile, by kind: proof that the bulk path ran, in this process (serial and thread
+    workers). Without it, a database where the bulk path is never taken would compare the
+    exact path with itself and pass."""
+    counts: Counter[str] = Counter()
+    patch = pytest.MonkeyPatch()
+    for kind, cls in (
+        ("create", bulk.FastCreateRow),
+        ("update", bulk.FastUpdateRow),
+        ("delete", bulk.FastDeleteRow),
+    ):
+        original = cls.batch
+
+        def spy(self: Any, rows: list[Any], *state: Any, _original: Any = original, _kind: str = kind) -> Any:
+            counts[_kind] += len(rows)
+            return _original(self, rows, *state)
+
+        patch.setattr(cls, "batch", spy)
+    try:
+        yield counts
+    finally:
+        patch.undo()
+
+
 def results(report: bulkpool.Report) -> list[Any]:
     assert report.results is not None
     return report.results
@@ -167,8 +195,9 @@ def both_paths(model: type[Model], rows: list[dict[str, Any]], labels: set[str],
         exact = bulkpool.create(model, rows, **options)
     exact_rows = table_rows()
     undo(model, results(exact), since)
-    with recorded() as fast_signals:
+    with recorded() as fast_signals, batched() as bulk_rows:
         fast = bulkpool.create(model, rows, fast=True, **options)
+    assert bulk_rows["create"] == len(rows), "the bulk path did not run"
     assert (fast.ok, fast.failed, [f.index for f in fast.failures]) == (
         exact.ok,
         exact.failed,
@@ -198,10 +227,15 @@ def test_books_with_tags_are_created_alike():
 @pytest.mark.django_db
 def test_primary_keys_land_in_results_in_input_order():
     """report.results are the new objects' keys, in input order, and they are the rows' keys."""
-    report = bulkpool.create(
-        Marker, [{"key": f"k{i}", "value": i} for i in range(10)], fast=True, backend="serial", chunk_size=3
-    )
-    assert report.ok == 10
+    with batched() as bulk_rows:
+        report = bulkpool.create(
+            Marker,
+            [{"key": f"k{i}", "value": i} for i in range(10)],
+            fast=True,
+            backend="serial",
+            chunk_size=3,
+        )
+    assert report.ok == 10 and bulk_rows["create"] == 10
     assert [Marker.objects.get(pk=pk).value for pk in results(report)] == list(range(10))
 
 
@@ -218,7 +252,13 @@ def test_multi_table_inheritance_inserts_parents_then_children():
     """A Restaurant's Place row, then its own row, with the keys the database returned."""
     rows = [{"name": f"r{i}", "serves_pizza": bool(i % 2)} for i in range(9)]
     both_paths(Restaurant, rows, {"testapp.Restaurant", "testapp.Place"})
-    assert all(r.place_ptr_id == r.pk for r in Restaurant.objects.all())
+    # Each child row links to the parent row made for its own input row (the fast path's rows
+    # are the ones left): a mix-up of returned keys would pair a name with the wrong flag.
+    names = dict(Place.objects.values_list("pk", "name"))
+    linked = {
+        names[ptr]: pizza for ptr, pizza in Restaurant.objects.values_list("place_ptr_id", "serves_pizza")
+    }
+    assert linked == {row["name"]: row["serves_pizza"] for row in rows}
 
 
 @pytest.mark.django_db
@@ -242,7 +282,9 @@ def test_a_failing_row_fails_alone():
     """A duplicate name fails its row only (the chunk runs again on the exact path); the rest are written."""
     Customer.objects.create(name="c3")
     rows = [{"name": f"c{i}"} for i in range(8)]
-    report = bulkpool.create(Customer, rows, fast=True, backend="serial", chunk_size=8)
+    with batched() as bulk_rows:
+        report = bulkpool.create(Customer, rows, fast=True, backend="serial", chunk_size=8)
+    assert bulk_rows["create"] == 8  # tried in bulk first, then the chunk on the exact path
     assert (report.ok, report.failed, report.failures[0].index) == (7, 1, 3)
     assert "IntegrityError" in report.failures[0].exc_type
     keys = results(report)
@@ -255,7 +297,9 @@ def test_a_dangling_foreign_key_fails_alone_on_workers():
     """A row whose foreign key dangles fails alone at COMMIT, on a thread worker too."""
     author = Author.objects.create(name="ann")
     rows = [{"title": f"b{i}", "author_id": author.pk if i != 2 else author.pk + 1000} for i in range(6)]
-    report = bulkpool.create(Book, rows, fast=True, backend="thread", workers=1, chunk_size=6)
+    with batched() as bulk_rows:
+        report = bulkpool.create(Book, rows, fast=True, backend="thread", workers=1, chunk_size=6)
+    assert bulk_rows["create"] >= 6
     assert (report.ok, report.failed, report.failures[0].index) == (5, 1, 2)
     assert Book.objects.count() == 5
 
@@ -264,7 +308,9 @@ def test_a_dangling_foreign_key_fails_alone_on_workers():
 def test_validate_runs_full_clean_before_the_insert():
     """validate=True: a row that fails full_clean fails alone, with Django's message."""
     rows = [{"key": "x" * (200 if i == 1 else 3), "value": i} for i in range(4)]
-    report = bulkpool.create(Marker, rows, fast=True, validate=True, backend="serial")
+    with batched() as bulk_rows:
+        report = bulkpool.create(Marker, rows, fast=True, validate=True, backend="serial")
+    assert bulk_rows["create"] >= 4
     assert (report.ok, report.failed, report.failures[0].index) == (3, 1, 1)
     assert report.failures[0].exc_type == "django.core.exceptions.ValidationError"
 
@@ -282,10 +328,14 @@ def test_a_model_that_overrides_save_takes_the_exact_path_and_says_so(caplog):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_fast_create_on_process_workers():
+def test_fast_create_on_process_workers(caplog):
     """On process workers the rows, keys and the receivers' rows are those of the exact path."""
     rows = [{"name": f"c{i}", "email": f"C{i}@x.org"} for i in range(12)]
-    report = bulkpool.create(Customer, rows, fast=True, backend="process", workers=2, chunk_size=4)
+    with caplog.at_level(logging.INFO, logger="bulkpool"):
+        report = bulkpool.create(Customer, rows, fast=True, backend="process", workers=2, chunk_size=4)
+    # The workers' batch() calls cannot be counted from here; the caller chose the bulk path
+    # if it did not log that it uses the exact one.
+    assert not [r.getMessage() for r in caplog.records if "exact path" in r.getMessage()]
     assert report.ok == 12
     assert sorted(results(report)) == sorted(Customer.objects.values_list("pk", flat=True))
     assert Customer.history.count() == 12 and LogEntry.objects.count() == 12
@@ -359,8 +409,9 @@ def test_update_is_alike(model, options):
     for row in before:  # back as they were, without signals
         model.objects.filter(pk=row["pk" if "pk" in row else "id"]).update(**row)
     undo(Marker, [], since)
-    with recorded() as fast_signals:
+    with recorded() as fast_signals, batched() as bulk_rows:
         fast = bulkpool.update(model.objects.all(), fast=True, **options, **run)
+    assert bulk_rows["update"] == 7, "the bulk path did not run"
     assert (fast.ok, fast.failed) == (exact.ok, exact.failed) == (7, 0)
     assert table_rows() == exact_rows
     same_signals(fast_signals, exact_signals, {model._meta.label})
@@ -389,8 +440,9 @@ def test_delete_is_alike(model):
     for log, mark in marks().items():  # the rows the second make() logged
         log._default_manager.filter(pk__gt=mark).delete()
     undo(Marker, [], {})
-    with recorded() as fast_signals:
+    with recorded() as fast_signals, batched() as bulk_rows:
         fast = bulkpool.delete(model.objects.all(), fast=True, **run)
+    assert bulk_rows["delete"] == 7, "the bulk path did not run"
     assert (fast.ok, fast.failed) == (exact.ok, exact.failed) == (7, 0)
     assert model.objects.count() == 0
     same_signals(fast_signals, exact_signals, {model._meta.label}, in_order=False)
@@ -414,9 +466,11 @@ def test_a_failing_update_fails_alone():
     """A row that func refuses fails alone; the chunk runs again on the exact path and the rest are saved."""
     for i in range(6):
         Customer.objects.create(name=f"c{i}")
-    report = bulkpool.update(
-        Customer.objects.all(), jobs.refuse_c3, fast=True, backend="serial", chunk_size=6
-    )
+    with batched() as bulk_rows:
+        report = bulkpool.update(
+            Customer.objects.all(), jobs.refuse_c3, fast=True, backend="serial", chunk_size=6
+        )
+    assert bulk_rows["update"] == 6
     assert (report.ok, report.failed) == (5, 1)
     assert Customer.objects.filter(email="done@example.com").count() == 5
 
@@ -425,11 +479,11 @@ def test_a_failing_update_fails_alone():
 def test_update_of_an_only_queryset_saves_and_signals_the_loaded_fields():
     """As save() does for a deferred object: update_fields is the loaded fields, and only they are written."""
     Customer.objects.create(name="c0", email="old@example.com")
-    with recorded() as seen:
+    with recorded() as seen, batched() as bulk_rows:
         report = bulkpool.update(
             Customer.objects.only("name"), jobs.rename, fast=True, backend="serial", progress=False
         )
-    assert report.ok == 1
+    assert report.ok == 1 and bulk_rows["update"] == 1
     assert list(Customer.objects.values_list("name", "email")) == [("c0!", "old@example.com")]
     saves = [s for s in seen if s[0] in ("pre_save", "post_save") and s[1] == "thirdparty.Customer"]
     assert [s[4 if s[0] == "pre_save" else 5] for s in saves] == [frozenset({"name"})] * 2
@@ -446,9 +500,9 @@ def test_reverse_many_to_many_values_are_set_alike():
         exact = bulkpool.create(Tag, rows, backend="serial", chunk_size=4)
     exact_links = sorted(Book.tags.through.objects.values_list("book__title", "tag__name"))
     undo(Tag, results(exact), since)
-    with recorded() as fast_signals:
+    with recorded() as fast_signals, batched() as bulk_rows:
         fast = bulkpool.create(Tag, rows, fast=True, backend="serial", chunk_size=4)
-    assert fast.ok == exact.ok == 6
+    assert fast.ok == exact.ok == 6 and bulk_rows["create"] == 6
     assert sorted(Book.tags.through.objects.values_list("book__title", "tag__name")) == exact_links
     exact_m2m = [s[:5] for s in exact_signals if s[0] == "m2m_changed"]
     assert exact_m2m and all(s[3] is True for s in exact_m2m)
@@ -459,8 +513,11 @@ def test_reverse_many_to_many_values_are_set_alike():
 def test_a_journaled_fast_run_resumes_and_a_dry_run_writes_nothing():
     """fast=True keeps the journal (a rerun skips every chunk) and dry_run (nothing stays written)."""
     rows = [{"key": f"k{i}", "value": i} for i in range(9)]
-    dry = bulkpool.create(Marker, rows, fast=True, backend="thread", workers=2, chunk_size=4, dry_run=True)
-    assert dry.ok == 9 and Marker.objects.count() == 0
+    with batched() as bulk_rows:
+        dry = bulkpool.create(
+            Marker, rows, fast=True, backend="thread", workers=2, chunk_size=4, dry_run=True
+        )
+    assert dry.ok == 9 and Marker.objects.count() == 0 and bulk_rows["create"] == 9
     first = bulkpool.create(Marker, rows, fast=True, backend="thread", workers=2, chunk_size=4, run_id="fast")
     second = bulkpool.create(
         Marker, rows, fast=True, backend="thread", workers=2, chunk_size=4, run_id="fast"

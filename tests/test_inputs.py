@@ -391,3 +391,152 @@ def test_size_and_position_are_in_bytes(tmp_path):
         assert source.size == path.stat().st_size
         list(source)
         assert source.position == source.size
+
+
+# -- a quote that is never closed, CSV dialects, long fields, line endings -----------------
+
+
+def test_skip_reads_on_after_a_quote_that_is_never_closed(tmp_path):
+    """on_bad_line="skip": the line opening a quote that is never closed is skipped alone; the
+    rows after it, which the quote swallowed, are read again as rows (issue 15, point 3)."""
+    from bulkpool.protocol import Unreadable
+
+    path = write(tmp_path, "a.csv", 'name\nok1\nbad"quote\n"unterminated,b\nok2\nok3\nok4\n')
+    with open_input(path, on_bad_line="skip") as source:
+        items = list(source)
+        lines = [source.line_of(i) for i in range(len(items))]
+    names = [item["name"] if isinstance(item, dict) else None for item in items]
+    assert names == ["ok1", 'bad"quote', None, "ok2", "ok3", "ok4"]
+    bad = items[2]
+    assert isinstance(bad, Unreadable) and bad.line == 4 and bad.text == '"unterminated,b'
+    assert "quote opened on line 4 is never closed" in bad.error.message
+    assert lines == [2, 3, 4, 5, 6, 7]
+
+
+def test_an_unclosed_quote_met_by_a_later_quote_skips_the_lines_between_named(tmp_path):
+    """A quote never closed until a later field's quote: the lines of that record are skipped
+    together, named by their range with their text, and reading goes on after them."""
+    from bulkpool.protocol import Unreadable
+
+    path = write(tmp_path, "a.csv", 'a,b\n"x,1\n2,3\n"y",4\n5,6\n')
+    with open_input(path, on_bad_line="skip") as source:
+        items = list(source)
+    assert len(items) == 2 and items[1] == {"a": "5", "b": "6"}
+    assert isinstance(items[0], Unreadable) and items[0].line == 2
+    assert items[0].text == '"x,1\n2,3\n"y",4'
+    assert "lines 2-4: not valid CSV" in items[0].error.message
+
+
+def test_an_unclosed_quote_stops_the_run_at_its_line(tmp_path):
+    """By default a quote that is never closed is an error naming the line it opens on."""
+    error = error_of(write(tmp_path, "a.csv", 'name\nok1\n"unterminated\nok2\n'))
+    assert error.line == 3
+    assert "line 3: a quote opened on line 3 is never closed" in str(error)
+    assert 'on_bad_line="skip" (--on-bad-line skip)' in str(error)
+
+
+def test_a_broken_record_over_several_lines_is_skipped_whole_and_named(tmp_path):
+    """A quoted field that spans lines and then breaks (text after its closing quote): the
+    lines of that record are one unreadable item, named by their range, and reading goes on."""
+    from bulkpool.protocol import Unreadable
+
+    path = write(tmp_path, "a.csv", 'a,b\n1,"two\nlines" oops,3\n4,5\n')
+    with open_input(path, on_bad_line="skip") as source:
+        items = list(source)
+    assert items[1] == {"a": "4", "b": "5"}
+    assert isinstance(items[0], Unreadable) and items[0].line == 2
+    assert items[0].text == '1,"two\nlines" oops,3'
+    assert "lines 2-3:" in items[0].error.message
+
+
+def test_every_bad_line_error_says_how_to_skip_such_lines(tmp_path):
+    """The error that stops a run at a bad line names on_bad_line="skip" and --on-bad-line skip."""
+    for name, text in [("a.csv", "a,b\n1,2,3\n"), ("a.csv", 'a\n"x"y\n'), ("a.jsonl", "{oops\n")]:
+        message = str(error_of(write(tmp_path, name, text)))
+        assert 'on_bad_line="skip" (--on-bad-line skip)' in message, message
+
+
+@pytest.mark.parametrize(("separator", "word"), [(";", "semicolon"), ("|", "pipe"), ("\t", "tab")])
+def test_a_one_column_header_holding_a_separator_is_refused(tmp_path, separator, word):
+    """A header read as one column that holds ; | or a tab: the error names the delimiter to pass."""
+    path = write(tmp_path, "a.csv", f"name{separator}email\nada{separator}a@x\n")
+    error = error_of(path)
+    assert error.line == 1
+    assert f"looks like a {word}-delimited file" in str(error)
+    assert f"delimiter={separator!r}" in str(error)
+    with open_input(path, delimiter=separator) as source:
+        assert list(source) == [{"name": "ada", "email": "a@x"}]
+
+
+def test_a_given_delimiter_lets_a_one_column_file_be(tmp_path):
+    """With the delimiter given, a single column whose name holds ';' is taken as it is."""
+    path = write(tmp_path, "a.csv", "a;b\n1;2\n")
+    with open_input(path, delimiter=",") as source:
+        assert list(source) == [{"a;b": "1;2"}]
+
+
+def test_a_bad_delimiter_is_refused():
+    """The delimiter is one character, not a quote or a line break."""
+    for bad in ["", ";;", '"', "\n"]:
+        with pytest.raises(InputError, match="delimiter"):
+            open_input("-", "csv", delimiter=bad)
+
+
+def test_a_long_field_names_the_limit_and_how_to_raise_it(tmp_path):
+    """A field over csv's limit is refused with the option that raises it; raised, it is read."""
+    import csv
+
+    big = "x" * 200_000
+    path = write(tmp_path, "a.csv", f"a,b\n1,{big}\n2,y\n")
+    error = error_of(path)
+    assert error.line == 2
+    assert "field_size_limit=" in str(error) and "--field-size-limit" in str(error)
+    before = csv.field_size_limit()
+    with open_input(path, field_size_limit=300_000) as source:
+        assert list(source) == [{"a": "1", "b": big}, {"a": "2", "b": "y"}]
+    assert csv.field_size_limit() == before  # csv's limit is global: it is put back
+
+
+def test_a_long_field_stops_even_when_skipping(tmp_path):
+    """Past the limit bulkpool cannot tell a long field from a quote never closed: it stops."""
+    path = write(tmp_path, "a.csv", 'a,b\n1,"' + "x\n" * 70_000 + '"\n2,y\n')
+    with pytest.raises(InputError, match="field_size_limit"), open_input(path, on_bad_line="skip") as source:
+        list(source)
+
+
+@pytest.mark.parametrize("name", ["a.csv", "a.jsonl"])
+def test_bare_carriage_returns_end_lines(tmp_path, name):
+    """Old Mac line endings (a bare CR) are read as line ends, as Python's universal newlines do."""
+    text = "a,b\r1,2\r3,4\r" if name == "a.csv" else "1\r2\r\n3\n"
+    with open_input(write(tmp_path, name, text.encode())) as source:
+        items = list(source)
+        assert [source.line_of(i) for i in range(len(items))] == ([2, 3] if name == "a.csv" else [1, 2, 3])
+    assert items == ([{"a": "1", "b": "2"}, {"a": "3", "b": "4"}] if name == "a.csv" else [1, 2, 3])
+
+
+def test_a_quoted_field_keeps_its_line_breaks_whatever_they_are(tmp_path):
+    """CR, LF and CRLF inside a quoted field stay in the field."""
+    path = write(tmp_path, "a.csv", b'a,b\r\n1,"x\ry\r\nz"\r\n2,w\r\n')
+    assert read(path) == [{"a": "1", "b": "x\ry\r\nz"}, {"a": "2", "b": "w"}]
+
+
+def test_csv_options_are_refused_for_other_formats(tmp_path):
+    """delimiter= and field_size_limit= on a JSON Lines file are refused, not silently ignored."""
+    path = write(tmp_path, "a.jsonl", "1\n")
+    with pytest.raises(InputError, match="delimiter= applies to CSV files only"):
+        open_input(path, delimiter=";")
+    with pytest.raises(InputError, match="field_size_limit= applies to CSV files only"):
+        open_input(path, field_size_limit=10)
+
+
+def test_a_line_read_again_after_an_unclosed_quote_keeps_its_own_problem(tmp_path):
+    """A line that is not UTF-8, among those read again after a quote never closed, is still
+    reported as not UTF-8 (not given as a row with replacement characters)."""
+    from bulkpool.protocol import Unreadable
+
+    path = write(tmp_path, "a.csv", b'a\n"open\nok\nbad\xff\nlast\n')
+    with open_input(path, on_bad_line="skip") as source:
+        items = list(source)
+    assert items[1] == {"a": "ok"} and items[3] == {"a": "last"}
+    assert isinstance(items[0], Unreadable) and items[0].line == 2
+    assert isinstance(items[2], Unreadable) and items[2].line == 4 and "not UTF-8" in items[2].error.message

@@ -63,6 +63,14 @@ def actions(model: str, pk: object) -> list[str]:
     return list(AuditLog.objects.filter(model=model, object_pk=str(pk)).values_list("action", flat=True))
 
 
+def keys(report: bulkpool.Report, count: int) -> list[Any]:
+    """The report's results: ``count`` primary keys, none missing (an empty list would let
+    every assertion over it pass)."""
+    assert report.results is not None and len(report.results) == count, report.results
+    assert None not in report.results
+    return report.results
+
+
 def audit_counts(action: str, model: str = "testapp.author") -> Counter[str]:
     """How many ``action`` rows each object has, by primary key as a string."""
     return Counter(AuditLog.objects.filter(action=action, model=model).values_list("object_pk", flat=True))
@@ -84,7 +92,7 @@ def test_create_runs_save_override_and_pre_save(backend):
 def test_create_sends_post_save_with_created(backend):
     """post_save is sent with created=True once for each new object."""
     report = bulkpool.create(Author, [{"name": f"a{n}"} for n in range(7)], backend=backend, **RUN)
-    assert audit_counts("created") == Counter(str(pk) for pk in report.results or [])
+    assert audit_counts("created") == Counter(str(pk) for pk in keys(report, 7))
     assert not AuditLog.objects.filter(action="updated").exists()
 
 
@@ -125,7 +133,7 @@ def test_create_mti_child_writes_parent_rows_and_sends_signals(backend):
     report = bulkpool.create(Restaurant, rows, backend=backend, **RUN)
     assert sorted(Place.objects.values_list("name", flat=True)) == [f"Restaurant {n}" for n in range(5)]
     assert report.results == [Restaurant.objects.get(name=row["name"]).pk for row in rows]
-    assert audit_counts("created", "testapp.restaurant") == Counter(str(pk) for pk in report.results or [])
+    assert audit_counts("created", "testapp.restaurant") == Counter(str(pk) for pk in keys(report, 5))
 
 
 @pytest.mark.parametrize("backend", EXECUTORS)
@@ -139,9 +147,9 @@ def test_create_sets_many_to_many_from_primary_keys(backend):
     ]
     report = bulkpool.create(Book, rows, backend=backend, **RUN)
     assert report.failed == 0
-    for n, pk in enumerate(report.results or []):
+    for n, pk in enumerate(keys(report, 6)):
         assert set(Book.objects.get(pk=pk).tags.all()) == set(tags[: n % 3 + 1])
-    assert audit_counts("m2m post_add", "testapp.book") == Counter(str(pk) for pk in report.results or [])
+    assert audit_counts("m2m post_add", "testapp.book") == Counter(str(pk) for pk in keys(report, 6))
 
 
 @pytest.mark.parametrize("backend", EXECUTORS)
@@ -153,7 +161,7 @@ def test_create_sets_many_to_many_from_instances(backend):
         Book, [{"title": f"b{n}", "author": author, "tags": tags} for n in range(4)], backend=backend, **RUN
     )
     assert report.failed == 0
-    assert all(set(Book.objects.get(pk=pk).tags.all()) == set(tags) for pk in report.results or [])
+    assert all(set(Book.objects.get(pk=pk).tags.all()) == set(tags) for pk in keys(report, 4))
 
 
 @pytest.mark.parametrize("backend", EXECUTORS)

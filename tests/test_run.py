@@ -226,7 +226,9 @@ def test_worker_setup_failure_shows_the_real_error(backend, workers):
     """A worker whose setup fails raises WorkerStartupError carrying the worker's traceback
     (with workers="auto", the caller's, which runs the first chunks)."""
     with pytest.raises(WorkerStartupError) as raised:
-        bulkpool.run(jobs.write_marker, range(5), backend=backend, workers=workers, setup=jobs.failing_setup)
+        bulkpool.run(
+            jobs.write_marker_with_state, range(5), backend=backend, workers=workers, setup=jobs.failing_setup
+        )
     assert "setup could not reach the mail server" in str(raised.value)
     assert "failing_setup" in str(raised.value)
     assert Marker.objects.count() == 0

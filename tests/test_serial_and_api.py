@@ -128,3 +128,96 @@ def test_ctrl_c_in_the_serial_loop_stops_at_once_keeping_committed_chunks(caplog
     assert (report.ok, report.not_run, report.interrupted) == (20, 10, True)
     assert "20 ok" in caplog.text
     assert "pass run_id=" in caplog.text
+
+
+# -- func's signature, checked before item one (issue 15, point 7) -------------------------
+
+
+def import_with_extra(row, category):
+    Marker.objects.create(key=str(row), value=0)
+
+
+def import_one(row):
+    Marker.objects.create(key=str(row), value=0)
+
+
+def takes_nothing():
+    return None
+
+
+def needs_a_keyword(row, *, category):
+    return None
+
+
+def make_state():
+    return "state"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("func", "options", "message"),
+    [
+        (
+            import_with_extra,
+            {},
+            r"import_with_extra\(row, category\) takes 2 arguments but bulkpool calls it with 1 "
+            r"\(the item\): pass setup=.*, or use functools.partial",
+        ),
+        (
+            import_one,
+            {"setup": make_state},
+            r"import_one\(row\) takes 1 argument but bulkpool calls it with 2 \(the item, and the "
+            r"state setup= returned\): give it a parameter for the state",
+        ),
+        (takes_nothing, {}, r"takes_nothing\(\) takes 0 arguments but bulkpool calls it with 1"),
+        (needs_a_keyword, {}, r"needs_a_keyword\(row, \*, category\) cannot be called as .*category"),
+        (import_one, {"prepare": import_with_extra}, r"prepare: import_with_extra\(row, category\) takes 2"),
+    ],
+)
+def test_a_function_that_cannot_take_the_call_is_refused_before_item_one(func, options, message):
+    """func (and prepare) are checked against the call they will get: a ConfigurationError that
+    says what is wrong and how to fix it, and nothing runs."""
+    with pytest.raises(ConfigurationError, match=message):
+        bulkpool.run(func, range(300), backend="serial", **options)
+    assert not Marker.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_update_checks_the_users_func_not_its_own():
+    """update(func=...) checks the user's function, which gets the object (and the state)."""
+    Author.objects.create(name="a")
+    with pytest.raises(ConfigurationError, match=r"update's func: import_with_extra\(row, category\)"):
+        bulkpool.update(Author.objects.all(), func=import_with_extra, backend="serial")
+    report = bulkpool.update(Author.objects.all(), func=import_one, backend="serial")
+    assert (report.ok, report.failed) == (1, 0)
+    report = bulkpool.create(Author, [{"name": "b"}], backend="serial")  # its own callable passes
+    assert (report.ok, report.failed) == (1, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_callables_whose_signature_cannot_be_read_are_let_through():
+    """A builtin without a readable signature is not refused (its errors come per item)."""
+    import functools
+
+    report = bulkpool.run(max, [[1, 2]], backend="serial")  # inspect.signature(max) raises
+    assert report.ok == 1
+    partial = functools.partial(import_with_extra, category="x")
+    assert bulkpool.run(partial, range(2), backend="serial").ok == 2
+    assert bulkpool.run(lambda *args: None, range(2), backend="serial", setup=make_state).ok == 2
+
+
+# -- failures in input order (issue 15, point 9) -------------------------------------------
+
+
+def test_failures_are_kept_and_listed_in_input_order_whatever_order_they_came_in(monkeypatch):
+    """Chunks finish in any order: the report keeps and prints the first failures by index."""
+    from bulkpool import outcomes
+
+    monkeypatch.setattr(outcomes, "KEPT_FAILURES", 4)
+    report = outcomes.Report()
+    for index in [7, 2, 9, 0, 5, 1]:
+        report.add_failure(outcomes.Failure(index, f"row{index}", "ValueError", "no", ""))
+    assert [failure.index for failure in report.failures] == [0, 1, 2, 5]
+    assert report.failures_left_out == 2
+    listed = [line.split()[2] for line in str(report).splitlines() if line.startswith("  - item")]
+    assert listed == ["0", "1", "2", "5"]

@@ -5,8 +5,10 @@
   by ``run_id``. The action "Download failures" gives the selected runs' failed items as
   JSON Lines, with the keys of a rejects file (``index``, ``item``, ``exc_type``,
   ``message``) plus ``run_id``.
-- The page of a run: its fields, its failed items (paginated, with tracebacks) and the
-  command that resumes it.
+- The page of a run: its fields, the sizes its chunks held, its failed items (paginated,
+  with tracebacks; the item column wraps) and the command that resumes it (none once it
+  finished). Counts read ``1,234`` throughout, as ``bulkpool show`` writes them
+  (``bulkpool.display``).
 
 Journal rows are written by runs only: nobody adds, edits or deletes them here (``bulkpool
 prune`` removes old runs). Staff with the "view run" permission see the pages.
@@ -23,6 +25,7 @@ from django.core.paginator import Paginator
 from django.db.models import QuerySet
 from django.http import HttpRequest, StreamingHttpResponse
 
+from bulkpool import display
 from bulkpool.models import Run, RunFailure, RunQuerySet
 
 FAILURES_PER_PAGE = 50
@@ -47,13 +50,25 @@ class RunAdmin(admin.ModelAdmin):
     search_fields = ["run_id"]
     actions = ["download_failures"]
     fieldsets = [
-        (None, {"fields": ["run_id", "status", "func", "chunk_size", "attempts"]}),
+        (None, {"fields": ["run_id", "status", "func", "chunks", "attempt_count"]}),
         ("All attempts (committed chunks)", {"fields": ["items_done", "ok_done", "failed_done"]}),
-        ("Last attempt", {"fields": ["total", "ok", "failed", "skipped"]}),
+        ("Last attempt", {"fields": ["read_last", "ok_last", "failed_last", "skipped_last"]}),
         ("Times", {"fields": ["started_at", "updated_at", "finished_at", "rate"]}),
         ("Resume", {"fields": ["resume_command"]}),
     ]
-    readonly_fields = ["items_done", "ok_done", "failed_done", "rate", "resume_command"]
+    readonly_fields = [
+        "chunks",
+        "attempt_count",
+        "items_done",
+        "ok_done",
+        "failed_done",
+        "read_last",
+        "ok_last",
+        "failed_last",
+        "skipped_last",
+        "rate",
+        "resume_command",
+    ]
     change_form_template = "admin/bulkpool/run/change_form.html"
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Run]:
@@ -74,15 +89,39 @@ class RunAdmin(admin.ModelAdmin):
 
     @admin.display(description="items done", ordering="done_items")
     def items_done(self, run: Any) -> str:
-        return f"{run.done_items:,}"
+        return display.count(run.done_items)
 
     @admin.display(description="ok", ordering="done_ok")
     def ok_done(self, run: Any) -> str:
-        return f"{run.done_ok:,}"
+        return display.count(run.done_ok)
 
     @admin.display(description="failed", ordering="done_failed")
     def failed_done(self, run: Any) -> str:
-        return f"{run.done_failed:,}"
+        return display.count(run.done_failed)
+
+    @admin.display(description="chunks done")
+    def chunks(self, run: Run) -> str:
+        return display.chunks_held(run)
+
+    @admin.display(description="attempts")
+    def attempt_count(self, run: Run) -> str:
+        return display.count(run.attempts)
+
+    @admin.display(description="items read")
+    def read_last(self, run: Run) -> str:
+        return display.count(run.total)
+
+    @admin.display(description="ok")
+    def ok_last(self, run: Run) -> str:
+        return display.count(run.ok)
+
+    @admin.display(description="failed")
+    def failed_last(self, run: Run) -> str:
+        return display.count(run.failed)
+
+    @admin.display(description="skipped (done before)")
+    def skipped_last(self, run: Run) -> str:
+        return display.count(run.skipped)
 
     @admin.display(description="last attempt")
     def last_attempt(self, run: Run) -> str:
@@ -102,7 +141,7 @@ class RunAdmin(admin.ModelAdmin):
 
     @admin.display(description="command that resumes it")
     def resume_command(self, run: Run) -> str:
-        return resume_command(run)
+        return display.resume_command(run) or "Finished: nothing to resume."
 
     # -- the page of a run: its failures ------------------------------------------------------
 
@@ -120,6 +159,9 @@ class RunAdmin(admin.ModelAdmin):
             paginator = Paginator(failures, FAILURES_PER_PAGE)
             page = paginator.get_page(request.GET.get(FAILURES_PAGE_VAR))
             context.update(
+                failures_count=display.count(paginator.count),
+                failures_first=display.count(page.start_index()),
+                failures_last=display.count(page.end_index()),
                 failures_page=page,
                 failures_page_var=FAILURES_PAGE_VAR,
                 failures_page_range=paginator.get_elided_page_range(page.number),
@@ -137,11 +179,6 @@ class RunAdmin(admin.ModelAdmin):
         )
         response["Content-Disposition"] = 'attachment; filename="bulkpool-failures.jsonl"'
         return response
-
-
-def resume_command(run: Run) -> str:
-    """The command the caller recorded, else what to do: the same call with this run_id."""
-    return run.command or f"Run the same call again with run_id={run.run_id!r}"
 
 
 def failure_lines(database: str, run_pks: list[Any]) -> Iterator[str]:

@@ -6,6 +6,7 @@ is split by ``querysets``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import fields
 from typing import Any
@@ -17,6 +18,7 @@ from bulkpool.engine import Engine
 from bulkpool.errors import ConfigurationError
 from bulkpool.options import Options
 from bulkpool.outcomes import Failure, Outcome, Report
+from bulkpool.rows import UpdateRow
 
 
 def run(func: Callable[..., Any], items: Iterable[Any], **options: Any) -> Report:
@@ -75,8 +77,11 @@ def build_engine(
             raise ConfigurationError(
                 f"items must be iterable (a list, a generator, a QuerySet...), not {type(items).__name__}."
             )
-        return Engine(func, items, make_options(given), keep_values=keep_values, resume_hint=resume_hint)
+        options = make_options(given)
+        check_signatures(func, options)
+        return Engine(func, items, options, keep_values=keep_values, resume_hint=resume_hint)
     options = make_options({"database": querysets.database_of(items), **given})
+    check_signatures(func, options)
     if options.prepare is not None:
         raise ConfigurationError(
             "prepare= cannot be used with a QuerySet: its rows are loaded inside each chunk's "
@@ -98,6 +103,81 @@ def _outcomes(engine: Engine, ordered: bool) -> Generator[Outcome, None, None]:
                 continue  # written in an earlier attempt of this run_id
             failure = Failure.of(index, item, error) if error is not None else None
             yield Outcome(index, item, values[offset], failure)
+
+
+def check_signatures(func: Callable[..., Any], options: Options) -> None:
+    """Refuse, before anything runs, a ``func`` or ``prepare`` that cannot take the call it
+    will get: ``f(item)``, or ``f(item, state)`` with ``setup``. ``update``'s own per-row
+    callable is not checked, the user's function it calls with the object is."""
+    with_state = options.setup is not None
+    if options.prepare is not None:
+        _check_call("prepare", options.prepare, "the item", with_state)
+    if isinstance(func, UpdateRow):
+        if func.func is not None:
+            _check_call("update's func", func.func, "the object", with_state)
+        return
+    _check_call("func", func, "the item", with_state)
+
+
+def _check_call(role: str, func: Callable[..., Any], first: str, with_state: bool) -> None:
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        return  # a builtin or a C function without a readable signature: its errors come per item
+    given = ("item", "state") if with_state else ("item",)
+    if not _binds(signature, given):
+        raise ConfigurationError(f"{role}: {_explain(role, func, signature, given, first)}.")
+
+
+def _explain(
+    role: str, func: Callable[..., Any], signature: inspect.Signature, given: tuple[str, ...], first: str
+) -> str:
+    """What is wrong with ``func``'s parameters for the call ``given``, and how to fix it."""
+    shown = f"{getattr(func, '__name__', None) or repr(func)}{_parameters(signature)}"
+    required = [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    with_state = len(given) == 2
+    calls = f"{first}, and the state setup= returned" if with_state else first
+    plural = "s" if len(required) != 1 else ""
+    what = f"{shown} takes {len(required)} argument{plural} but bulkpool calls it with {len(given)} ({calls})"
+    if not with_state and _binds(signature, ("item", "state")):
+        return (
+            f"{what}: pass setup=... (--setup) to give it a state as its second argument, or use "
+            "functools.partial to fill in the others"
+        )
+    if with_state and _binds(signature, ("item",)):
+        return f"{what}: give it a parameter for the state (def f(item, state)), or leave out setup="
+    if len(required) != len(given):
+        return f"{what}: give it a parameter for {first}" + (" and one for the state" if with_state else "")
+    try:
+        signature.bind(*given)
+    except TypeError as error:  # the count is right: a keyword-only parameter without a default
+        problem = str(error)
+    return (
+        f"{shown} cannot be called as {role.split()[-1]}({', '.join(given)}): {problem}: give the "
+        "other parameters defaults, or use functools.partial to fill them in"
+    )
+
+
+def _binds(signature: inspect.Signature, arguments: tuple[str, ...]) -> bool:
+    try:
+        signature.bind(*arguments)
+    except TypeError:
+        return False
+    return True
+
+
+def _parameters(signature: inspect.Signature) -> str:
+    """``(row, category)``: the parameters without annotations, which only make noise here."""
+    return str(
+        signature.replace(
+            parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+            return_annotation=inspect.Signature.empty,
+        )
+    )
 
 
 def make_options(given: dict[str, Any]) -> Options:

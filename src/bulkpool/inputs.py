@@ -3,7 +3,11 @@
     with open_input("people.csv") as items:      # the file is opened now, read as items are taken
         bulkpool.run(create_person, items)
 
-- CSV: one dict per row, keyed by the header row; values are strings.
+- CSV: one dict per row, keyed by the header row; values are strings. ``delimiter``
+  (default ``,``) names another separator; a header read as one column that holds ``;``,
+  ``|`` or a tab is refused with the delimiter to pass (no guessing: ``csv.Sniffer`` guesses
+  wrong on short samples and on text columns). ``field_size_limit`` raises csv's limit of
+  131,072 characters a field (for this reader only: csv's global limit is put back).
 - JSON Lines (``.jsonl``, ``.ndjson``): one JSON value per line; blank lines are skipped.
   A *rejects file* written by a run (``rejects=...``: objects with the keys ``index``,
   ``item``, ``exc_type``, ``message``, and ``unsafe`` / ``run_id`` where they apply) gives
@@ -13,11 +17,29 @@
 - JSON (``.json``): a top-level array, parsed one element at a time, so an array larger
   than memory can be read.
 
+Lines end at LF, CRLF or a bare CR (Python's universal newlines), in every format.
+
 The format comes from ``format`` or else the file's extension. Every problem -- a missing
 file, an unparsable line, a CSV row with too many fields -- raises ``InputError`` naming
 the file and the line, and saying how to fix it. Since reading is lazy, a bad line in the
 middle of a file is met mid-run: the run stops there (``bulkpool.InputFailed``), after
 running the items before it.
+
+With ``on_bad_line="skip"`` a line that cannot be read becomes an ``Unreadable`` item (it
+fails with its line number, without running) and reading goes on; no row is ever lost
+without being counted. In CSV, where one broken quote can swallow the lines after it:
+
+- a quote that is never closed (the file ends inside it): only the line that opens it is
+  skipped, and the lines after it are read again as rows. With csv's strict quoting, a
+  quoted field that reaches the end of the file holds no closing quote at all, so those
+  lines cannot have been meant as its text: reading them as rows is no guess.
+- a quoted field that spans lines and then breaks (text after its closing quote): the lines
+  of that record are skipped together, as one unreadable item named by their range
+  ("lines 4-6"), and reading goes on after them. Reading them again as rows would guess,
+  and could write the inside of a field as rows.
+- a field longer than ``field_size_limit``: the run stops there, skipping or not. A long
+  quoted field and a quote never closed look alike at that point, and rows after it would
+  be a guess; the error names ``field_size_limit`` (``--field-size-limit``).
 """
 
 from __future__ import annotations
@@ -31,7 +53,9 @@ import os
 import re
 import stat
 import sys
+from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,7 +68,9 @@ STDIN = "-"
 REJECT_KEYS = frozenset({"index", "item", "exc_type", "message"})
 REJECT_ALLOWED_KEYS = REJECT_KEYS | {"unsafe", "unreadable", "run_id", "line"}  # written when they apply
 KEPT_LINE_SHIFTS = 20_000  # memory for line_of(): a few MB however long the file
-READ_SIZE = 1 << 16  # characters per read of a JSON array
+READ_SIZE = 1 << 16  # characters per read of a JSON array, bytes per read of lines
+SKIP_HINT = 'or skip such lines: on_bad_line="skip" (--on-bad-line skip)'
+SEPARATORS = {";": "semicolon", "|": "pipe", "\t": "tab"}  # looked for in a one-column header
 
 
 def guess_format(path: str | os.PathLike[str]) -> str:
@@ -72,9 +98,23 @@ def open_input(
     *,
     include_unsafe: bool = False,
     on_bad_line: str = "stop",
+    delimiter: str | None = None,
+    field_size_limit: int | None = None,
 ) -> Input:
-    """Open ``path`` (``"-"``: stdin) now, so a missing file fails before any work; read it lazily."""
-    return Input(path, format, include_unsafe=include_unsafe, on_bad_line=on_bad_line)
+    """Open ``path`` (``"-"``: stdin) now, so a missing file fails before any work; read it lazily.
+
+    ``on_bad_line``: ``"stop"`` (raise at a line that cannot be read) or ``"skip"`` (give it
+    as a failing ``Unreadable`` item and go on). CSV only: ``delimiter`` (default ``,``) and
+    ``field_size_limit`` (characters a field may hold; default csv's 131,072).
+    """
+    return Input(
+        path,
+        format,
+        include_unsafe=include_unsafe,
+        on_bad_line=on_bad_line,
+        delimiter=delimiter,
+        field_size_limit=field_size_limit,
+    )
 
 
 class Input:
@@ -94,13 +134,36 @@ class Input:
         *,
         include_unsafe: bool = False,
         on_bad_line: str = "stop",
+        delimiter: str | None = None,
+        field_size_limit: int | None = None,
     ) -> None:
         self.path = os.fspath(path)
         if format is not None and format not in FORMATS:
             raise InputError(f"format={format!r}: use one of {', '.join(FORMATS)}.", path=self.path)
         if on_bad_line not in ("stop", "skip"):
             raise InputError(f"on_bad_line={on_bad_line!r}: use 'stop' or 'skip'.", path=self.path)
+        if delimiter is not None and (
+            not isinstance(delimiter, str) or len(delimiter) != 1 or delimiter in '"\r\n'
+        ):
+            raise InputError(
+                f"delimiter={delimiter!r}: give one character, not a quote or a line break "
+                "(e.g. ';', '|' or '\\t').",
+                path=self.path,
+            )
+        if field_size_limit is not None and not _is_whole(field_size_limit):
+            raise InputError(
+                f"field_size_limit={field_size_limit!r}: give a whole number of characters, 1 or more.",
+                path=self.path,
+            )
+        self.delimiter = delimiter
+        self.field_size_limit = field_size_limit
         self.format = format or guess_format(self.path)
+        if self.format != "csv" and (delimiter is not None or field_size_limit is not None):
+            given = "delimiter" if delimiter is not None else "field_size_limit"
+            raise InputError(
+                f"{self.path}: {given}= applies to CSV files only, and this one is read as {self.format}.",
+                path=self.path,
+            )
         self.items_read = 0
         self.include_unsafe = include_unsafe
         self.unsafe_skipped = 0
@@ -146,14 +209,16 @@ class Input:
             if len(self._line_shifts) > KEPT_LINE_SHIFTS:
                 del self._line_shifts[: KEPT_LINE_SHIFTS // 2]
 
-    def error(self, line: int, problem: str, fix: str) -> InputError:
-        return InputError(f"{self.path}: line {line}: {problem}. Fix: {fix}.", path=self.path, line=line)
+    def error(self, line: int, problem: str, fix: str, last: int | None = None) -> InputError:
+        where = f"lines {line}-{last}" if last is not None and last > line else f"line {line}"
+        return InputError(f"{self.path}: {where}: {problem}. Fix: {fix}.", path=self.path, line=line)
 
-    def _bad(self, line: int, text: str, problem: str, fix: str) -> Unreadable:
-        """A line that cannot be read: raised, or with ``on_bad_line="skip"`` given as an item."""
-        error = self.error(line, problem, fix)
+    def _bad(self, line: int, text: str, problem: str, fix: str, last: int | None = None) -> Unreadable:
+        """A line (or the lines ``line`` to ``last`` of one CSV record) that cannot be read:
+        raised, naming how to skip it, or with ``on_bad_line="skip"`` given as an item."""
         if not self.skip_bad_lines:
-            raise error
+            raise self.error(line, problem, f"{fix}; {SKIP_HINT}", last)
+        error = self.error(line, problem, fix, last)
         return Unreadable(line, text.rstrip("\r\n"), ErrorInfo(UNREADABLE, str(error), ""))
 
     def close(self) -> None:
@@ -173,7 +238,7 @@ class Input:
         """(number, text, problem) per line, each decoded alone, so a byte that is not UTF-8
         is reported on its own line. ``problem``: that line could not be decoded (skip mode;
         ``text`` is then decoded with replacement characters)."""
-        for number, raw in enumerate(self._file, 1):
+        for number, raw in enumerate(_raw_lines(self._file), 1):
             self.line = number
             self.position += len(raw)
             if number == 1:
@@ -188,59 +253,7 @@ class Input:
     # -- the formats ---------------------------------------------------------------------
 
     def _csv(self) -> Iterator[tuple[int, Any]]:
-        undecodable: dict[int, Unreadable] = {}
-
-        def texts() -> Iterator[str]:
-            for number, text, problem in self._lines():
-                if problem is not None:
-                    undecodable[number] = problem
-                yield text
-
-        reader = csv.reader(texts(), strict=True)
-        header = self._header(reader)
-        while True:
-            start = reader.line_num + 1
-            try:
-                row = next(reader, None)
-            except csv.Error as error:
-                yield start, self._bad(start, "", f"not valid CSV ({error})", "check the quoting")
-                continue
-            if row is None:
-                return
-            if not row:
-                continue  # a blank line
-            broken = [undecodable.pop(n) for n in range(start, reader.line_num + 1) if n in undecodable]
-            if broken:
-                yield start, broken[0]
-            elif len(row) != len(header):
-                yield (
-                    start,
-                    self._bad(
-                        start,
-                        ",".join(row),
-                        f"{len(row)} fields, but the header row has {len(header)}",
-                        "quote fields that contain commas, and give every row the header's columns",
-                    ),
-                )
-            else:
-                yield start, dict(zip(header, row, strict=True))
-
-    def _header(self, reader: Any) -> list[str]:
-        try:
-            header = next(reader, None)
-        except csv.Error as error:
-            raise self.error(1, f"not valid CSV ({error})", "check the quoting") from None
-        if header is None:
-            raise self.error(1, "the file is empty, with no header row", "put the column names first")
-        blank = [number for number, name in enumerate(header, 1) if not name.strip()]
-        if blank:
-            raise self.error(
-                1, f"column {blank[0]} of the header row has no name", "name every column in line 1"
-            )
-        repeated = sorted({name for name in header if header.count(name) > 1})
-        if repeated:
-            raise self.error(1, f"the header names {repeated[0]!r} twice", "give each column its own name")
-        return list(header)
+        return iter(_CsvRows(self))
 
     def _jsonl(self) -> Iterator[tuple[int, Any]]:
         rejects: bool | None = None  # decided by the first value
@@ -276,6 +289,171 @@ class Input:
     def _json(self) -> Iterator[tuple[int, Any]]:
         # Elements have no line of their own worth tracking; 0 keeps line_of() silent.
         return ((0, value) for value in _JsonArray(_Decoded(self._file, self), self).values())
+
+
+class _CsvRows:
+    """The rows of a CSV input as (line, item): dicts keyed by the header row; a record that
+    cannot be read raised, or skipped as the module docstring says."""
+
+    def __init__(self, source: Input) -> None:
+        self.source = source
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        lines = _RecordLines(self.source._lines())
+        reader = csv.reader(lines, strict=True, delimiter=self.source.delimiter or ",")
+        header = self._header(reader)
+        while True:
+            lines.record.clear()
+            try:
+                with self._field_limit():
+                    row = next(reader, None)
+            except csv.Error as error:
+                yield lines.record[0][0], self._broken_record(str(error), lines)
+                continue
+            if row is None:
+                return
+            if not row:
+                continue  # a blank line
+            start, last = lines.record[0][0], lines.record[-1][0]
+            broken = [lines.undecodable.pop(n) for n in range(start, last + 1) if n in lines.undecodable]
+            if broken:
+                yield start, broken[0]
+            elif len(row) != len(header):
+                yield (
+                    start,
+                    self.source._bad(
+                        start,
+                        (self.source.delimiter or ",").join(row),
+                        f"{len(row)} fields, but the header row has {len(header)}",
+                        "quote fields that contain the delimiter, and give every row the header's columns",
+                    ),
+                )
+            else:
+                yield start, dict(zip(header, row, strict=True))
+
+    def _broken_record(self, problem: str, lines: _RecordLines) -> Unreadable:
+        """The record in ``lines.record`` broke csv's rules: raised, or skipped as the module
+        docstring says (only a quote never closed has its lines read again)."""
+        (start, first), (last, _) = lines.record[0], lines.record[-1]
+        if problem.startswith("field larger than field limit"):
+            limit = self.source.field_size_limit or csv.field_size_limit()
+            raise self.source.error(
+                start,
+                f"a field longer than {limit:,} characters (csv's limit), read to line {last}",
+                f"raise the limit with field_size_limit= (--field-size-limit N); or, if a quote "
+                f"opened on line {start} is never closed, close it",
+            )
+        if problem == "unexpected end of data":
+            lines.undecodable.pop(start, None)
+            lines.read_again(lines.record[1:])  # their own problems, if any, are met again
+            goes_on = "; the lines after it are read again as rows" if self.source.skip_bad_lines else ""
+            return self.source._bad(
+                start,
+                first,
+                f"a quote opened on line {start} is never closed (the file ends inside it, at line "
+                f"{last}){goes_on}",
+                'close the quote, or double each quote inside a quoted field ("")',
+            )
+        for number, _ in lines.record:
+            lines.undecodable.pop(number, None)
+        text = "".join(text for _, text in lines.record)
+        return self.source._bad(start, text, f"not valid CSV ({problem})", "check the quoting", last)
+
+    @contextmanager
+    def _field_limit(self) -> Iterator[None]:
+        """csv's field size limit is global to the process: raised for this reader's reads only."""
+        if self.source.field_size_limit is None:
+            yield
+            return
+        saved = csv.field_size_limit(self.source.field_size_limit)
+        try:
+            yield
+        finally:
+            csv.field_size_limit(saved)
+
+    def _header(self, reader: Any) -> list[str]:
+        try:
+            with self._field_limit():
+                header = next(reader, None)
+        except csv.Error as error:
+            raise self.source.error(1, f"not valid CSV ({error})", "check the quoting") from None
+        if header is None:
+            raise self.source.error(1, "the file is empty, with no header row", "put the column names first")
+        blank = [number for number, name in enumerate(header, 1) if not name.strip()]
+        if blank:
+            raise self.source.error(
+                1, f"column {blank[0]} of the header row has no name", "name every column in line 1"
+            )
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise self.source.error(
+                1, f"the header names {repeated[0]!r} twice", "give each column its own name"
+            )
+        if len(header) == 1 and self.source.delimiter is None:
+            self._check_one_column(header[0])
+        return list(header)
+
+    def _check_one_column(self, name: str) -> None:
+        """A header read as one column that holds another usual separator: the wrong delimiter,
+        which would give every row as one field (and a KeyError per item in ``func``)."""
+        for separator, word in SEPARATORS.items():
+            if separator in name:
+                flag = "tab" if separator == "\t" else f"'{separator}'"
+                raise self.source.error(
+                    1,
+                    f"the header row is one column, {name!r}, which holds a {word}: this looks like "
+                    f"a {word}-delimited file",
+                    f"pass delimiter={separator!r} (--delimiter {flag}); or delimiter=',' if the "
+                    "file really has one column",
+                )
+
+
+class _RecordLines:
+    """The text lines of a CSV file as ``csv.reader`` takes them, keeping the lines of the
+    record being read (``record``: number, text), so that the lines a quote never closed
+    swallowed can be given again (``read_again``). ``undecodable``: lines that were not
+    UTF-8, by number, until their record is read."""
+
+    def __init__(self, lines: Iterator[tuple[int, str, Unreadable | None]]) -> None:
+        self._lines = lines
+        self._again: deque[tuple[int, str]] = deque()
+        self.record: list[tuple[int, str]] = []
+        self.undecodable: dict[int, Unreadable] = {}
+
+    def __iter__(self) -> _RecordLines:
+        return self
+
+    def __next__(self) -> str:
+        if self._again:
+            number, text = self._again.popleft()
+        else:
+            number, text, problem = next(self._lines)
+            if problem is not None:
+                self.undecodable[number] = problem
+        self.record.append((number, text))
+        return text
+
+    def read_again(self, lines: list[tuple[int, str]]) -> None:
+        self._again.extendleft(reversed(lines))
+
+
+def _is_whole(value: object) -> bool:
+    """A whole number, 1 or more (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _raw_lines(file: IO[bytes]) -> Iterator[bytes]:
+    """The lines of a binary file, each with its ending: LF, CRLF or a bare CR (universal
+    newlines; ``for line in file`` would split at LF only)."""
+    read = getattr(file, "read1", file.read)  # what is there: a pipe's lines come as they are written
+    rest = b""
+    while block := read(READ_SIZE):
+        lines = (rest + block).splitlines(keepends=True)
+        # The last line may go on in the next block, and a CR at its end may be a CRLF's half.
+        rest = lines.pop() if not lines[-1].endswith(b"\n") else b""
+        yield from lines
+    if rest:
+        yield rest
 
 
 class _Decoded:

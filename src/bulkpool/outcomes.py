@@ -7,6 +7,7 @@ the real error.
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,18 @@ class Failure:
         return self.summary()
 
 
+def _keep_in_input_order(kept: list[Failure], failure: Failure) -> bool:
+    """Insert ``failure`` by its index (chunks finish in any order), keeping the first
+    ``KEPT_FAILURES``; True if one was left out."""
+    if len(kept) >= KEPT_FAILURES and failure.index >= kept[-1].index:
+        return True
+    bisect.insort(kept, failure, key=lambda kept_failure: kept_failure.index)
+    if len(kept) > KEPT_FAILURES:
+        kept.pop()
+        return True
+    return False
+
+
 @dataclass(frozen=True)
 class Outcome:
     """The result of one item, as yielded by ``imap``: ``value`` on success, else ``error``."""
@@ -81,8 +94,9 @@ class Outcome:
 class Report:
     """What a run did. Built up as chunks finish; final once ``run`` returns.
 
-    ``failures`` keeps the first ``KEPT_FAILURES`` failures (``failures_left_out`` counts
-    the rest; every one is in the rejects file and the journal); ``failure_counts`` counts
+    ``failures`` keeps the first ``KEPT_FAILURES`` failures in input order, whatever order
+    their chunks finished in (``failures_left_out`` counts the rest; every one is in the
+    rejects file and the journal); ``failure_counts`` counts
     them all by exception type. ``failed_before``: of ``failed``, the items that failed in
     an earlier attempt of a journaled run (reported again, not run again). ``callback_errors``
     are ``on_commit`` callbacks that raised after their item was written.
@@ -124,14 +138,11 @@ class Report:
         self.failed += 1
         self.failed_before += earlier
         self.failure_counts[failure.exc_type] += 1
-        if len(self.failures) < KEPT_FAILURES:
-            self.failures.append(failure)
-        else:
+        if _keep_in_input_order(self.failures, failure):
             self.failures_left_out += 1
 
     def add_callback_error(self, failure: Failure) -> None:
-        if len(self.callback_errors) < KEPT_FAILURES:
-            self.callback_errors.append(failure)
+        _keep_in_input_order(self.callback_errors, failure)
 
     def raise_for_failures(self) -> None:
         """Raise ``ItemFailed`` for the first failure, if any item failed."""

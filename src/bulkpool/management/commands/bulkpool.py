@@ -24,6 +24,7 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 import bulkpool
+from bulkpool import display
 from bulkpool.api import build_engine
 from bulkpool.errors import (
     ConfigurationError,
@@ -78,6 +79,14 @@ def size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is not auto or a whole number, 1 or more") from None
 
 
+def delimiter(text: str) -> str:
+    """One character; ``tab`` or ``\\t`` for a tab (a shell passes neither easily as it is)."""
+    value = "\t" if text in ("tab", "\\t") else text
+    if len(value) != 1 or value in '"\r\n':
+        raise argparse.ArgumentTypeError(f"{text!r} is not one character (tab: --delimiter tab)")
+    return value
+
+
 def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
@@ -123,6 +132,18 @@ class Command(BaseCommand):
             default="stop",
             help="A line of --input that cannot be read (CSV, JSON Lines): stop the run there "
             "(default), or skip it: it fails in the report and the rejects file, with its line.",
+        )
+        run.add_argument(
+            "--delimiter",
+            type=delimiter,
+            metavar="CHAR",
+            help="The separator of a CSV --input (default: a comma); tab for a tab.",
+        )
+        run.add_argument(
+            "--field-size-limit",
+            type=positive_int,
+            metavar="N",
+            help="The most characters a CSV field may hold (default: 131,072, csv's own limit).",
         )
         run.add_argument(
             "--include-unsafe",
@@ -214,6 +235,8 @@ class Command(BaseCommand):
                 options["format"],
                 include_unsafe=options["include_unsafe"],
                 on_bad_line=options["on_bad_line"],
+                delimiter=options["delimiter"],
+                field_size_limit=options["field_size_limit"],
             )
         except InputError as error:
             raise CommandError(str(error), returncode=USAGE) from None
@@ -300,9 +323,9 @@ class Command(BaseCommand):
             [
                 run.run_id,
                 run.status,
-                f"{run.done_items:,}",
-                f"{run.done_ok:,}",
-                f"{run.done_failed:,}",
+                display.count(run.done_items),
+                display.count(run.done_ok),
+                display.count(run.done_failed),
                 f"#{run.attempts}: {run.ok:,} ok, {run.failed:,} failed, {run.skipped:,} skipped",
                 _when(run.started_at),
                 run.func,
@@ -318,48 +341,49 @@ class Command(BaseCommand):
             self.stdout.write(line)
 
     def show(self, options: dict[str, Any]) -> None:
-        from bulkpool.models import Run, RunChunk, RunFailure
+        from bulkpool.models import Run, RunFailure
 
         alias = options["database"]
         run = _one_run(options["run_id"], alias)
-        chunks = RunChunk.objects.using(alias).filter(run=run)
-        chunk_count = chunks.count()
         totals = Run.objects.using(alias).with_totals().get(pk=run.pk)
         failures = RunFailure.objects.using(alias).filter(chunk__run=run).order_by("index")
         failure_count = failures.count()
         status_style = self.style.SUCCESS if run.status == Run.Status.FINISHED else self.style.WARNING
         self.stdout.write(f"Run {run.run_id}: {run.status}", status_style)
+        count = display.count
         for label, value in [
             ("function", run.func),
-            ("attempts", f"{run.attempts}"),
+            ("attempts", count(run.attempts)),
             (
                 "all attempts",
-                f"{totals.done_items:,} items done: {totals.done_ok:,} ok, {totals.done_failed:,} failed",
+                f"{count(totals.done_items)} items done: {count(totals.done_ok)} ok, "
+                f"{count(totals.done_failed)} failed",
             ),
             (
                 "last attempt",
-                f"{run.total:,} items: {run.ok:,} ok, {run.failed:,} failed, {run.skipped:,} skipped",
+                f"{count(run.total)} items: {count(run.ok)} ok, {count(run.failed)} failed, "
+                f"{count(run.skipped)} skipped",
             ),
-            (
-                "chunks done",
-                f"{chunk_count:,} ({totals.done_items:,} items; chunks of up to {run.chunk_size:,})",
-            ),
+            ("chunks done", f"{display.chunks_held(run)} ({count(totals.done_items)} items in all)"),
             ("started", _when(run.started_at)),
             ("updated", _when(run.updated_at)),
             ("finished", _when(run.finished_at)),
         ]:
             self.stdout.write(f"  {label + ':':<14}{value}")
+        resume = display.resume_command(run)
+        if resume is not None:
+            self.stdout.write(f"  {'resume:':<14}{resume}")
         if not failure_count:
             self.stdout.write("No failures.")
             return
-        self.stdout.write(f"Failures ({failure_count:,}):", self.style.WARNING)
+        self.stdout.write(f"Failures ({count(failure_count)}):", self.style.WARNING)
         shown = failures if not options["limit"] else failures[: options["limit"]]
         for failure in shown:
             self.stdout.write(f"  item {failure.index}: {failure.exc_type}: {failure.message}")
             self.stdout.write(f"      {_cut(failure.item)}")
         hidden = failure_count - len(shown)
         if hidden > 0:
-            self.stdout.write(f"  ... and {hidden:,} more (--limit 0 shows all)")
+            self.stdout.write(f"  ... and {count(hidden)} more (--limit 0 shows all)")
 
     # -- prune -------------------------------------------------------------------------------
 
@@ -532,6 +556,10 @@ def _command_line(options: dict[str, Any]) -> str:
         words += ["--format", options["format"]]
     if options.get("on_bad_line", "stop") != "stop":
         words += ["--on-bad-line", options["on_bad_line"]]
+    if options.get("delimiter") is not None:
+        words += ["--delimiter", "tab" if options["delimiter"] == "\t" else options["delimiter"]]
+    if options.get("field_size_limit") is not None:
+        words += ["--field-size-limit", str(options["field_size_limit"])]
     for option in table():
         meta, value = option.metadata, options.get(option.name)
         if meta["cli"] is None or value is None or not meta.get("resume", True):
