@@ -3,20 +3,25 @@ tests/test_admin_browser.py)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
+from io import StringIO
 from typing import Any
 
 import pytest
 from django.contrib import admin
 from django.contrib.auth.models import Permission, User
+from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
 import bulkpool
 from bulkpool.admin import FAILURES_PER_PAGE, RunAdmin
 from bulkpool.inputs import open_input
 from bulkpool.models import Run, RunChunk, RunFailure
+from bulkpool.status import STALE_AFTER_SECONDS
 from tests import jobs
 
 pytestmark = pytest.mark.django_db
@@ -259,3 +264,20 @@ def test_downloaded_failures_feed_back_as_input(admin_client: Client, tmp_path):
     path.write_bytes(streamed(response))
     with open_input(path) as items:
         assert list(items) == [{"username": f"user{index}"} for index in range(3)]
+
+
+@pytest.mark.django_db
+def test_a_run_whose_caller_died_is_stale_in_the_admin_and_in_show(admin_client):
+    """A run marked running whose lease lapsed shows as stale, with who held it, not as running."""
+    lapsed = timezone.now() - datetime.timedelta(seconds=STALE_AFTER_SECONDS + 60)
+    run = Run.objects.create(
+        run_id="died", func="f", chunk_size=10, status=Run.Status.RUNNING, owner="box pid 7 (abc)",
+        heartbeat_at=lapsed,
+    )  # fmt: skip
+    page = admin_client.get(f"/admin/bulkpool/run/{run.pk}/change/").content.decode()
+    assert "Stale" in page and "box pid 7 (abc)" in page and "it is gone" in page
+    listing = admin_client.get("/admin/bulkpool/run/").content.decode()
+    assert '<td class="field-state">Stale</td>' in listing
+    out = StringIO()
+    call_command("bulkpool", "show", "died", stdout=out)
+    assert "Run died: stale" in out.getvalue() and "held by:" in out.getvalue()

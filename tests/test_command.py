@@ -634,7 +634,7 @@ def test_failing_setup_is_one_line_exit_2():
     """A --setup that raises: exit 2 with its error on one line, and where to find the traceback."""
     result = manage(
         "run",
-        "tests.jobs.identity",
+        "tests.jobs.write_marker_with_state",
         "--input",
         "-",
         "--format",
@@ -909,3 +909,59 @@ def test_a_function_whose_signature_does_not_fit_is_refused_before_any_row(tmp_p
     assert "write_row_with_state(item, state) takes 2 arguments but bulkpool calls it with 1" in err
     assert "--setup" in err
     assert marker_counts() == Counter()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_upsert_creates_and_updates_from_a_csv_and_says_how_many(tmp_path):
+    """bulkpool upsert MODEL --key: existing rows updated, new ones created, counted in the report."""
+    from tests.thirdparty.models import Customer
+
+    Customer.objects.create(name="c0", email="old@example.com")
+    path = write_csv(
+        tmp_path / "customers.csv", [{"name": f"c{i}", "email": f"c{i}@example.com"} for i in range(5)]
+    )
+    code, out, err = call(
+        "upsert", "thirdparty.Customer", "--key", "name", "--input", str(path), "--backend", "serial",
+        "--run-id", "customers",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "5 ok (4 created, 1 updated)" in out
+    assert sorted(Customer.objects.values_list("name", "email")) == [
+        (f"c{i}", f"c{i}@example.com") for i in range(5)
+    ]
+    assert Customer.history.filter(history_type="~").count() == 1  # django-simple-history saw the update
+    assert Run.objects.get(run_id="customers").func.startswith("upsert(thirdparty.Customer")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_upsert_with_update_fields_and_a_wrong_key(tmp_path):
+    """--update-fields limits what existing rows get; a key that is not unique is a usage error, one line."""
+    from tests.thirdparty.models import Customer
+
+    Customer.objects.create(name="c0", email="old@example.com")
+    path = write_csv(tmp_path / "customers.csv", [{"name": "c0", "email": "new@example.com"}])
+    code, _, err = call(
+        "upsert", "thirdparty.Customer", "--key", "email", "--input", str(path), "--backend", "serial"
+    )
+    assert code == 2 and "no unique constraint of Customer covers exactly these fields" in err
+    code, _, err = call(
+        "upsert", "thirdparty.Customer", "--key", "name", "--update-fields", "name", "--input", str(path),
+        "--backend", "serial",
+    )  # fmt: skip
+    assert code == 0, err
+    assert Customer.objects.get().email == "old@example.com"
+
+
+def test_an_interrupted_upsert_says_the_upsert_command_that_resumes_it():
+    """The resume hint of an upsert is the upsert command line, with its key and fields."""
+    from bulkpool.management.commands.bulkpool import _command_line
+
+    options = {
+        "subcommand": "upsert", "model": "shop.Customer", "key": ["email"], "update_fields": ["name"],
+        "fast": True, "input": "c.csv", "format": None, "run_id": "x",
+    }  # fmt: skip
+    line = _command_line(options)
+    assert line.startswith(
+        "python manage.py bulkpool upsert shop.Customer --key email --update-fields name --fast --input c.csv"
+    )
+    assert "--run-id x" in line

@@ -27,6 +27,7 @@ from django.http import HttpRequest, StreamingHttpResponse
 
 from bulkpool import display
 from bulkpool.models import Run, RunFailure, RunQuerySet
+from bulkpool.status import STALE
 
 FAILURES_PER_PAGE = 50
 FAILURES_PAGE_VAR = "failures"  # not "p", which the changelist uses
@@ -36,7 +37,7 @@ FAILURES_PAGE_VAR = "failures"  # not "p", which the changelist uses
 class RunAdmin(admin.ModelAdmin):
     list_display = [
         "run_id",
-        "status",
+        "state",
         "items_done",
         "ok_done",
         "failed_done",
@@ -50,13 +51,15 @@ class RunAdmin(admin.ModelAdmin):
     search_fields = ["run_id"]
     actions = ["download_failures"]
     fieldsets = [
-        (None, {"fields": ["run_id", "status", "func", "chunks", "attempt_count"]}),
+        (None, {"fields": ["run_id", "state", "held_by", "func", "chunks", "attempt_count"]}),
         ("All attempts (committed chunks)", {"fields": ["items_done", "ok_done", "failed_done"]}),
         ("Last attempt", {"fields": ["read_last", "ok_last", "failed_last", "skipped_last"]}),
         ("Times", {"fields": ["started_at", "updated_at", "finished_at", "rate"]}),
         ("Resume", {"fields": ["resume_command"]}),
     ]
     readonly_fields = [
+        "state",
+        "held_by",
         "chunks",
         "attempt_count",
         "items_done",
@@ -98,6 +101,15 @@ class RunAdmin(admin.ModelAdmin):
     @admin.display(description="failed", ordering="done_failed")
     def failed_done(self, run: Any) -> str:
         return display.count(run.done_failed)
+
+    @admin.display(description="status", ordering="status")
+    def state(self, run: Run) -> str:
+        """The status, or "Stale" for a run whose caller stopped renewing its lease."""
+        return "Stale" if run.state == STALE else run.get_status_display()
+
+    @admin.display(description="held by")
+    def held_by(self, run: Run) -> str:
+        return display.holder(run) or "-"
 
     @admin.display(description="chunks done")
     def chunks(self, run: Run) -> str:

@@ -9,8 +9,10 @@ size a run was started with says little.
 from __future__ import annotations
 
 from django.db.models import Count, Max, Min
+from django.utils import timezone
 
 from bulkpool.models import Run, RunChunk
+from bulkpool.status import STALE
 
 RESUME_PREFIX = "To resume, run:"  # how the command words the line it records (Run.command)
 
@@ -45,3 +47,15 @@ def resume_command(run: Run) -> str | None:
     if command.startswith(RESUME_PREFIX):
         command = command.removeprefix(RESUME_PREFIX).strip()
     return command or f"Run the same call again with run_id={run.run_id!r}"
+
+
+def holder(run: Run) -> str | None:
+    """Who holds a run marked running: its caller and its lease; None for any other run."""
+    if run.status != Run.Status.RUNNING or run.heartbeat_at is None:
+        return None
+    seconds = (timezone.now() - run.heartbeat_at).total_seconds()
+    ago = f"{seconds:,.0f} s ago" if seconds < 120 else f"{seconds / 60:,.0f} min ago"
+    who = run.owner or "a caller"
+    if run.state == STALE:
+        return f"{who}, whose lease was last renewed {ago}: it is gone; resuming the run takes it over"
+    return f"{who}, lease renewed {ago}"

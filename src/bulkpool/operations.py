@@ -107,6 +107,21 @@ def upsert(
     ``report.results`` holds ``(pk, created)`` per row in input order (None for a failed
     row); ``report.created`` and ``report.updated`` count them.
     """
+    return run_upsert(model, rows, unique_fields, update_fields, fast=fast, given=options)
+
+
+def run_upsert(
+    model: type[Model] | str,
+    rows: Iterable[Any],
+    unique_fields: Iterable[str],
+    update_fields: Iterable[str] | None,
+    *,
+    fast: bool,
+    given: dict[str, Any],
+    resume_hint: str | None = None,
+) -> Report:
+    """``upsert``, with the hint a resume needs (the command's own line)."""
+    options = given
     model = _concrete_model(model)
     keys = _checked_unique_fields(model, unique_fields)
     fields = None if update_fields is None else _checked_update_fields(model, update_fields)
@@ -118,7 +133,7 @@ def upsert(
             row = bulk.FastUpsertRow(model._meta.label, keys, fields, options["database"])
         else:
             _say_exact("upsert", model, reason)
-    report = _run_with_results(build_engine(row, rows, options, keep_values=True))
+    report = _run_with_results(build_engine(row, rows, options, keep_values=True, resume_hint=resume_hint))
     done = [result for result in report.results or [] if result is not None]
     report.created = sum(1 for _, created in done if created)
     report.updated = len(done) - report.created

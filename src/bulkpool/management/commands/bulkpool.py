@@ -1,7 +1,9 @@
-"""``manage.py bulkpool``: run a function over the items of a file; list and show journaled runs.
+"""``manage.py bulkpool``: run a function over the items of a file, or upsert its rows; list
+and show journaled runs.
 
-Thin: it parses the command line, calls ``bulkpool.run`` and maps the outcome to an exit
-status. The work lives in the library (``bulkpool.run``, ``bulkpool.inputs``).
+Thin: it parses the command line, calls ``bulkpool.run`` (or ``bulkpool.upsert``) and maps
+the outcome to an exit status. The work lives in the library (``bulkpool.run``,
+``bulkpool.operations``, ``bulkpool.inputs``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from bulkpool.errors import (
     WorkerStartupError,
 )
 from bulkpool.inputs import FORMATS, STDIN, open_input
+from bulkpool.operations import run_upsert
 from bulkpool.options import table
 
 OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
@@ -44,6 +47,7 @@ HELP = """\
 Run a function over the items of a file, concurrently, and look at journaled runs.
 
   bulkpool run myapp.jobs.import_user --input users.csv --workers 4 --run-id users-2024
+  bulkpool upsert myapp.Customer --key email --input customers.csv [--update-fields name,phone]
   bulkpool runs [--unfinished]
   bulkpool show RUN_ID
   bulkpool prune --older-than DAYS [--include-unfinished] [--dry-run]
@@ -51,6 +55,12 @@ Run a function over the items of a file, concurrently, and look at journaled run
 Exit status: 0 all done, 1 some items failed, 2 usage error (bad flags, bad input,
 unknown function), 130 interrupted. Needs "bulkpool" in INSTALLED_APPS (that is how Django
 finds this command), and its migration for --run-id, runs and show.
+"""
+
+UPSERT_HELP = """\
+Create or update one MODEL object per row of --input (each row a dict of field values),
+keyed on --key, with save(), signals (created right for each row) and many-to-many values:
+bulkpool.upsert. An existing object gets the row's values (only --update-fields, if given).
 """
 
 RUN_HELP = """\
@@ -106,7 +116,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         commands = parser.add_subparsers(
-            dest="subcommand", required=True, metavar="{run,runs,show,rejects,prune}"
+            dest="subcommand", required=True, metavar="{run,upsert,runs,show,rejects,prune}"
         )
         run = commands.add_parser(
             "run",
@@ -117,41 +127,34 @@ class Command(BaseCommand):
         run.add_argument(
             "func", metavar="FUNC", help="Dotted path of the function, e.g. myapp.jobs.import_user."
         )
-        run.add_argument(
-            "--input",
-            required=True,
-            metavar="FILE",
-            help=f"CSV, JSON Lines or JSON array file, or {STDIN} for standard input. Read lazily.",
-        )
-        run.add_argument(
-            "--format", choices=FORMATS, help="Format of --input (default: from its extension; needed for -)."
-        )
-        run.add_argument(
-            "--on-bad-line",
-            choices=("stop", "skip"),
-            default="stop",
-            help="A line of --input that cannot be read (CSV, JSON Lines): stop the run there "
-            "(default), or skip it: it fails in the report and the rejects file, with its line.",
-        )
-        run.add_argument(
-            "--delimiter",
-            type=delimiter,
-            metavar="CHAR",
-            help="The separator of a CSV --input (default: a comma); tab for a tab.",
-        )
-        run.add_argument(
-            "--field-size-limit",
-            type=positive_int,
-            metavar="N",
-            help="The most characters a CSV field may hold (default: 131,072, csv's own limit).",
-        )
-        run.add_argument(
-            "--include-unsafe",
-            action="store_true",
-            help="With a rejects file as --input: also feed the items marked unsafe (they may "
-            "have been written: a COMMIT whose outcome is unknown).",
-        )
+        _add_input_arguments(run)
         _add_option_flags(run)
+
+        upsert = commands.add_parser(
+            "upsert",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            help="Create or update one object per row of a file, keyed on --key.",
+            description=UPSERT_HELP,
+        )
+        upsert.add_argument("model", metavar="MODEL", help="The model, as app_label.ModelName.")
+        upsert.add_argument(
+            "--key",
+            required=True,
+            type=names,
+            metavar="FIELD[,FIELD]",
+            help="The fields that find a row's object: a unique key of the model.",
+        )
+        upsert.add_argument(
+            "--update-fields",
+            type=names,
+            metavar="FIELD[,FIELD]",
+            help="What an existing object gets (default: every field the row gives).",
+        )
+        upsert.add_argument(
+            "--fast", action="store_true", help="Bulk statements per chunk, every signal kept (fast=True)."
+        )
+        _add_input_arguments(upsert)
+        _add_option_flags(upsert)
 
         runs = commands.add_parser("runs", help="List journaled runs, newest first.")
         runs.add_argument("--unfinished", action="store_true", help="Only runs that did not finish.")
@@ -196,7 +199,7 @@ class Command(BaseCommand):
             "--database", default=DEFAULT_DB_ALIAS, metavar="ALIAS", help="Where the journal is."
         )
 
-        for sub in (run, runs, show, rejects, prune):
+        for sub in (run, upsert, runs, show, rejects, prune):
             _accept_base_options(sub)
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -212,6 +215,8 @@ class Command(BaseCommand):
             subcommand = options["subcommand"]
             if subcommand == "run":
                 self.run(options)
+            elif subcommand == "upsert":
+                self.upsert(options)
             elif subcommand == "runs":
                 self.runs(options)
             elif subcommand == "rejects":
@@ -225,6 +230,23 @@ class Command(BaseCommand):
 
     def run(self, options: dict[str, Any]) -> None:
         func = _import("FUNC", options["func"])
+
+        def start(source: Any, given: dict[str, Any]) -> bulkpool.Report:
+            return build_engine(func, source, given, resume_hint=_resume_hint(options)).run()
+
+        self._run(options, start)
+
+    def upsert(self, options: dict[str, Any]) -> None:
+        def start(source: Any, given: dict[str, Any]) -> bulkpool.Report:
+            return run_upsert(
+                options["model"], source, options["key"], options["update_fields"],
+                fast=options["fast"], given=given, resume_hint=_resume_hint(options),
+            )  # fmt: skip
+
+        self._run(options, start)
+
+    def _run(self, options: dict[str, Any], start: Callable[[Any, dict[str, Any]], bulkpool.Report]) -> None:
+        """Open --input, run, write the report; every outcome mapped to its exit status."""
         given = _run_options(options)
         if options["dry_run"] and options["backend"] is None:
             given["backend"] = "serial"  # one transaction: it sees what chunks do to each other
@@ -242,8 +264,7 @@ class Command(BaseCommand):
             raise CommandError(str(error), returncode=USAGE) from None
         with source:
             try:
-                engine = build_engine(func, source, given, resume_hint=_resume_hint(options))
-                report = engine.run()
+                report = start(source, given)
             except ConfigurationError as error:  # ResumeRefused too: the input is not the one recorded
                 if isinstance(error, ResumeRefused):
                     self._write_report(error.report, options)
@@ -322,7 +343,7 @@ class Command(BaseCommand):
         rows = [
             [
                 run.run_id,
-                run.status,
+                run.state,
                 display.count(run.done_items),
                 display.count(run.done_ok),
                 display.count(run.done_failed),
@@ -349,10 +370,11 @@ class Command(BaseCommand):
         failures = RunFailure.objects.using(alias).filter(chunk__run=run).order_by("index")
         failure_count = failures.count()
         status_style = self.style.SUCCESS if run.status == Run.Status.FINISHED else self.style.WARNING
-        self.stdout.write(f"Run {run.run_id}: {run.status}", status_style)
+        self.stdout.write(f"Run {run.run_id}: {run.state}", status_style)
         count = display.count
         for label, value in [
             ("function", run.func),
+            *([("held by", holder)] if (holder := display.holder(run)) else []),
             ("attempts", count(run.attempts)),
             (
                 "all attempts",
@@ -549,9 +571,19 @@ def _resume_hint(options: dict[str, Any]) -> str:
     return f"To resume, run:\n  {_command_line(options)}"
 
 
+def _what_runs(options: dict[str, Any]) -> list[str]:
+    """The subcommand and its own arguments: ``run FUNC`` or ``upsert MODEL --key ...``."""
+    if options.get("subcommand", "run") == "run":
+        return ["run", options["func"]]
+    words = ["upsert", options["model"], "--key", ",".join(options["key"])]
+    if options["update_fields"] is not None:
+        words += ["--update-fields", ",".join(options["update_fields"])]
+    return [*words, "--fast"] if options["fast"] else words
+
+
 def _command_line(options: dict[str, Any]) -> str:
-    """The ``run`` command for these options, less those a resume must not repeat (--restart)."""
-    words = ["python", "manage.py", "bulkpool", "run", options["func"], "--input", options["input"]]
+    """The command line for these options, less those a resume must not repeat (--restart)."""
+    words = ["python", "manage.py", "bulkpool", *_what_runs(options), "--input", options["input"]]
     if options["format"] is not None:
         words += ["--format", options["format"]]
     if options.get("on_bad_line", "stop") != "stop":
@@ -574,6 +606,52 @@ def _command_line(options: dict[str, Any]) -> str:
     if options.get("settings"):
         words.append(f"--settings={options['settings']}")
     return shlex.join(words)
+
+
+def _add_input_arguments(parser: CommandParser) -> None:
+    """--input and how to read it: what run and upsert share."""
+    parser.add_argument(
+        "--input",
+        required=True,
+        metavar="FILE",
+        help=f"CSV, JSON Lines or JSON array file, or {STDIN} for standard input. Read lazily.",
+    )
+    parser.add_argument(
+        "--format", choices=FORMATS, help="Format of --input (default: from its extension; needed for -)."
+    )
+    parser.add_argument(
+        "--on-bad-line",
+        choices=("stop", "skip"),
+        default="stop",
+        help="A line of --input that cannot be read (CSV, JSON Lines): stop the run there "
+        "(default), or skip it: it fails in the report and the rejects file, with its line.",
+    )
+    parser.add_argument(
+        "--delimiter",
+        type=delimiter,
+        metavar="CHAR",
+        help="The separator of a CSV --input (default: a comma); tab for a tab.",
+    )
+    parser.add_argument(
+        "--field-size-limit",
+        type=positive_int,
+        metavar="N",
+        help="The most characters a CSV field may hold (default: 131,072, csv's own limit).",
+    )
+    parser.add_argument(
+        "--include-unsafe",
+        action="store_true",
+        help="With a rejects file as --input: also feed the items marked unsafe (they may "
+        "have been written: a COMMIT whose outcome is unknown).",
+    )
+
+
+def names(text: str) -> list[str]:
+    """A comma-separated list of field names."""
+    found = [name.strip() for name in text.split(",") if name.strip()]
+    if not found:
+        raise argparse.ArgumentTypeError(f"{text!r} names no field (give FIELD or FIELD,FIELD)")
+    return found
 
 
 def _one_run(run_id: str, alias: str) -> Any:
