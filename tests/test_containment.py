@@ -18,11 +18,10 @@ import pytest
 from django.db import DatabaseError, OperationalError, connection, transaction
 
 import bulkpool
-from bulkpool import work
 from bulkpool.journal import JournalRef
 from bulkpool.models import Run, RunChunk, RunFailure
 from bulkpool.protocol import PICKLE, Chunk, ChunkResult, Task
-from bulkpool.work import Worker
+from bulkpool.work import Worker, journaling
 from tests.testapp.models import Author, Book, Marker
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -381,7 +380,7 @@ def test_journal_write_failing_fails_the_chunk_and_writes_nothing(monkeypatch):
         Marker.objects.create(key="journal", value=-1)  # written in the chunk's transaction
         raise DatabaseError("disk full")
 
-    monkeypatch.setattr(work, "record_chunk", broken_record)
+    monkeypatch.setattr(journaling, "record_chunk", broken_record)
     task = make_task(write_marker_job, journal=journal("broken"))
     result = Worker(task).run(Chunk(0, 10, list(range(10, 15))))
     assert set(result.errors) == set(range(5))
@@ -393,7 +392,7 @@ def test_journal_write_failing_fails_the_chunk_and_writes_nothing(monkeypatch):
 
 def test_journal_write_meeting_a_transient_error_is_retried(monkeypatch):
     """A transient error from the journal write rolls the chunk back and runs it again, once."""
-    real_record = work.record_chunk
+    real_record = journaling.record_chunk
     failures = [OperationalError("database is locked")]
 
     def busy_once(*args: Any) -> None:
@@ -401,7 +400,7 @@ def test_journal_write_meeting_a_transient_error_is_retried(monkeypatch):
             raise failures.pop()
         real_record(*args)
 
-    monkeypatch.setattr(work, "record_chunk", busy_once)
+    monkeypatch.setattr(journaling, "record_chunk", busy_once)
     task = make_task(write_marker_job, journal=journal("busy"), retries=1)
     result = Worker(task).run(Chunk(0, 0, [1, 2, 3]))
     assert (result.errors, result.retried) == ({}, 3)
@@ -415,7 +414,7 @@ def test_journal_write_failing_through_a_journaled_run(monkeypatch):
     def broken_record(*args: Any) -> None:
         raise DatabaseError("disk full")
 
-    monkeypatch.setattr(work, "record_chunk", broken_record)
+    monkeypatch.setattr(journaling, "record_chunk", broken_record)
     report = bulkpool.run(write_marker_job, range(12), backend="serial", chunk_size=5, run_id="broken")
     assert (report.ok, report.failed) == (0, 12)
     assert "could not be written" in report.failures[0].message
@@ -449,7 +448,7 @@ def test_an_error_outside_any_item_fails_the_chunk_without_raising(monkeypatch):
     def broken(*args: Any) -> bool:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(work, "is_recorded", broken)
+    monkeypatch.setattr(journaling, "is_recorded", broken)
     result = Worker(make_task(write_marker_job, journal=journal("bug"))).run(Chunk(0, 0, [1, 2, 3]))
     assert set(result.errors) == {0, 1, 2}
     assert result.errors[0].exc_type == "RuntimeError"

@@ -3,7 +3,7 @@
 Every Markdown page (README.md, CHANGELOG.md, docs/, bench/README.md) is read for
 - relative links, ``[text](target)``: the target must exist, relative to the page;
 - code spans that name a repository path, such as ``tests/faults/driver.py`` or a bare
-  ``work.py``: the path must exist from the repository's root (a bare file name somewhere
+  ``protocol.py``: the path must exist from the repository's root (a bare file name somewhere
   in the tree). ``bulkpool/operations.py`` is checked too, and fails: it is
   ``src/bulkpool/operations.py``.
 Paths of the user's own files (``users.csv``, ``/tmp/f.jsonl``) are not repository paths
@@ -47,7 +47,7 @@ def cited_paths(text: str) -> list[str]:
 def exists(path: str, page: Path) -> bool:
     if (ROOT / path).exists() or (page.parent / path).exists():
         return True
-    if "/" not in path:  # a bare file name, e.g. `work.py`: anywhere in the tree
+    if "/" not in path:  # a bare file name, e.g. `protocol.py`: anywhere in the tree
         return any(next((ROOT / folder).rglob(path), None) for folder in SEARCHED)
     return False
 
@@ -70,7 +70,7 @@ def test_the_check_finds_a_missing_file(tmp_path):
     """The check itself: a made-up path and a broken link are reported, real ones are not."""
     page = tmp_path / "page.md"
     text = (
-        "See `tests/nowhere.py`, `src/bulkpool/operations.py`, `bulkpool/api.py`, `work.py`, "
+        "See `tests/nowhere.py`, `src/bulkpool/operations.py`, `bulkpool/api.py`, `protocol.py`, "
         "[x](missing.md), `users.csv`."
     )
     missing = [path for path in cited_paths(text) if not exists(path, page)]

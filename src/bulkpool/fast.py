@@ -46,6 +46,7 @@ from django.db import DatabaseError, connections, router
 from django.db.models import Model, Q
 from django.db.models.signals import m2m_changed, post_save, pre_save
 
+from bulkpool.protocol import BatchFunc
 from bulkpool.rows import CreateRow, DeleteRow, UpdateRow, UpsertRow, split_values, update_fields_for
 
 
@@ -120,7 +121,7 @@ def concrete_chain(model: type[Model]) -> list[type[Model]]:
 
 
 @dataclass(frozen=True)
-class FastCreateRow(CreateRow):
+class FastCreateRow(CreateRow, BatchFunc):
     """``CreateRow`` (the exact path, per row) with ``batch``: a whole piece of a chunk at once."""
 
     def batch(self, rows: list[Any], *state: Any) -> list[Any]:
@@ -256,7 +257,7 @@ def why_not_delete(model: type[Model]) -> str | None:
 
 
 @dataclass(frozen=True)
-class FastUpdateRow(UpdateRow):
+class FastUpdateRow(UpdateRow, BatchFunc):
     """``UpdateRow`` with ``batch``: ``pre_save`` per object, one ``bulk_update`` of the
     chunk per set of fields, ``post_save(created=False)`` per object."""
 
@@ -335,7 +336,7 @@ def _columns(model: type[Model], update_fields: frozenset[str] | None) -> list[A
 
 
 @dataclass(frozen=True)
-class FastDeleteRow(DeleteRow):
+class FastDeleteRow(DeleteRow, BatchFunc):
     """``DeleteRow`` with ``batch``: the chunk's objects deleted with one queryset ``delete()``
     (Django's collector sends ``pre_delete`` / ``post_delete`` per object, and cascades)."""
 
@@ -354,7 +355,7 @@ def why_not_upsert(model: type[Model], unique_fields: tuple[str, ...], database:
 
 
 @dataclass(frozen=True)
-class FastUpsertRow(UpsertRow):
+class FastUpsertRow(UpsertRow, BatchFunc):
     """``UpsertRow`` with ``batch``: the piece's existing objects read (and locked) with one
     keyed query, ``pre_save`` per object in input order, one INSERT of the new objects
     (parents first) and one ``bulk_update`` per set of fields of the existing ones,

@@ -24,6 +24,7 @@ import json
 import pickle
 import traceback
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +107,16 @@ class Unreadable:
     error: ErrorInfo
 
 
+class BatchFunc(ABC):
+    """A ``func`` with a bulk path (``fast=True``'s rows): ``batch(items[, state])`` does a
+    whole piece of a chunk at once and returns one value per item. Anything it raises but a
+    transient error makes the worker run the piece again item by item, calling the func
+    itself, so that a failing item fails alone."""
+
+    @abstractmethod
+    def batch(self, items: list[Any], *state: Any) -> list[Any]: ...
+
+
 @dataclass(frozen=True)
 class Task:
     """The part of a job a worker needs: shipped once to every worker."""
@@ -131,6 +142,11 @@ class Task:
     # Values must cross a pipe or a broker: one that cannot be encoded fails its item
     # before its chunk commits (None: values stay in the process, as on serial and thread).
     check_value: Callable[[Any], Any] | None = None
+
+    @property
+    def batch(self) -> Callable[..., list[Any]] | None:
+        """func's bulk path when func is a ``BatchFunc``; None otherwise."""
+        return self.func.batch if isinstance(self.func, BatchFunc) else None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Which database errors are worth another attempt, and how a worker waits before it.
 
-Data flow inside a worker (``work.py`` drives it):
+Data flow inside a worker (the ``work`` package drives it):
 
     transaction --a transient error--> Transient(error, in_doubt) --> Worker
     Worker --Retry.again()--> back off, drop the connection, wait for the database

@@ -1,6 +1,6 @@
 """The transactions a worker opens: one per chunk (or per item), a savepoint per item.
 
-Data flow for one chunk transaction (``work.py`` fills the body):
+Data flow for one chunk transaction (``work/attempt.py`` fills the body):
 
     open_transaction()      BEGIN (IMMEDIATE on SQLite), or a savepoint inside the
                             caller's transaction (serial backend in a TestCase)
