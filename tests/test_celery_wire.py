@@ -9,7 +9,7 @@ import functools
 import pytest
 
 from bulkpool import ConfigurationError
-from bulkpool.executors.celery import _task_of, encode_chunk, job_of, rebuild, reference
+from bulkpool.executors.wire import encode_chunk, job_of, rebuild, reference, task_of
 from bulkpool.operations import CreateRow
 from bulkpool.protocol import JSON, Chunk
 from tests.celery_jobs import marker
@@ -77,7 +77,7 @@ def test_the_job_carries_func_setup_and_prepare_by_reference():
         keep_values=True,
         own_connections=True,
     )
-    back = _task_of(JSON.decode(JSON.encode(job_of(task, heartbeat=5.0))))
+    back = task_of(JSON.decode(JSON.encode(job_of(task, heartbeat=5.0))))
     assert back.func is marker
     assert isinstance(back.setup, functools.partial) and back.setup.args == (1,)
     assert isinstance(back.prepare, functools.partial) and back.prepare.args == (2,)

@@ -12,7 +12,8 @@ from typing import Any
 
 from celery import shared_task
 
-from bulkpool.executors.celery import TASK_NAME, run_here
+from bulkpool.executors.celery.remote import run_here
+from bulkpool.executors.celery.transport import TASK_NAME
 
 
 @shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

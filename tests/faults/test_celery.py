@@ -81,7 +81,8 @@ class Node:
             **extra_env,
             "BULKPOOL_CELERY_BROKER": broker,
             "BULKPOOL_CELERY_DB_NAME": database,
-            "PYTHONPATH": str(REPO),
+            # The checkout's tests, and what the caller imports bulkpool from (its PYTHONPATH).
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         }
         self.name = f"{name}@{socket.gethostname()}"
         self.log = log
