@@ -78,3 +78,14 @@ def test_words_of_a_key_given_up_are_ignored():
     assert leases.heard("a", now=1.0) is None
     assert leases.started("a", "node pid 1", now=1.0) is None
     assert "a" not in leases and len(leases) == 0
+
+
+def test_untaken_since_the_oldest_send_while_nothing_started():
+    """No worker took any chunk: since the first was sent; once one starts, None."""
+    leases = Leases(lease=5.0)
+    assert leases.untaken_since() is None  # nothing in flight
+    leases.sent("a", _chunk(0), 1.0)
+    leases.sent("b", _chunk(1), 3.0)
+    assert leases.untaken_since() == 1.0
+    leases.started("b", "node pid 1", now=4.0)
+    assert leases.untaken_since() is None

@@ -8,6 +8,7 @@ them will not come back. Pure bookkeeping, fed events with their times; it sends
     any later word of it (heartbeat)  -->  heard(key, now)             renews the lease
     it finished, or was given up      -->  pop(key)                    forgotten: later words ignored
     now and then                      -->  expired(now)                what to give up, and why
+                                      -->  untaken_since()             since when no worker took any
 
 A started chunk whose worker went silent for ``lease`` seconds is lost (the node died, or
 lost the network). A chunk that was never started holds no lease: it waits for a free
@@ -27,6 +28,7 @@ from bulkpool.protocol import Chunk
 @dataclass
 class Lease:
     chunk: Chunk
+    sent: float
     seen: float  # when the chunk was sent, or last heard of
     order: int  # sent n-th: the broker hands chunks out in this order
     started: bool = False
@@ -65,7 +67,7 @@ class Leases:
 
     def sent(self, key: str, chunk: Chunk, now: float) -> None:
         self._sent += 1
-        self._flight[key] = Lease(chunk, now, self._sent)
+        self._flight[key] = Lease(chunk, now, now, self._sent)
 
     def heard(self, key: str, now: float) -> Lease | None:
         """Renew the lease of ``key``; None for a key not in flight (given up, or another run's)."""
@@ -100,6 +102,13 @@ class Leases:
             if (lease.started and now - lease.seen > self.lease)
             or (not lease.started and lease.overtaken is not None and now - lease.overtaken > self.lease)
         ]
+
+    def untaken_since(self) -> float | None:
+        """When the oldest chunk in flight was sent, while none in flight has started (else
+        None): since then no worker took any of them."""
+        if not self._flight or any(lease.started for lease in self._flight.values()):
+            return None
+        return min(lease.sent for lease in self._flight.values())
 
     def clear(self) -> None:
         self._flight.clear()

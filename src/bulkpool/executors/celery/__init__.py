@@ -55,6 +55,7 @@ messages of each key.)
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -72,7 +73,10 @@ from bulkpool.protocol import JSON, Chunk, ChunkDone, ChunkLost, Event, Task
 if TYPE_CHECKING:
     from bulkpool.options import Options
 
+logger = logging.getLogger("bulkpool")
+
 WORKERS = "celery workers"  # how the messages name them
+NOBODY_TAKES = 10.0  # seconds without a chunk taken before the caller says that no worker takes them
 
 __all__ = ["MAX_STARTS", "TASK_NAME", "CeleryExecutor", "run_here"]
 
@@ -141,6 +145,7 @@ class CeleryExecutor(Executor):
         self._starts = poison.StartTally()
         self._received: list[Event] = []
         self._setup_failed: str | None = None
+        self._told_untaken = False
         self._transport = CeleryTransport(self.app or _current_app(), self.queue, self._on_reply)
         self._transport.open()
 
@@ -159,6 +164,7 @@ class CeleryExecutor(Executor):
             wait = max(0.0, min(deadline - time.monotonic(), self.heartbeat))
             self._transport.drain(wait)
             self._expire()
+            self._say_if_untaken()
             if self._setup_failed is not None:
                 raise WorkerStartupError("A celery worker failed in setup.", self._setup_failed)
             if self._received or time.monotonic() >= deadline:
@@ -220,6 +226,25 @@ class CeleryExecutor(Executor):
                     "that died had taken it"
                 )
             self._lose(expiry.key, reason, started=expiry.started)
+
+    def _say_if_untaken(self) -> None:
+        """Once a run: no worker took any chunk for ``NOBODY_TAKES`` seconds. Say where they
+        wait and how to start a worker there; the run goes on waiting (Ctrl-C ends it)."""
+        since = self._leases.untaken_since()
+        if self._told_untaken or since is None or time.monotonic() - since < NOBODY_TAKES:
+            return
+        self._told_untaken = True
+        queue, app = self._transport.queue_name, self._transport.app
+        logger.warning(
+            "No celery worker has taken a chunk for %gs from queue %r on %s: none consumes that "
+            "queue, or all are busy. Start one with `celery -A %s worker -Q %s --prefetch-multiplier 1`. "
+            "Waiting; Ctrl-C stops the run, and the chunks no worker took count as not run (and never run).",
+            NOBODY_TAKES,
+            queue,
+            self._transport.broker,
+            app.main or "proj",
+            queue,
+        )
 
     def _lose(self, key: str, reason: str, *, started: bool = True, traceback: str = "") -> None:
         chunk = self._forget(key)

@@ -68,6 +68,25 @@ class CeleryTransport:
     def _reply(self, body: dict[str, Any], message: Any) -> None:
         self._on_reply(body)
 
+    @property
+    def queue_name(self) -> str:
+        """The queue chunks go to: ``queue``, or where the app routes the task (``task_routes``,
+        else ``task_default_queue``)."""
+        if self.queue is not None:
+            return self.queue
+        try:
+            return str(self.app.amqp.router.route({}, TASK_NAME)["queue"].name)
+        except Exception:  # an app routing in a way of its own: say its default
+            return str(self.app.conf.task_default_queue)
+
+    @property
+    def broker(self) -> str:
+        """The broker's URL, its password masked."""
+        try:
+            return str(self.app.connection_for_read().as_uri())
+        except Exception:
+            return "the app's broker"
+
     def send(self, job: str, payload: str, key: str) -> None:
         try:
             self.app.send_task(TASK_NAME, args=[job, payload, key, self.reply], queue=self.queue, task_id=key)

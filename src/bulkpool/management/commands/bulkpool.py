@@ -131,6 +131,12 @@ class Command(BaseCommand):
             "have been written: a COMMIT whose outcome is unknown).",
         )
         _add_option_flags(run)
+        run.add_argument(
+            "--queue",
+            metavar="NAME",
+            help="With --backend celery: the Celery queue the chunks go to (default: where the app "
+            "routes bulkpool.run_chunk, else its default queue). Start the workers with -Q NAME.",
+        )
 
         runs = commands.add_parser("runs", help="List journaled runs, newest first.")
         runs.add_argument("--unfinished", action="store_true", help="Only runs that did not finish.")
@@ -205,6 +211,12 @@ class Command(BaseCommand):
     def run(self, options: dict[str, Any]) -> None:
         func = _import("FUNC", options["func"])
         given = _run_options(options)
+        if options["queue"] is not None:
+            if options["backend"] != "celery":
+                raise CommandError(
+                    "--queue is the Celery queue: pass --backend celery too.", returncode=USAGE
+                )
+            given["backend"] = bulkpool.CeleryExecutor(queue=options["queue"])
         if options["dry_run"] and options["backend"] is None:
             given["backend"] = "serial"  # one transaction: it sees what chunks do to each other
         _check_rejects_path(options["input"], options["rejects"])
@@ -543,6 +555,8 @@ def _command_line(options: dict[str, Any]) -> str:
             words.append(flag if value else f"--no-{option.name.replace('_', '-')}")
         else:
             words += [flag, str(value)]
+    if options.get("queue") is not None:
+        words += ["--queue", options["queue"]]
     if options.get("settings"):
         words.append(f"--settings={options['settings']}")
     return shlex.join(words)
