@@ -22,6 +22,12 @@ def marker_failing_every(n: int, i: int) -> int:
     return i
 
 
+def marker_failing_every_slowly(n: int, pause: float, i: int) -> int:
+    """``marker_failing_every``, each item holding ``pause`` seconds first: chunks overlap."""
+    time.sleep(pause)
+    return marker_failing_every(n, i)
+
+
 def marker_killing_at(poison: int, i: int) -> int:
     """Write one Marker, except item ``poison``, which SIGKILLs the process running it, every time."""
     import os

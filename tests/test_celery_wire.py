@@ -9,7 +9,7 @@ import functools
 import pytest
 
 from bulkpool import ConfigurationError
-from bulkpool.executors.celery import _task_of, encode_chunk, job_of, rebuild, reference
+from bulkpool.executors.wire import encode_chunk, job_of, rebuild, reference, task_of
 from bulkpool.protocol import JSON, Chunk
 from bulkpool.rows import CreateRow
 from tests.celery_jobs import marker
@@ -77,7 +77,14 @@ def test_the_job_carries_func_setup_and_prepare_by_reference():
         keep_values=True,
         own_connections=True,
     )
-    back = _task_of(JSON.decode(JSON.encode(job_of(task, heartbeat=5.0))))
+    back = task_of(JSON.decode(JSON.encode(job_of(task, heartbeat=5.0))))
     assert back.func is marker
     assert isinstance(back.setup, functools.partial) and back.setup.args == (1,)
     assert isinstance(back.prepare, functools.partial) and back.prepare.args == (2,)
+
+
+def test_a_retried_piece_stays_one_across_the_wire():
+    """retry_failed's pieces keep their mark, so a worker replaces their recorded failures."""
+    chunk = Chunk(3, 40, [{"key": "k40"}], retry=True)
+    assert JSON.decode(encode_chunk(chunk)) == chunk
+    assert JSON.decode(encode_chunk(Chunk(3, 40, [1]))).retry is False

@@ -15,8 +15,11 @@ Data flow for ``run_id="nightly-import"``:
     parent   Journal.begin(): before the first piece runs: status "running", one more
              attempt, and the run's lease taken (``status.py``): refused while another live
              caller holds it; renewed by Journal.beat() while the run goes on
+    worker   is_recorded(): first in the piece's own transaction, one look: a range already
+             recorded is skipped; one whose attempt is over is refused (RunEnded, the fence)
     worker   record_chunk(): inside the piece's own transaction, lock the Run row, refuse a
-             range that overlaps a record (the piece ran before: AlreadyDone), write the record
+             range that overlaps a record (the piece ran before: AlreadyDone) or whose
+             attempt is over (RunEnded), write the record
     worker   count_start() (at-least-once executors: celery): in a transaction of its own,
              before the piece runs, one more start of it; past a limit the worker refuses
              it, so a piece that kills every worker stops being redelivered, caller or not
@@ -25,10 +28,16 @@ Data flow for ``run_id="nightly-import"``:
     parent   Journal.close(): the attempt's status and counts, for ``bulkpool runs``; the
              lease let go
 
+The fence. A chunk carries its attempt (``JournalRef.attempt``); once ``close()`` ended that
+attempt (stopped, interrupted, finished) or a resume began the next, a delivery of it that
+comes late -- a broker's message that waited for a consumer -- writes nothing, so the
+report's "not run" holds; the resume sends those items again under its own attempt.
+
 Why the Run row is locked: the unique (run, start) constraint stops one range from being
 written twice, but two *overlapping* ranges with different starts (a chunk sent again
 while a split piece of it runs) would both pass it. Taking the row lock just before
-COMMIT serialises only that last step, across workers and machines.
+COMMIT serialises only that last step, across workers and machines -- and orders it with
+``close()``, whose UPDATE of the row waits for it, or it for the UPDATE.
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.apps import apps
 from django.db import DatabaseError, IntegrityError, connections, transaction
-from django.db.models import F, Q
+from django.db.models import Exists, F, Q
 from django.utils import timezone
 
 from bulkpool.errors import ConfigurationError, RunInProgress
@@ -81,7 +90,13 @@ class JournalRef:
 
     run_pk: int
     max_size: int  # no record spans more items: bounds the overlap query to an index range
-    attempt: int = 0  # the attempt this is (Run.attempts): a retried failure is replaced in it
+    attempt: int = 0  # the Run's attempt that sent the chunk: the fence (0: none); retry_failed
+    # replaces the failures recorded before it
+
+
+class RunEnded(Exception):
+    """The chunk's attempt of its run is over (stopped, interrupted, finished, or a later
+    attempt began): a delivery that comes late writes nothing. The report said "not run"."""
 
 
 class AlreadyDone(Exception):
@@ -416,16 +431,20 @@ def record_chunk(
     JSON); call inside the transaction that did its work."""
     from bulkpool.models import Run, RunChunk, RunFailure
 
-    # The Run row's lock serialises the last step of every chunk of the run; under it, its
-    # chunk_size is the bound every attempt so far has put on its records -- a later
+    # The Run row's lock serialises the last step of every chunk of the run, and orders this
+    # COMMIT with the caller's close(): a chunk the report calls "not run" cannot commit after
+    # it. Under it, chunk_size is the bound every attempt so far put on its records -- a later
     # attempt's bigger chunks included, which this attempt's own bound would miss.
-    locked = Run.objects.using(database).select_for_update().filter(pk=ref.run_pk)
-    bound = locked.values_list("chunk_size", flat=True).first() or 0
+    row = Run.objects.using(database).select_for_update().filter(pk=ref.run_pk)
+    found = row.values_list("status", "attempts", "chunk_size").first()
+    attempt, bound = (None, 0) if found is None else (found[:2], found[2])
     if chunk.retry:
+        _fence(ref, chunk, attempt)
         _replace_failures(ref, database, chunk, errors)
         return
     if _overlapping(ref, database, chunk, lock=True, max_size=max(bound, ref.max_size)):
         raise AlreadyDone
+    _fence(ref, chunk, attempt)
     try:
         with transaction.atomic(using=database):  # a savepoint: the failed insert must not poison the chunk
             record = RunChunk.objects.using(database).create(
@@ -566,15 +585,52 @@ def count_start(ref: JournalRef, database: str, chunk: Chunk) -> int:
 
 def is_recorded(ref: JournalRef, database: str, chunk: Chunk) -> bool:
     """Whether any item of the range was recorded (a retried piece: whether its failures were
-    replaced in this attempt): a cheap look before doing the work."""
+    replaced in this attempt): a cheap look before doing the work. Raises ``RunEnded`` for a
+    range not recorded whose attempt is over (one query either way)."""
+    from bulkpool.models import Run
+
     if chunk.retry:
         return not _earlier_failures(ref, database, chunk).exists()
-    return _overlapping(ref, database, chunk, lock=False)
+    if not ref.attempt:
+        return _overlapping(ref, database, chunk, lock=False)
+    run = Run.objects.using(database).filter(pk=ref.run_pk)
+    found = run.annotate(recorded=Exists(_overlaps(ref, database, chunk)))
+    row = found.values_list("status", "attempts", "recorded").first()
+    if row is not None and row[2]:
+        return True
+    _fence(ref, chunk, None if row is None else row[:2])
+    return False
+
+
+def _fence(ref: JournalRef, chunk: Chunk, attempt: tuple[str, int] | None) -> None:
+    """Refuse ``chunk`` unless its attempt is the run's current one, still running."""
+    if not ref.attempt or attempt == (RunStatus.RUNNING, ref.attempt):
+        return
+    now = "gone" if attempt is None else f"{attempt[0]}, attempt {attempt[1]}"
+    logger.info(
+        "Refusing items %s..%s: attempt %s of their run is over (the run is %s).",
+        chunk.start,
+        chunk.end - 1,
+        ref.attempt,
+        now,
+    )
+    raise RunEnded(
+        f"items {chunk.start}..{chunk.end - 1} were sent by attempt {ref.attempt} of the run, which "
+        f"is over (the run is {now}): nothing of them was written"
+    )
 
 
 def _overlapping(
     ref: JournalRef, database: str, chunk: Chunk, *, lock: bool, max_size: int | None = None
 ) -> bool:
+    candidates = _overlaps(ref, database, chunk, max_size)
+    if lock:  # a locking read sees what committed since this transaction's snapshot (MySQL)
+        candidates = candidates.select_for_update()
+    return candidates.exists()
+
+
+def _overlaps(ref: JournalRef, database: str, chunk: Chunk, max_size: int | None = None) -> Any:
+    """The records of the run that overlap the chunk's range."""
     from bulkpool.models import RunChunk
 
     # Records are at most max_size long, so only those starting in this window can overlap.
@@ -582,9 +638,7 @@ def _overlapping(
     candidates = RunChunk.objects.using(database).filter(
         run_id=ref.run_pk, start__gt=chunk.start - window, start__lt=chunk.end
     )
-    if lock:  # a locking read sees what committed since this transaction's snapshot (MySQL)
-        candidates = candidates.select_for_update()
-    return candidates.annotate(stop=F("start") + F("size")).filter(stop__gt=chunk.start).exists()
+    return candidates.annotate(stop=F("start") + F("size")).filter(stop__gt=chunk.start)
 
 
 def _require_tables(database: str) -> None:

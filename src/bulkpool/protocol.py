@@ -258,7 +258,8 @@ class JsonCodec:
     # Messages become {"type": ..., fields...}; ChunkResult's offset keys become strings.
     def _plain(self, message: Any) -> Any:
         if isinstance(message, Chunk):
-            return {"type": "chunk", "number": message.number, "start": message.start, "items": message.items}
+            chunk = {"type": "chunk", "number": message.number, "start": message.start, "items": message.items}
+            return {**chunk, "retry": True} if message.retry else chunk  # retry_failed's pieces only
         if isinstance(message, ChunkResult):
             return {
                 "type": "result",
@@ -275,7 +276,7 @@ class JsonCodec:
     def _rebuild(self, data: Any) -> Any:
         kind = data.get("type") if isinstance(data, dict) else None
         if kind == "chunk":
-            return Chunk(data["number"], data["start"], data["items"])
+            return Chunk(data["number"], data["start"], data["items"], data.get("retry", False))
         if kind == "result":
             return ChunkResult(
                 number=data["number"],

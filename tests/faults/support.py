@@ -290,7 +290,7 @@ def start_driver(*args: str, **env: str) -> subprocess.Popen[str]:
     """``driver.py`` in its own process group (as a shell runs a job), on the test database."""
     environment = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "DJANGO_SETTINGS_MODULE": "tests.settings",
         "BULKPOOL_FAULTS_DB_NAME": str(connection.settings_dict["NAME"]),
         **env,

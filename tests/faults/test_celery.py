@@ -1,4 +1,4 @@
-"""The celery backend with real Celery workers (prefork), on Redis and on RabbitMQ.
+"""The celery backend with real Celery workers (prefork; threads and solo too), on Redis and on RabbitMQ.
 
 Each broker gets a worker node started as ``celery -A tests.celery_app worker --pool prefork
 -c 2 -Q <queue>`` (a subprocess, stopped at the end of the module), writing to this
@@ -74,6 +74,7 @@ class Node:
         name: str,
         log: Path,
         options: tuple[str, ...] = ("-c", "2"),
+        pool: str = "prefork",
         **extra_env: str,
     ) -> None:
         env = {
@@ -81,11 +82,12 @@ class Node:
             **extra_env,
             "BULKPOOL_CELERY_BROKER": broker,
             "BULKPOOL_CELERY_DB_NAME": database,
-            "PYTHONPATH": str(REPO),
+            # The checkout's tests, and what the caller imports bulkpool from (its PYTHONPATH).
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         }
         self.name = f"{name}@{socket.gethostname()}"
         self.log = log
-        command = [sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "--pool", "prefork"]
+        command = [sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "--pool", pool]
         command += [*options, "-Q", queue, "-n", self.name, "--without-gossip", "--without-mingle"]
         command += ["--without-heartbeat", "-l", "warning"]
         with open(log, "ab") as out:
@@ -413,6 +415,8 @@ def test_a_stopping_run_revokes_the_chunks_still_queued(celery_env):
     assert (found.duplicated, found.unexpected) == (0, 0), found
     assert report.ok <= found.written < 32  # without the revoke, all 63 would have run
     assert report.not_run == 64 - report.ok - report.failed >= 32
+    # The node has no result backend, and needs none: no warning for each revoked chunk.
+    assert "as revoked in backend" not in celery_env["log"].read_text(errors="replace")
 
 
 def _wait_idle(env: dict[str, Any], within: float = 30.0) -> None:
@@ -691,3 +695,116 @@ def test_the_broker_dropping_every_connection_mid_run_loses_and_doubles_nothing(
     assert "Lost the Celery broker" in err, err[-3000:]  # and the caller noticed
     assert found.exactly_once, (found, err[-3000:])
     assert counts["failed"] == 0 and counts["ok"] + counts["skipped"] == 400, out
+
+
+def _queued(app: Any, queue: str) -> int:
+    """Messages waiting in ``queue`` (on Redis and RabbitMQ alike; on Redis an empty queue is
+    no queue at all)."""
+    with app.connection_for_write() as conn:
+        try:
+            return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
+        except conn.channel_errors:
+            return 0
+
+
+def test_chunks_an_interrupted_run_left_in_the_broker_write_nothing_when_a_worker_comes(celery_env):
+    """No worker takes the queue: the caller says so, naming the queue and the worker command;
+    Ctrl-C ends it, the report says "not run"; a worker started afterwards takes the chunks
+    and writes none of them (the journal fences the ended attempt); the resume sends them
+    again and writes each item once."""
+    from bulkpool.executors.celery import NOBODY_TAKES
+
+    app, run_id = celery_env["app"], f"celery-fence-{uuid.uuid4().hex[:6]}"
+    idle = f"{celery_env['queue']}-idle"  # no worker consumes it yet
+    started = time.monotonic()
+    driver = start_driver(
+        "--items", "80", "--chunk-size", "10", "--run-id", run_id,
+        "--celery-broker", celery_env["broker"], "--celery-queue", idle,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while _queued(app, idle) != 4:  # workers=2: two chunks ahead each, the rest unsent
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+        time.sleep(0.1)
+    time.sleep(max(0.0, started + NOBODY_TAKES + 3 - time.monotonic()))
+    interrupted = time.monotonic()
+    driver.send_signal(signal.SIGINT)
+    status, _, err = finish(driver, within=60)
+    assert status == 130, err
+    assert time.monotonic() - interrupted < 15, err  # Ctrl-C ends a run that waits for workers
+    assert re.search(r": 0 ok, 0 failed, \d+ not run", err), err  # the items read, none run
+    assert f"No celery worker has taken a chunk for {NOBODY_TAKES:g}s from queue {idle!r}" in err, err
+    assert f"worker -Q {idle} --prefetch-multiplier 1" in err, err
+
+    late = Node(celery_env["broker"], idle, celery_env["database"], f"late-{idle}", celery_env["log"])
+    try:
+        late.wait_ready(app)
+        deadline = time.monotonic() + 60
+        while _queued(app, idle) or len(_starts(run_id)) < 4:  # every chunk delivered, its start counted
+            assert time.monotonic() < deadline, (_queued(app, idle), _starts(run_id))
+            time.sleep(0.2)
+        time.sleep(2)  # a chunk the fence let through would commit now
+        assert marker_counts() == {}, "a chunk of the interrupted run was written"
+    finally:
+        late.stop()
+        with app.connection_for_write() as conn, contextlib.suppress(Exception):
+            conn.default_channel.queue_delete(idle)
+
+    report = bulkpool.run(
+        functools.partial(jobs.slow_marker, 0.0),
+        range(80),
+        backend=_executor(celery_env),
+        workers=2,
+        chunk_size=10,
+        run_id=run_id,
+    )
+    found = tally(range(80))
+    record(f"celery {_label(celery_env)}: late delivery after Ctrl-C fenced, resumed", found, report)
+    assert found.exactly_once, (found, str(report))
+    assert (report.ok, report.skipped) == (80, 0), str(report)
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_every_outcome_is_right_on_a_thread_or_solo_pool(celery_env, pool):
+    """400 items, every 7th failing, through a node of that pool (4 threads, or one solo
+    process): each outcome in order with its own value or its own error, each item written once."""
+    from tests.celery_jobs import marker_failing_every_slowly
+
+    app, queue = celery_env["app"], f"{celery_env['queue']}-{pool}"
+    options = ("-c", "4") if pool == "threads" else ()
+    node = Node(
+        celery_env["broker"],
+        queue,
+        celery_env["database"],
+        f"{pool}-{queue}",
+        celery_env["log"],
+        options,
+        pool,
+    )
+    try:
+        node.wait_ready(app)
+        results = bulkpool.imap(
+            functools.partial(marker_failing_every_slowly, 7, 0.005),
+            range(400),
+            backend=CeleryExecutor(app=app, queue=queue, lease=8.0, heartbeat=1.0),
+            workers=4,
+            chunk_size=10,
+        )
+        outcomes = list(results)
+    finally:
+        node.stop()
+        with app.connection_for_write() as conn, contextlib.suppress(Exception):
+            conn.default_channel.queue_delete(queue)
+    found = tally(i for i in range(400) if i % 7)
+    record(f"celery {_label(celery_env)}: -P {pool}, every 7th failing", found, results.report)
+    assert [o.index for o in outcomes] == list(range(400))
+    wrong = [o.index for o in outcomes if not _its_own(o)]
+    assert wrong == [], f"{len(wrong)} outcomes carry another item's value or error: {wrong[:20]}"
+    assert found.exactly_once, found
+    assert (results.report.ok, results.report.failed) == (342, 58), str(results.report)
+
+
+def _its_own(outcome: Any) -> bool:
+    """The outcome of ``marker_failing_every(7, ...)`` for its own item: its error, or its value."""
+    if outcome.index % 7 == 0:
+        return outcome.error is not None and outcome.error.message == f"item {outcome.index} is refused"
+    return outcome.error is None and outcome.value == outcome.index

@@ -129,6 +129,12 @@ class Command(BaseCommand):
         )
         _add_input_arguments(run)
         _add_option_flags(run)
+        run.add_argument(
+            "--queue",
+            metavar="NAME",
+            help="With --backend celery: the Celery queue the chunks go to (default: where the app "
+            "routes bulkpool.run_chunk, else its default queue). Start the workers with -Q NAME.",
+        )
 
         upsert = commands.add_parser(
             "upsert",
@@ -248,6 +254,12 @@ class Command(BaseCommand):
     def _run(self, options: dict[str, Any], start: Callable[[Any, dict[str, Any]], bulkpool.Report]) -> None:
         """Open --input, run, write the report; every outcome mapped to its exit status."""
         given = _run_options(options)
+        if options["queue"] is not None:
+            if options["backend"] != "celery":
+                raise CommandError(
+                    "--queue is the Celery queue: pass --backend celery too.", returncode=USAGE
+                )
+            given["backend"] = bulkpool.CeleryExecutor(queue=options["queue"])
         if options["dry_run"] and options["backend"] is None:
             given["backend"] = "serial"  # one transaction: it sees what chunks do to each other
         _check_rejects_path(options["input"], options["rejects"])
@@ -603,6 +615,8 @@ def _command_line(options: dict[str, Any]) -> str:
             words.append(flag if value else f"--no-{option.name.replace('_', '-')}")
         else:
             words += [flag, str(value)]
+    if options.get("queue") is not None:
+        words += ["--queue", options["queue"]]
     if options.get("settings"):
         words.append(f"--settings={options['settings']}")
     return shlex.join(words)
