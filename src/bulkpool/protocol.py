@@ -258,7 +258,8 @@ class JsonCodec:
     # Messages become {"type": ..., fields...}; ChunkResult's offset keys become strings.
     def _plain(self, message: Any) -> Any:
         if isinstance(message, Chunk):
-            chunk = {"type": "chunk", "number": message.number, "start": message.start, "items": message.items}
+            chunk = {"type": "chunk", "number": message.number, "start": message.start}
+            chunk["items"] = message.items
             return {**chunk, "retry": True} if message.retry else chunk  # retry_failed's pieces only
         if isinstance(message, ChunkResult):
             return {
