@@ -44,7 +44,7 @@ def main() -> int:
     django.setup()
 
     import bulkpool
-    from tests.faults.jobs import slow_marker, slow_setup
+    from tests.faults.jobs import slow_marker, slow_marker_with_state, slow_setup
 
     backend: bulkpool.ProcessExecutor | bulkpool.CeleryExecutor
     if args.celery_broker:
@@ -54,7 +54,8 @@ def main() -> int:
         backend = bulkpool.CeleryExecutor(app=app, queue=args.celery_queue, lease=8.0, heartbeat=1.0)
     else:
         backend = bulkpool.ProcessExecutor(start_method=args.start_method)
-    func = functools.partial(slow_marker, args.pause)
+    # With a setup, func takes its state too (bulkpool checks the signature before item one).
+    func = functools.partial(slow_marker_with_state if args.setup_pause else slow_marker, args.pause)
     extra = {}
     if args.poison is not None:  # its chunk is split at once, as in tests/faults/test_celery.py
         from tests.celery_jobs import marker_killing_at

@@ -19,6 +19,11 @@ def slow_marker(pause: float, i: int) -> int:
     return i
 
 
+def slow_marker_with_state(pause: float, i: int, state: None) -> int:
+    """``slow_marker`` for a run with ``setup=`` (whose state it ignores)."""
+    return slow_marker(pause, i)
+
+
 def slow_setup(seconds: float) -> None:
     """A per-worker setup that takes ``seconds``: workers stay "starting" that long."""
     time.sleep(seconds)
