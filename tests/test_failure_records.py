@@ -140,14 +140,14 @@ def test_the_lease_is_renewed_while_the_run_goes_on(monkeypatch):
     journal.begin()
     run = Run.objects.get(run_id="beating")
     Run.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now() - datetime.timedelta(seconds=60))
-    journal._beaten = 0.0  # as if HEARTBEAT_SECONDS had passed
+    journal.lease._renewed = 0.0  # as if HEARTBEAT_SECONDS had passed
     journal.beat()
     renewed = Run.objects.get(pk=run.pk).heartbeat_at
     assert (timezone.now() - renewed).total_seconds() < 5
     Run.objects.filter(pk=run.pk).update(owner="other-host pid 1 (zzz)")
     warnings = []
-    monkeypatch.setattr("bulkpool.journal.logger.warning", lambda *args: warnings.append(args))
-    journal._beaten = 0.0
+    monkeypatch.setattr("bulkpool.journal.lease.logger.warning", lambda *args: warnings.append(args))
+    journal.lease._renewed = 0.0
     journal.beat()
     assert len(warnings) == 1 and "taken over" in warnings[0][0]
 

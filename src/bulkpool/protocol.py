@@ -40,7 +40,7 @@ class Chunk:
     start: int
     items: list[Any]
     # Items a journaled run recorded as failed, run again (retry_failed=True): their new
-    # outcome replaces the recorded failures instead of adding a record (journal.py).
+    # outcome replaces the recorded failures instead of adding a record (journal/records.py).
     retry: bool = False
 
     def __len__(self) -> int:
