@@ -73,3 +73,9 @@ def slow_write_row(item: Any) -> None:
 def prepare_row(item: dict[str, Any]) -> dict[str, Any]:
     """--prepare: the row with its key marked as prepared."""
     return {**item, "key": f"prepared:{item['key']}"}
+
+
+def write_row_unless_bad_slowly(item: dict[str, Any]) -> None:
+    """``write_row_unless_bad``, taking 10 ms: a run long enough to interrupt."""
+    time.sleep(0.01)
+    write_row_unless_bad(item)
