@@ -9,6 +9,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 import bulkpool
+from bulkpool.management import running
 from bulkpool.management.commands import bulkpool as command
 
 
@@ -39,7 +40,7 @@ def test_the_queue_reaches_the_celery_executor(tmp_path, monkeypatch):
         seen.update(given)
         raise bulkpool.ConfigurationError("stop here")
 
-    monkeypatch.setattr(command, "build_engine", build_engine)
+    monkeypatch.setattr(running, "build_engine", build_engine)  # where run and upsert start
     with pytest.raises(CommandError, match="stop here"):
         call_command(
             "bulkpool", "run", "tests.celery_jobs.marker_of_prepared", "--input", str(items),
