@@ -125,10 +125,11 @@ class RunAndUpsert:
 
 def _choose_backend(given: dict[str, Any], options: dict[str, Any]) -> None:
     """The executor that --queue and --dry-run imply, where --backend leaves it open."""
-    if options["queue"] is not None:
+    queue = options.get("queue")  # a flag of run's only: upsert has none
+    if queue is not None:
         if options["backend"] != "celery":
             raise CommandError("--queue is the Celery queue: pass --backend celery too.", returncode=USAGE)
-        given["backend"] = bulkpool.CeleryExecutor(queue=options["queue"])
+        given["backend"] = bulkpool.CeleryExecutor(queue=queue)
     if options["dry_run"] and options["backend"] is None:
         given["backend"] = "serial"  # one transaction: it sees what chunks do to each other
 
