@@ -808,3 +808,79 @@ def _its_own(outcome: Any) -> bool:
     if outcome.index % 7 == 0:
         return outcome.error is not None and outcome.error.message == f"item {outcome.index} is refused"
     return outcome.error is None and outcome.value == outcome.index
+
+
+def test_redis_redelivering_a_dead_nodes_chunks_after_the_run_ended_writes_nothing(celery_env):
+    """A node holding chunks is SIGKILLed, the caller Ctrl-C'd: Redis hands the node's unacked
+    messages out again once its visibility timeout (4 s here, an hour by default) is past; a
+    new node takes them after the run ended and the journal refuses them (the fence); the
+    resume writes each item once."""
+    import json
+
+    from tests.celery_app import TRANSPORT_OPTIONS
+
+    if not celery_env["broker"].startswith("redis"):
+        pytest.skip("the visibility timeout is Redis's: RabbitMQ redelivers when the connection drops")
+    tag = uuid.uuid4().hex[:8]
+    options = {
+        "visibility_timeout": 4,
+        "unacked_restore_interval": 1,  # look for messages past it every second, not every 100 s
+        "unacked_restore_throttle": 1,
+        "global_keyprefix": f"bulkpool-vt-{tag}:",  # the unacked set of this test alone: Redis is shared
+    }
+    env = {TRANSPORT_OPTIONS: json.dumps(options)}
+    app, queue, log = make_app(celery_env["broker"], options), f"bulkpool-vt-{tag}", celery_env["log"]
+    database, run_id = celery_env["database"], f"celery-vt-{tag}"
+    greedy = ("-c", "1", "--prefetch-multiplier", "8")  # it takes 8 chunks at once: 7 wait in its buffer
+    nodes = [Node(celery_env["broker"], queue, database, f"g-{queue}", log, greedy, **env)]
+    try:
+        nodes[0].wait_ready(app)
+        driver = start_driver(
+            "--items", "400", "--pause", "0.02", "--chunk-size", "10", "--workers", "4", "--run-id", run_id,
+            "--celery-broker", celery_env["broker"], "--celery-queue", queue, **env,
+        )  # fmt: skip
+        wait_for_rows(driver, 60)
+        nodes[0].kill()
+        held = _unacked(app)  # what the node had taken and not acknowledged: Redis keeps it
+        driver.send_signal(signal.SIGINT)
+        status, _, err = finish(driver, within=60)
+        assert status == 130, err
+        assert re.search(r"\d+ not run", err), err
+        written, starts = marker_counts(), sum(_starts(run_id).values())
+        assert held and max(written.values()) == 1, (held, written)
+
+        nodes.append(Node(celery_env["broker"], queue, database, f"l-{queue}", log, ("-c", "2"), **env))
+        nodes[1].wait_ready(app)
+        deadline = time.monotonic() + 60
+        while _unacked(app) or _queued(app, queue) or sum(_starts(run_id).values()) < starts + held:
+            assert time.monotonic() < deadline, (_unacked(app), _queued(app, queue), _starts(run_id))
+            time.sleep(0.2)
+        time.sleep(2)  # a chunk the fence let through would commit now
+        assert marker_counts() == written, "a late redelivery of the interrupted run wrote rows"
+
+        report = bulkpool.run(
+            functools.partial(jobs.slow_marker, 0.0),
+            range(400),
+            backend=CeleryExecutor(app=app, queue=queue, lease=8.0, heartbeat=1.0),
+            workers=2,
+            chunk_size=10,
+            run_id=run_id,
+        )
+    finally:
+        for node in nodes:
+            node.kill()
+        with app.connection_for_write() as conn, contextlib.suppress(Exception):
+            conn.default_channel.queue_delete(queue)
+    found = tally(range(400))
+    record(
+        f"celery {_label(celery_env)}: node SIGKILL, Redis redelivery after the run, fenced", found, report
+    )
+    assert found.exactly_once, (found, str(report))
+    assert report.skipped == len(written) and report.ok == 400 - len(written), str(report)
+
+
+def _unacked(app: Any) -> int:
+    """Messages Redis counts as taken by a consumer and not acknowledged (its visibility set)."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        return int(channel.client.hlen(channel.unacked_key))
