@@ -225,6 +225,14 @@ def setup_fails_outside(pid: int) -> None:
         raise RuntimeError("this setup works in the calling process only")
 
 
+def setup_works_once(flag_path: str) -> None:
+    """setup: works in the first process to run it (it creates ``flag_path``), fails in any other."""
+    try:
+        os.close(os.open(flag_path, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        raise RuntimeError("this setup works in one worker only") from None
+
+
 def busy_then_write_marker_pid(i: int) -> int:
     """About 1 ms of CPU, then write_marker_pid."""
     deadline = time.thread_time() + 0.001

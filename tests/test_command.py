@@ -647,9 +647,8 @@ def test_failing_setup_is_one_line_exit_2():
     )
     assert result.returncode == 2
     assert one_error_line(result.stderr) == (
-        "CommandError: A worker failed in setup (the calling process, which runs the first chunks "
-        "while workers='auto' measures them): RuntimeError: setup could not reach the mail server "
-        "(run with -v 2 to see the worker's traceback)"
+        "CommandError: A worker thread failed in setup: RuntimeError: setup could not reach the "
+        "mail server (run with -v 2 to see the worker's traceback)"
     )
 
 

@@ -17,6 +17,7 @@ from bulkpool.sizing import (
     CEILING,
     FIRST_CHUNK,
     GROWTH,
+    MEASURING_FIRST_CHUNK,
     ChunkSizer,
     Limits,
     Pace,
@@ -82,6 +83,17 @@ def test_nothing_is_chosen_before_the_first_chunks_are_measured():
     one_chunk = Pace()
     one_chunk.add(10, Timings(work=0.001, total=0.001, cpu=0.001))
     assert choose_workers(one_chunk, left=10_000, limits=SERVER) is None
+    few_items = Pace()  # two chunks, but of 4 and 16 items: too few to go by
+    few_items.add(4, Timings(work=0.004, total=0.004, cpu=0.004))
+    few_items.add(16, Timings(work=0.016, total=0.016, cpu=0.016))
+    assert choose_workers(few_items, left=10_000, limits=SERVER) is None
+
+
+def test_a_measuring_pool_starts_with_chunks_of_one_item_and_ramps_up():
+    """On a pool's first worker, heavy items show in the first chunk, not after ten of them."""
+    sizer = ChunkSizer(first=MEASURING_FIRST_CHUNK)
+    light = pace(0.00001)
+    assert [sizer.next(Pace())] + [sizer.next(light) for _ in range(3)] == [1, 4, 16, 64]
 
 
 def test_a_small_run_stays_serial():
@@ -120,10 +132,12 @@ def test_sqlite_with_work_outside_the_transaction_gets_a_pool():
     assert choice is not None and choice.workers == 2
 
 
-def test_an_input_of_unknown_length_goes_on_serially_until_a_pool_would_pay():
+def test_an_input_of_unknown_length_grows_the_pool_once_the_work_pays_for_its_workers():
+    """No length to go by: the pool grows once the work measured has cost more than its new
+    workers cost to start (0.1 s here), not after a second of work on one worker."""
     assert choose_workers(pace(0.0003), left=None, limits=SERVER) is None  # 15 ms measured so far
-    long_enough = pace(0.0003, items=5_000)  # 1.5 s of serial work
-    choice = choose_workers(long_enough, left=None, limits=SERVER)
+    heavy = pace(0.02, items=10)  # two chunks, 0.22 s: more than the workers cost
+    choice = choose_workers(heavy, left=None, limits=SERVER)
     assert choice is not None and choice.workers == 2 and "unknown length" in choice.why
 
 
@@ -153,33 +167,39 @@ def assert_each_once(count: int) -> None:
 
 @pytestmark_db
 @pytest.mark.parametrize("backend", ["thread", "process"])
-def test_a_small_light_run_stays_in_the_caller_and_says_why(backend, caplog):
-    """No option given: a light run of 500 items runs serially in the caller, in growing chunks."""
+def test_a_small_light_run_stays_on_one_worker_and_says_why(backend, caplog):
+    """No option given: a light run of 500 items runs on one worker (a process of the pool,
+    not the caller, on the process backend), in growing chunks."""
     with caplog.at_level(logging.INFO, logger="bulkpool"):
         report = bulkpool.run(jobs.write_marker_pid, range(500), backend=backend, run_id="small")
     assert report.ok == 500
     assert_each_once(500)
-    assert set(writers()) == {os.getpid()}
+    if backend == "process":
+        assert len(writers()) == 1 and os.getpid() not in writers()
     sizing = [note for note in report.notes if note.startswith("Sizing: ")]
-    assert sizing[0].startswith("Sizing: workers=1: ") and "chunk_size=auto: chunks of 10 to" in sizing[1]
+    # The smallest chunk may be the last (what is left of the input): sizes are checked below.
+    assert sizing[0].startswith("Sizing: workers=1: ") and "chunk_size=auto: chunks of " in sizing[1]
     assert "Sizing: workers=1" in str(report) and "Sizing: workers=1" in caplog.text
     sizes = list(
         RunChunk.objects.filter(run__run_id="small").order_by("start").values_list("size", flat=True)
     )
-    assert sizes[:2] == [FIRST_CHUNK, FIRST_CHUNK * GROWTH] and max(sizes) <= CEILING and sum(sizes) == 500
+    # The first chunk pays for the new worker's database connection, so the second may
+    # grow less than GROWTH-fold.
+    first = MEASURING_FIRST_CHUNK
+    assert sizes[0] == first and first < sizes[1] <= first * GROWTH
+    assert max(sizes) <= CEILING and sum(sizes) == 500
 
 
 @pytestmark_db
-def test_a_run_that_waits_on_a_slow_service_starts_the_pool_after_measuring():
-    """3 ms of waiting per item in prepare: after its first chunks in the caller, the run
-    starts process workers (more than the CPUs), and every item is written once."""
+def test_a_run_that_waits_on_a_slow_service_grows_the_pool_after_measuring():
+    """3 ms of waiting per item in prepare: after its first chunks on one worker, the run
+    grows to more process workers than the CPUs, and every item is written once."""
     prepare = functools.partial(jobs.wait_then_pass, 0.003)
     report = bulkpool.run(jobs.write_marker_pid, range(1_500), backend="process", prepare=prepare)
     assert report.ok == 1_500
     assert_each_once(1_500)
     by_process = writers()
-    caller = by_process.pop(os.getpid(), 0)
-    assert 0 < caller < 500  # the first chunks, measured in the caller
+    assert os.getpid() not in by_process  # measured in the pool's first worker, not the caller
     assert len(by_process) > 2  # then more workers than this machine's CPUs (the items wait)
     note = next(note for note in report.notes if note.startswith("Sizing: workers="))
     assert not note.startswith("Sizing: workers=1:")
@@ -187,30 +207,29 @@ def test_a_run_that_waits_on_a_slow_service_starts_the_pool_after_measuring():
 
 
 @pytestmark_db
-def test_a_pool_that_cannot_start_after_measuring_leaves_the_run_serial(caplog):
-    """If the pool's workers fail to start once the caller measured the first chunks, the
-    run goes on in the caller, says so, and loses nothing."""
-    prepare = functools.partial(jobs.wait_then_pass, 0.003)
+def test_a_pool_that_cannot_grow_after_measuring_goes_on_with_its_one_worker(tmp_path, caplog):
+    """If the workers the pool grows by fail to start once its first worker measured the
+    first chunks, the run goes on with that worker, says so, and loses nothing."""
     prepare = functools.partial(jobs.wait_then_pass_with_state, 0.003)
-    setup = functools.partial(jobs.setup_fails_outside, os.getpid())
+    setup = functools.partial(jobs.setup_works_once, str(tmp_path / "started"))
     with caplog.at_level(logging.WARNING, logger="bulkpool"):
         report = bulkpool.run(
             jobs.write_marker_pid_with_state, range(1_200), backend="process", prepare=prepare, setup=setup
         )
     assert report.ok == 1_200
     assert_each_once(1_200)
-    assert set(writers()) == {os.getpid()}
-    assert "Could not start process workers" in caplog.text
-    assert any("the process workers could not start" in note for note in report.notes)
+    assert len(writers()) == 1 and os.getpid() not in writers()
+    assert "Could not start more process workers" in caplog.text
+    assert any("Sizing: workers=1: the process workers could not start" in note for note in report.notes)
 
 
 @pytestmark_db
 @pytest.mark.skipif("connection.vendor != 'sqlite'", reason="only on SQLite")
-def test_sqlite_light_work_stays_serial_whatever_its_length():
-    """SQLite's one writer: 5,000 light items stay in the caller (workers would only queue)."""
+def test_sqlite_light_work_stays_on_one_worker_whatever_its_length():
+    """SQLite's one writer: 5,000 light items stay on one worker (more would only queue)."""
     report = bulkpool.run(jobs.write_marker_pid, range(5_000))
     assert report.ok == 5_000
-    assert set(writers()) == {os.getpid()}
+    assert len(writers()) == 1 and os.getpid() not in writers()
     assert any("SQLite writes one transaction at a time" in note for note in report.notes)
 
 
@@ -223,7 +242,7 @@ def test_a_long_run_on_a_server_starts_a_worker_per_cpu():
     assert report.ok == 3_000
     assert_each_once(3_000)
     by_process = writers()
-    assert 0 < by_process.pop(os.getpid()) < 1_000  # the first chunks, measured in the caller
+    assert os.getpid() not in by_process  # the first chunks were measured on the pool's first worker
     assert len(by_process) >= cpu_quota()
     note = next(note for note in report.notes if note.startswith("Sizing: workers="))
     assert f"{cpu_quota()} CPUs" in note
@@ -231,8 +250,8 @@ def test_a_long_run_on_a_server_starts_a_worker_per_cpu():
 
 @pytestmark_db
 def test_a_serial_run_with_a_known_length_is_not_shared_out_among_cpus():
-    """Serial (and the caller while it measures) is one worker: its chunks are not cut
-    small to share a known input out among workers that do not exist."""
+    """Serial (and the pool's first worker while it measures) is one worker: its chunks are
+    not cut small to share a known input out among workers that do not exist."""
     bulkpool.run(jobs.write_marker_pid, list(range(300)), backend="serial", run_id="one-worker")
     sizes = list(
         RunChunk.objects.filter(run__run_id="one-worker").order_by("start").values_list("size", flat=True)
@@ -258,3 +277,36 @@ def test_an_input_longer_than_its_length_said_is_sized_as_one_of_unknown_length(
     )
     # Shared out while the length held (chunks of 1), then sized from the pace again.
     assert sum(sizes) == 300 and max(sizes) > 4 and len(sizes) < 100  # not 300 chunks of 1
+
+
+@pytestmark_db
+def test_an_item_that_kills_its_process_fails_alone_under_the_default_options():
+    """workers="auto" measures in a pool worker, not the caller: an item that kills its
+    process (SIGKILL) fails alone as WorkerDied, the caller gets its report, and a resume
+    with the run_id runs past it."""
+    die_at_5 = functools.partial(jobs.die_always_at, 5)
+    report = bulkpool.run(die_at_5, range(50), run_id="killer")
+    assert (report.ok, report.failed) == (49, 1)
+    (failure,) = report.failures
+    assert failure.index == 5 and failure.exc_type == "bulkpool.WorkerDied"
+    assert Counter(Marker.objects.values_list("key", flat=True)) == Counter(
+        str(i) for i in range(50) if i != 5
+    )
+    again = bulkpool.run(die_at_5, range(50), run_id="killer")  # would die at item 5, were it run
+    assert (again.skipped, again.failed, again.failed_before, again.not_run) == (49, 1, 1, 0)
+
+
+@pytestmark_db
+def test_a_heavy_input_of_unknown_length_gets_its_pool_from_the_first_chunks():
+    """A generator of items that wait 20 ms each: the pool grows once the first chunk is
+    measured, not after a second of work on one worker (which the second chunk, items 10
+    to 49, would still be part of)."""
+    prepare = functools.partial(jobs.wait_then_pass, 0.02)
+    report = bulkpool.run(jobs.write_marker_pid, (i for i in range(200)), backend="process", prepare=prepare)
+    assert report.ok == 200
+    assert_each_once(200)
+    written_by = dict(Marker.objects.values_list("key", "value"))
+    assert os.getpid() not in written_by.values()
+    assert len({written_by[str(i)] for i in range(10, 50)}) > 1  # already shared among workers
+    note = next(note for note in report.notes if note.startswith("Sizing: workers="))
+    assert "input of unknown length" in note and not note.startswith("Sizing: workers=1:")

@@ -1,13 +1,14 @@
 """The executor a run sends to, and the size of its next chunk: the sizing policy, applied.
 
-``Pool`` owns the executor in use, the pace measured so far and the chunk sizer; the
-engine only asks it:
+``Pool`` owns the executor, how many workers it has, the pace measured so far and the
+chunk sizer; the engine only asks it:
 
     send_to(task, interrupts)    the executor to submit the next chunk to. The first call
-                                 starts one; with ``workers="auto"`` on a local pool that is
-                                 a serial stand-in in the caller, which runs the first chunks
-                                 while they are measured, until ``choose_workers`` answers:
-                                 stay serial, or start the pool and stop the stand-in
+                                 starts it; with ``workers="auto"`` on a pool that can grow
+                                 (thread, process), with one worker, which runs the first
+                                 chunks one at a time while they are measured -- never the
+                                 caller, so an item that kills its process kills a worker --
+                                 until ``choose_workers`` answers: stay at one worker, or grow
     next_size(start)             the size of the chunk read from ``start`` on
     read(items) / measured(...)  a chunk was read from the input / came back with its timings
     close(stopped=, cancel=)     the notes on what was chosen, then stop the executor
@@ -24,12 +25,15 @@ from collections.abc import Callable
 from django.db import connections
 
 from bulkpool.errors import WorkerStartupError
-from bulkpool.executors import Executor, SerialExecutor
+from bulkpool.executors import Executor
 from bulkpool.interrupts import Interrupts
 from bulkpool.options import Options
-from bulkpool.protocol import ErrorInfo, Task, Timings
+from bulkpool.protocol import Task, Timings
 from bulkpool.sizing import (
     AUTO,
+    FIRST_CHUNK,
+    MEASURING_FIRST_CHUNK,
+    PROBE_SECONDS,
     REMOTE_TARGET_SECONDS,
     Choice,
     ChunkSizer,
@@ -49,26 +53,26 @@ class Pool:
     def __init__(
         self, backend: Executor, options: Options, *, length: int | None, note: Callable[[str], None]
     ) -> None:
-        self.backend = backend  # the executor the options name
-        self.executor = backend  # the one in use: a serial stand-in while workers="auto" measures
+        self.executor = backend
         self._database = options.database
         self._length = length
         self._read = 0
         self._note = note
-        # workers="auto": the caller runs the first chunks while they are measured.
-        self._measuring = (
-            options.workers == AUTO and not backend.workers and backend.local
-            and not backend.supports_caller_transaction
-        )  # fmt: skip
+        # workers="auto": one worker runs the first chunks while they are measured.
+        self._measuring = options.workers == AUTO and not backend.workers and backend.grows
         self.workers: int = backend.workers or (
             cpu_quota() if options.workers == AUTO else int(options.workers)
         )
         if self._measuring or backend.supports_caller_transaction:
-            self.workers = 1  # what runs the chunks until a pool is chosen, or for good
-        self.sizer = ChunkSizer(None if options.chunk_size == AUTO else int(options.chunk_size))
+            self.workers = 1  # until the pool grows, or for good
+        self.sizer = ChunkSizer(
+            None if options.chunk_size == AUTO else int(options.chunk_size),
+            first=MEASURING_FIRST_CHUNK if self._measuring else FIRST_CHUNK,
+        )
         if not backend.local:
             self.sizer.target = REMOTE_TARGET_SECONDS  # a broker's round trip is dearer
-        self.pace = Pace()
+        self.pace = Pace()  # every chunk's: sizes the next chunk
+        self._deciding = Pace()  # what the pool is chosen from: without a new worker's first chunk
         self.started = False
         self.capacity = 1  # chunks the executor in use may hold at once
 
@@ -81,11 +85,11 @@ class Pool:
 
     def send_to(self, task: Task, interrupts: Interrupts) -> Executor:
         """The executor for the next chunk: started when there is work for it (a rerun of a
-        finished run starts none); while measuring, the pool once the pace says so."""
+        finished run starts none); while measuring, grown once the pace says so."""
         if not self.started:
             self._start(task, interrupts)
         elif self._measuring:
-            self._choose_pool(task, interrupts)
+            self._choose_pool(interrupts)
         return self.executor
 
     def next_size(self, start: int) -> int:
@@ -98,6 +102,10 @@ class Pool:
 
     def measured(self, items: int, timings: Timings) -> None:
         """A chunk of ``items`` came back, with what it took in its worker."""
+        # The measuring worker's first chunk also opened its database connection: left
+        # out of the choice, unless the chunk is long enough for that not to matter.
+        if self.pace.chunks or timings.total >= PROBE_SECONDS:
+            self._deciding.add(items, timings)
         self.pace.add(items, timings)
 
     def withdraw(self) -> None:
@@ -107,58 +115,43 @@ class Pool:
     def close(self, *, stopped: bool, cancel: bool) -> None:
         """Say what was chosen, then stop the executor in use."""
         if self._measuring and self.started and not stopped:
-            self._say("workers=1: the whole input ran in the caller while it was measured")
+            self._say("workers=1: the whole input ran on the one worker that measured it")
         if chunks := self.sizer.summary():
             self._say(chunks)
         if self.started:
             self.executor.stop(cancel=cancel)
 
-    # -- starting, and changing executor ---------------------------------------------------
+    # -- starting, and growing ----------------------------------------------------------------
 
     def _start(self, task: Task, interrupts: Interrupts) -> None:
         self.started = True
-        if self._measuring:
-            self.executor, self.workers = SerialExecutor(), 1
         with interrupts.raising():  # no work is in flight yet: Ctrl-C need not wait for setup
-            if self._measuring:
-                self._start_stand_in(task)
-            else:
-                self.executor.start(task, self.workers)
-        self.capacity = self.executor.capacity()
+            self.executor.start(task, self.workers)
+        # While measuring, one chunk at a time: none waits behind another on the one worker
+        # when the pool grows.
+        self.capacity = 1 if self._measuring else self.executor.capacity()
 
-    def _start_stand_in(self, task: Task) -> None:
-        """The caller stands in for a pool worker: its failing setup is reported as one's."""
-        try:
-            self.executor.start(task, 1)
-        except Exception as error:
-            info = ErrorInfo.from_exception(error)
-            raise WorkerStartupError(
-                "A worker failed in setup (the calling process, which runs the first chunks while "
-                f"workers='auto' measures them): {info.exc_type}: {info.message}",
-                info.traceback,
-            ) from error
-
-    def _choose_pool(self, task: Task, interrupts: Interrupts) -> None:
-        """Once the caller's first chunks are measured, stay serial or start the pool."""
-        choice = choose_workers(self.pace, self._left(self._read), self._limits)
+    def _choose_pool(self, interrupts: Interrupts) -> None:
+        """Once the first chunks are measured, stay at one worker or grow the pool."""
+        choice = choose_workers(self._deciding, self._left(self._read), self._limits)
         if choice is None:
             return
         self._measuring = False
         if choice.workers > 1:
-            choice = self._start_pool(choice, task, interrupts)
+            choice = self._grow(choice, interrupts)
+        self.capacity = self.executor.capacity()
         self._say(f"workers={choice.workers}: {choice.why}")
 
-    def _start_pool(self, choice: Choice, task: Task, interrupts: Interrupts) -> Choice:
-        pool = self.backend
+    def _grow(self, choice: Choice, interrupts: Interrupts) -> Choice:
+        executor = self.executor
         try:
-            with interrupts.raising():  # nothing is in flight between two serial chunks
-                pool.start(task, choice.workers)
+            with interrupts.raising():  # nothing is in flight while measuring, between two chunks
+                executor.grow(choice.workers)
         except WorkerStartupError as error:
-            logger.warning("Could not start %s workers: going on serially.\n%s", pool.name, error)
-            return Choice(1, f"the {pool.name} workers could not start ({str(error).splitlines()[0]})")
-        self.executor.stop()
-        self.executor, self.workers = pool, choice.workers
-        self.capacity = pool.capacity()
+            logger.warning("Could not start more %s workers: going on with one.\n%s", executor.name, error)
+            why = f"the {executor.name} workers could not start ({str(error).splitlines()[0]})"
+            return Choice(1, why)
+        self.workers = choice.workers
         return choice
 
     def _say(self, note: str) -> None:
@@ -171,7 +164,7 @@ class Pool:
             cpus=cpu_quota(),
             free_connections=free_connections(self._database),
             single_writer=connections[self._database].vendor == "sqlite",
-            start_seconds=self.backend.start_seconds,
+            start_seconds=self.executor.start_seconds,
         )
 
     def _left(self, read: int) -> int | None:

@@ -4,7 +4,9 @@ Nothing is run twice to measure it. Each chunk comes back with its ``Timings`` (
 the worker), and the next choice is made from the pace so far:
 
 ``chunk_size="auto"``
-    The first chunk is small (``FIRST_CHUNK``); each next one is sized to take about
+    The first chunk is small (``FIRST_CHUNK``; ``MEASURING_FIRST_CHUNK`` while
+    ``workers="auto"`` measures on a pool's first worker, so that heavy items show before
+    many of them queue there); each next one is sized to take about
     ``TARGET_SECONDS`` at the pace measured, growing at most ``GROWTH``-fold per chunk and
     never past ``CEILING`` items. Commits stay rare (light work gets chunks of hundreds of
     items) and transactions short (heavy work gets a few): joblib's auto-batching, with the
@@ -12,13 +14,16 @@ the worker), and the next choice is made from the pace so far:
     small enough to share the rest of the input out evenly.
 
 ``workers="auto"`` (thread and process backends)
-    The first chunks run in the caller, serially, while they are measured. Then the run
-    either stays serial -- the items left would take less time than starting workers saves,
-    or the database writes one transaction at a time (SQLite) and nearly all of each item's
-    time is spent inside it -- or starts the backend's pool, as wide as the work can use:
-    one worker per CPU the process may really use (affinity, cgroup quota), more when the
-    items mostly wait (I/O, the database), never more than the database's free connection
-    slots allow, and on SQLite no more than the work outside the write lock can keep busy.
+    The pool starts with one worker -- never the caller, whose process an item may kill --
+    which runs the first chunks, one at a time, while they are measured. Then the run
+    either stays on that worker -- the items left would take less time than more workers
+    save, or the database writes one transaction at a time (SQLite) and nearly all of each
+    item's time is spent inside it -- or grows the pool, as wide as the work can use: one
+    worker per CPU the process may really use (affinity, cgroup quota), more when the items
+    mostly wait (I/O, the database), never more than the database's free connection slots
+    allow, and on SQLite no more than the work outside the write lock can keep busy. With
+    an input of unknown length, it grows as soon as the work measured has cost more than
+    the new workers cost to start.
 
 The policy here is pure: ``ChunkSizer`` and ``choose_workers`` are fed numbers. The few
 facts read from the machine and the database come from ``cpu_quota`` and
@@ -38,14 +43,16 @@ from bulkpool.protocol import Timings
 
 AUTO = "auto"
 FIRST_CHUNK = 10
+MEASURING_FIRST_CHUNK = 1
 GROWTH = 4
 CEILING = 1000  # items: what a chunk holds in memory, and the most a redo repeats
 TARGET_SECONDS = 0.2  # a chunk's time: commits rare, transactions short, Ctrl-C quick to drain
 REMOTE_TARGET_SECONDS = 0.5  # on workers elsewhere (celery): a broker's round trip is dearer
 BALANCE = 4  # with a pool, chunks per worker still to come when the input's length is known
-PROBE_CHUNKS = 2  # chunks measured in the caller before the pool is chosen...
+PROBE_CHUNKS = 2  # chunks measured on the first worker before the pool is chosen...
+PROBE_ITEMS = 50  # ...holding this many items at least...
 PROBE_SECONDS = 0.2  # ...or seconds of them, whichever comes first
-PAYS_AFTER_SECONDS = 1.0  # serial work left below which starting a pool does not pay
+PAYS_AFTER_SECONDS = 1.0  # work left (on one worker) below which growing the pool does not pay
 WAITING_WIDTH = 4  # at most this many workers per CPU when the items mostly wait
 SINGLE_WRITER_GAIN = 1.5  # on SQLite, a pool must promise this speed-up to be worth it
 SPARE_CONNECTIONS = 5  # database connection slots left free for everyone else
@@ -80,6 +87,7 @@ class ChunkSizer:
     """The size of each next chunk: ``fixed``, or chosen from the pace (``chunk_size="auto"``)."""
 
     fixed: int | None = None
+    first: int = FIRST_CHUNK  # the size before any pace is known
     target: float = TARGET_SECONDS
     smallest: int = 0  # of the chunks read so far
     largest: int = 0
@@ -94,7 +102,7 @@ class ChunkSizer:
         if self.fixed is not None:
             return self.fixed
         per_item = pace.per_item
-        size = float(FIRST_CHUNK) if per_item is None else self.target / max(per_item, 1e-7)
+        size = float(self.first) if per_item is None else self.target / max(per_item, 1e-7)
         if self._last:
             size = min(size, self._last * GROWTH)
         if left is not None and workers > 1:
@@ -129,18 +137,20 @@ class Limits:
 
 @dataclass(frozen=True)
 class Choice:
-    workers: int  # 1: stay serial in the caller
+    workers: int  # 1: stay on the one worker that measured
     why: str
 
 
 def choose_workers(pace: Pace, left: int | None, limits: Limits) -> Choice | None:
-    """The pool for the rest of the run, or None to measure (serially) a while longer.
+    """The pool for the rest of the run, or None to measure (on one worker) a while longer.
 
-    ``left``: items not read yet, when the input's length is known.
+    ``left``: items not read yet, when the input's length is known. When it is not, the
+    pool grows once the work measured has cost as much as its new workers cost to start
+    (so a short input wastes at most that much, and a long one gets its pool at once).
     """
     if left == 0:
         return Choice(1, "the whole input ran while it was measured")
-    measured = pace.chunks >= PROBE_CHUNKS or pace.seconds >= PROBE_SECONDS
+    measured = (pace.chunks >= PROBE_CHUNKS and pace.items >= PROBE_ITEMS) or pace.seconds >= PROBE_SECONDS
     per_item = pace.per_item
     if not measured or per_item is None:
         return None
@@ -148,16 +158,16 @@ def choose_workers(pace: Pace, left: int | None, limits: Limits) -> Choice | Non
     pace_text = f"{per_item * 1000:.2g} ms per item"
     if width < 2:
         return Choice(1, f"{pace_text}: {bound}")
-    pays_after = max(PAYS_AFTER_SECONDS, 4 * limits.start_seconds)
     if left is None:
-        if pace.seconds < pays_after:
-            return None  # an input of unknown length: go on serially until a pool would pay
+        if pace.seconds < limits.start_seconds:
+            return None  # an input of unknown length: measure until the workers' start is paid for
         return Choice(width, f"{pace_text}, input of unknown length: {width} workers ({bound})")
+    pays_after = max(PAYS_AFTER_SECONDS, 4 * limits.start_seconds)
     serial_left = left * per_item
     if serial_left < pays_after:
         return Choice(
             1,
-            f"{pace_text}: the {left:,} items left take about {serial_left:.1f} s here, "
+            f"{pace_text}: the {left:,} items left take about {serial_left:.1f} s on one worker, "
             "too little for starting workers to pay",
         )
     return Choice(width, f"{pace_text}, {left:,} items left: {width} workers ({bound})")

@@ -40,8 +40,12 @@ class Executor(ABC):
         The executor notices by itself when a chunk will not come back (its worker died or
         crashed) and reports it as ``ChunkLost``; without it, the engine must time chunks out.
     ``local``
-        Its workers run on this machine, as the caller could: with ``workers="auto"`` the
-        caller runs the first chunks itself while they are measured (``bulkpool.sizing``).
+        Its workers run on this machine: their number is chosen from this machine's CPUs.
+    ``grows``
+        ``grow`` adds workers to a started pool: with ``workers="auto"`` the pool starts
+        with one worker, which runs the first chunks while they are measured, and grows
+        once the pace says how wide the work can use (``bulkpool.pooling``). Without it,
+        ``workers="auto"`` starts as many workers as the CPUs at once.
     ``start_seconds``
         About what starting its workers costs: a pool must save more than that to pay.
     """
@@ -53,6 +57,7 @@ class Executor(ABC):
     delivery: Delivery = "at_least_once"
     detects_loss: bool = False
     local: bool = False
+    grows: bool = False
     start_seconds: float = 0.5
 
     def __init__(self, workers: int | None = None) -> None:
@@ -69,6 +74,12 @@ class Executor(ABC):
     @abstractmethod
     def start(self, task: Task, workers: int) -> None:
         """Start the workers; each runs ``task.setup`` once. Raise ``WorkerStartupError`` if one cannot."""
+
+    def grow(self, workers: int) -> None:
+        """Start more workers, up to ``workers`` in all (with ``grows``); each runs
+        ``task.setup`` once. Raise ``WorkerStartupError`` if one cannot start: the pool
+        keeps the workers it had. ``capacity`` says the new width from then on."""
+        raise NotImplementedError(f"{type(self).__name__} cannot grow its pool")
 
     @abstractmethod
     def capacity(self) -> int:

@@ -71,6 +71,7 @@ class ProcessExecutor(Executor):
     delivery: Delivery = "exactly_once"
     detects_loss = True
     local = True
+    grows = True
 
     def __init__(self, workers: int | None = None, *, start_method: str | None = None) -> None:
         super().__init__(workers)
@@ -126,6 +127,14 @@ class ProcessExecutor(Executor):
         except BaseException:
             self._handles = launched  # those still starting too: Ctrl-C during a long setup
             self.stop(cancel=True)
+            raise
+
+    def grow(self, workers: int) -> None:
+        previous, self._size = self._size, max(self._size, workers)
+        try:
+            self._replace_the_dead()
+        except BaseException:
+            self._size = previous
             raise
 
     def capacity(self) -> int:
@@ -241,11 +250,21 @@ class ProcessExecutor(Executor):
             socket.send_fds(self._zygote[2], [b"F"], [child_end.fileno()])
 
     def _replace_the_dead(self) -> None:
-        """Top the pool up to its size: only when work is sent, so none starts while draining."""
-        while len(self._handles) < self._size:
-            handle = self._launch()
-            self._await_ready(handle)
-            self._handles.append(handle)
+        """Top the pool up to its size: only when work is sent (or the pool grows), so none
+        starts while draining. The workers start side by side; one that fails to start
+        takes those still starting with it."""
+        launched = [self._launch() for _ in range(self._size - len(self._handles))]
+        try:
+            for handle in launched:
+                self._await_ready(handle)
+                self._handles.append(handle)
+        except BaseException:
+            for handle in launched:
+                if handle not in self._handles:
+                    handle.kill()
+                    handle.conn.close()  # a forkserver worker still starting exits on the hang-up
+                    handle.reap(STOP_TIMEOUT)
+            raise
 
     def _bury(self, dead: _WorkerHandle) -> list[Event]:
         """Reap a dead worker and hand back its chunks; ``submit`` starts its replacement."""

@@ -13,8 +13,7 @@ from bulkpool.work import Worker
 class SerialExecutor(Executor):
     """Runs each chunk as it is submitted. Sees the caller's transaction, so works in a ``TestCase``.
 
-    A failing setup raises as the caller's own error (``bulkpool.pooling``, which has the
-    caller stand in for a pool's worker while it measures, reports it as that worker's).
+    A failing setup raises as the caller's own error.
     """
 
     name = "serial"

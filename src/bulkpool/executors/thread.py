@@ -35,6 +35,7 @@ class ThreadExecutor(Executor):
     delivery: Delivery = "exactly_once"
     detects_loss = True
     local = True
+    grows = True
     start_seconds = 0.01
 
     def start(self, task: Task, workers: int) -> None:
@@ -52,6 +53,10 @@ class ThreadExecutor(Executor):
         self._threads: list[threading.Thread] = []
         self._numbers = itertools.count()
         self._top_up()
+
+    def grow(self, workers: int) -> None:
+        self._size = max(self._size, workers)
+        self._top_up()  # a thread whose setup fails says so through events(), as at start
 
     def capacity(self) -> int:
         return 2 * self._size
