@@ -48,8 +48,9 @@ class Options:
     workers: Size = field(
         default="auto",
         metadata=_meta(
-            "Pool size, or auto (the default): measure the first chunks in the caller, then stay "
-            "serial when concurrency would not pay, or start as many workers as the work can use.",
+            "Pool size, or auto (the default): measure the first chunks on one worker (never in "
+            "the caller), then stay on it when concurrency would not pay, or grow the pool as wide "
+            "as the work can use.",
             kind="size",
             metavar="N|auto",
         ),
