@@ -822,11 +822,12 @@ def test_redis_redelivering_a_dead_nodes_chunks_after_the_run_ended_writes_nothi
     if not celery_env["broker"].startswith("redis"):
         pytest.skip("the visibility timeout is Redis's: RabbitMQ redelivers when the connection drops")
     tag = uuid.uuid4().hex[:8]
-    options = {
+    prefix = f"bulkpool-vt-{tag}:"
+    options: dict[str, Any] = {
         "visibility_timeout": 4,
         "unacked_restore_interval": 1,  # look for messages past it every second, not every 100 s
         "unacked_restore_throttle": 1,
-        "global_keyprefix": f"bulkpool-vt-{tag}:",  # the unacked set of this test alone: Redis is shared
+        "global_keyprefix": prefix,  # the unacked set of this test alone: Redis is shared
     }
     env = {TRANSPORT_OPTIONS: json.dumps(options)}
     app, queue, log = make_app(celery_env["broker"], options), f"bulkpool-vt-{tag}", celery_env["log"]
@@ -869,8 +870,7 @@ def test_redis_redelivering_a_dead_nodes_chunks_after_the_run_ended_writes_nothi
     finally:
         for node in nodes:
             node.kill()
-        with app.connection_for_write() as conn, contextlib.suppress(Exception):
-            conn.default_channel.queue_delete(queue)
+        _forget(celery_env["broker"], prefix)
     found = tally(range(400))
     record(
         f"celery {_label(celery_env)}: node SIGKILL, Redis redelivery after the run, fenced", found, report
@@ -884,3 +884,16 @@ def _unacked(app: Any) -> int:
     with app.connection_for_write() as conn:
         channel = conn.default_channel
         return int(channel.client.hlen(channel.unacked_key))
+
+
+def _forget(url: str, prefix: str) -> None:
+    """Delete every key under the test's prefix: its queue, bindings and unacked set."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
