@@ -242,3 +242,31 @@ def test_rejects_journal_and_report_name_every_failure_once_across_resumes(tmp_p
         assert [f.index for f in report.failures] == expected and report.failed == 6
     assert Run.objects.get(run_id="records").chunks.aggregate(Sum("failed"))["failed__sum"] == 6
     assert Marker.objects.count() == 54
+
+
+@pytest.mark.vendor("sqlite")
+def test_renewing_the_lease_does_not_wait_for_a_worker_holding_sqlites_lock():
+    """A worker in a long write transaction: the caller's renewal gives up at once and tries
+    again at the next beat, instead of stalling the run's loop for the busy timeout."""
+    import sqlite3
+    import time
+
+    from bulkpool.journal import Journal
+    from bulkpool.options import Options
+
+    journal = Journal.open(Options(run_id="locked"), "tests.jobs.write_marker", 10)
+    journal.begin()
+    holder = sqlite3.connect(connections["default"].settings_dict["NAME"], isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the write lock, as a worker's chunk holds it
+    try:
+        journal.lease._renewed = 0.0
+        started = time.monotonic()
+        journal.beat()
+        assert time.monotonic() - started < 1.0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    journal.lease._renewed = 0.0
+    journal.beat()  # the lock is free again: renewed
+    heartbeat = Run.objects.get(run_id="locked").heartbeat_at
+    assert (timezone.now() - heartbeat).total_seconds() < 5

@@ -12,14 +12,16 @@ process of this machine that no longer exists, holds nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from django.db import DatabaseError
+from django.db import DatabaseError, connections
 from django.utils import timezone
 
 from bulkpool.errors import RunInProgress
@@ -50,11 +52,12 @@ class Lease:
 
         self._renewed = time.monotonic()
         try:
-            held = (
-                Run.objects.using(self.database)
-                .filter(pk=run_pk, owner=self.owner)
-                .update(heartbeat_at=timezone.now())
-            )
+            with _not_waiting_for_sqlites_writer(self.database):
+                held = (
+                    Run.objects.using(self.database)
+                    .filter(pk=run_pk, owner=self.owner)
+                    .update(heartbeat_at=timezone.now())
+                )
         except DatabaseError as error:  # the next beat tries again; the lease is generous
             logger.debug("Could not renew the lease of run %r: %s", self.run_id, error)
             return
@@ -64,6 +67,25 @@ class Lease:
                 "now run it. The journal still writes each item once.",
                 self.run_id,
             )
+
+
+@contextlib.contextmanager
+def _not_waiting_for_sqlites_writer(database: str) -> Iterator[None]:
+    """On SQLite, a renewal that finds a worker holding the write lock gives up at once (the
+    next one will do) instead of stalling the caller's loop for the busy timeout."""
+    connection = connections[database]
+    if connection.vendor != "sqlite" or connection.in_atomic_block:
+        yield
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA busy_timeout")
+        (waits,) = cursor.fetchone()
+        cursor.execute("PRAGMA busy_timeout = 50")
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"PRAGMA busy_timeout = {int(waits)}")
 
 
 def require_free(run: Any) -> None:
