@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+import bulkpool
 from bulkpool.journal import JournalRef
 from bulkpool.models import Run
 from bulkpool.protocol import Chunk, Task
@@ -90,3 +91,16 @@ def test_a_ref_without_an_attempt_is_not_fenced():
     """JournalRef(attempt=0), as from code that predates the fence: no check."""
     result = _worker(_run("interrupted", 1), attempt=0).run(CHUNK)
     assert not result.errors and len(_written()) == 5
+
+
+def test_a_restart_goes_on_counting_attempts_so_the_old_attempts_chunks_stay_fenced():
+    """restart=True forgets the records, not the attempts: a late chunk of attempt 1 is refused
+    once the restarted run is attempt 2 (it could carry the old input)."""
+    bulkpool.run(jobs.write_marker, range(5), backend="serial", run_id="fenced")
+    bulkpool.run(jobs.write_marker, range(5, 10), backend="serial", run_id="fenced", restart=True)
+    run = Run.objects.get(run_id="fenced")
+    assert run.attempts == 2
+    Run.objects.filter(pk=run.pk).update(status="running")  # as if attempt 2 still ran
+    late = _worker(run, attempt=1).run(Chunk(0, 20, [20, 21]))
+    assert "which is over" in late.errors[0].message
+    assert "20" not in _written()

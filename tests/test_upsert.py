@@ -20,7 +20,7 @@ import bulkpool
 from bulkpool import ConfigurationError
 from bulkpool.fast import FastUpsertRow
 from tests.test_fast import marks, recorded, same_signals, table_rows, undo
-from tests.testapp.models import Author, Book, Place, Restaurant, Tag
+from tests.testapp.models import Author, Book, Place, Restaurant, Stamped, Tag
 from tests.thirdparty.models import Customer
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -331,3 +331,18 @@ def test_a_lost_race_to_create_becomes_an_update():
     thread.join()
     assert created is False
     assert list(Customer.objects.values_list("pk", "email")) == [(pk, "second@example.com")]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_an_existing_objects_creation_time_stays_and_its_auto_now_moves(fast, bulk_calls):
+    """auto_now_add is kept on an existing object and auto_now set, as update_or_create does:
+    the bulk path's INSERT ... ON CONFLICT would give it a new creation time."""
+    old = Stamped.objects.create(name="a", note="old")
+    created, touched = old.created_at, old.touched_at
+    rows = [{"name": "a", "note": "new"}, {"name": "b", "note": "fresh"}]
+    report = bulkpool.upsert(Stamped, rows, unique_fields=["name"], fast=fast, **RUN)
+    assert [c for _, c in report.results or []] == [False, True]
+    assert sum(bulk_calls) == (2 if fast else 0)
+    again = Stamped.objects.get(name="a")
+    assert (again.note, again.created_at) == ("new", created)
+    assert again.touched_at > touched

@@ -426,9 +426,9 @@ class FastUpsertRow(UpsertRow, BatchFunc):
 
     def _existing(self, model: type[Model], rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], Model]:
         """The objects the rows' keys find, by key, locked until the chunk commits."""
-        if len(self.unique_fields) == 1:  # one IN (...), not a thousand ORs
-            (name,) = self.unique_fields
-            query = Q(**{f"{name}__in": [plain[name] for plain in rows]})
+        keys = [plain[self.unique_fields[0]] for plain in rows]
+        if len(self.unique_fields) == 1 and None not in keys:  # one IN (...), not a thousand ORs
+            query = Q(**{f"{self.unique_fields[0]}__in": keys})
         else:
             query = Q()
             for plain in rows:
@@ -454,7 +454,10 @@ class FastUpsertRow(UpsertRow, BatchFunc):
                 for field in fields:  # auto_now and the like, as _save_table does
                     setattr(obj, field.attname, field.pre_save(obj, False))
             names = [f.name for f in fields]
-            if by_conflict and names:
+            # An INSERT runs every field's pre_save() as for a new row: auto_now_add would
+            # give the existing rows a new creation time. Those groups take bulk_update.
+            adds = any(getattr(field, "auto_now_add", False) for field in fields)
+            if by_conflict and names and not adds:
                 # The rows exist and are locked (the keyed read): an INSERT that meets each one's
                 # key and updates it is one statement, where bulk_update's CASE per row is slow.
                 manager.bulk_create(group, update_conflicts=True, unique_fields=target, update_fields=names)

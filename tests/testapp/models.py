@@ -142,3 +142,18 @@ class Marker(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key}={self.value}"
+
+
+class Stamped(models.Model):
+    """``auto_now_add`` and ``auto_now`` fields, no ``save()`` override: upsert's bulk path."""
+
+    name = models.CharField(max_length=50, unique=True)
+    note = models.CharField(max_length=50, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    touched_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.name

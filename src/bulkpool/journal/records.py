@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +83,7 @@ def record_chunk(
 ) -> None:
     """Write the range's record and failures (and its items' values, when kept and plain
     JSON); call inside the transaction that did its work."""
-    from bulkpool.models import Run, RunChunk, RunFailure
+    from bulkpool.models import Run, RunChunk
 
     # The Run row's lock serialises the last step of every chunk of the run, and orders this
     # COMMIT with the caller's close(): a chunk the report calls "not run" cannot commit after
@@ -112,9 +112,42 @@ def record_chunk(
             )
     except IntegrityError as error:
         raise AlreadyDone from error
+    _write_failures(ref, database, chunk, errors, lambda index: record.pk)
+
+
+def _replace_failures(ref: JournalRef, database: str, chunk: Chunk, errors: dict[int, ErrorInfo]) -> None:
+    """A retried piece (``retry_failed``): its items' recorded failures give way to their new
+    outcome, in the records that hold them. AlreadyDone if this attempt replaced any of them
+    already (a piece split after a refused COMMIT, its worker dead): the journal's outcome
+    stands, and no item of it runs twice."""
+    from bulkpool.models import RunChunk
+
+    earlier = _earlier_failures(ref, database, chunk).select_for_update()
+    chunk_of = dict(earlier.values_list("index", "chunk_id"))
+    if set(chunk_of) != set(range(chunk.start, chunk.end)):
+        raise AlreadyDone
+    earlier.delete()
+    _write_failures(ref, database, chunk, errors, chunk_of.__getitem__)
+    fixed = Counter(chunk_of[chunk.start + offset] for offset in range(len(chunk)) if offset not in errors)
+    for record, count in fixed.items():
+        RunChunk.objects.using(database).filter(pk=record).update(
+            ok=F("ok") + count, failed=F("failed") - count
+        )
+
+
+def _write_failures(
+    ref: JournalRef,
+    database: str,
+    chunk: Chunk,
+    errors: dict[int, ErrorInfo],
+    record_of: Callable[[int], int],
+) -> None:
+    """A RunFailure per failed item, in the record ``record_of(index)`` names."""
+    from bulkpool.models import RunFailure
+
     RunFailure.objects.using(database).bulk_create(
         RunFailure(
-            chunk=record,
+            chunk_id=record_of(chunk.start + offset),
             index=chunk.start + offset,
             **_item_fields(chunk.items[offset]),
             exc_type=error.exc_type,
@@ -124,36 +157,6 @@ def record_chunk(
         )
         for offset, error in sorted(errors.items())
     )
-
-
-def _replace_failures(ref: JournalRef, database: str, chunk: Chunk, errors: dict[int, ErrorInfo]) -> None:
-    """A retried piece (``retry_failed``): its items' recorded failures give way to their new
-    outcome, in the records that hold them; AlreadyDone if this attempt replaced them already."""
-    from bulkpool.models import RunChunk, RunFailure
-
-    earlier = _earlier_failures(ref, database, chunk).select_for_update()
-    chunk_of = dict(earlier.values_list("index", "chunk_id"))
-    if not chunk_of:
-        raise AlreadyDone
-    earlier.delete()
-    RunFailure.objects.using(database).bulk_create(
-        RunFailure(
-            chunk_id=chunk_of[chunk.start + offset],
-            index=chunk.start + offset,
-            **_item_fields(chunk.items[offset]),
-            exc_type=error.exc_type,
-            message=error.message,
-            traceback=error.traceback,
-            attempt=ref.attempt,
-        )
-        for offset, error in sorted(errors.items())
-        if chunk.start + offset in chunk_of
-    )
-    fixed = Counter(chunk_of[chunk.start + offset] for offset in range(len(chunk)) if offset not in errors)
-    for record, count in fixed.items():
-        RunChunk.objects.using(database).filter(pk=record).update(
-            ok=F("ok") + count, failed=F("failed") - count
-        )
 
 
 def _earlier_failures(ref: JournalRef, database: str, chunk: Chunk) -> Any:
@@ -194,16 +197,15 @@ def from_json(text: str) -> list[Any] | None:
 def recorded_result(ref: JournalRef, database: str, chunk: Chunk) -> ChunkResult:
     """What the journal says of a range that committed before (a chunk delivered again):
     its failures, and its values where they were kept; None for a value that was not."""
-    from bulkpool.models import RunChunk, RunFailure
+    from bulkpool.models import RunFailure
 
-    records = RunChunk.objects.using(database).filter(
-        run_id=ref.run_pk, start__gte=chunk.start, start__lt=chunk.end
-    )
     values: list[Any] = [None] * len(chunk)
-    for start, size, text in records.values_list("start", "size", "values"):
+    for start, size, text in _overlaps(ref, database, chunk).values_list("start", "size", "values"):
         kept = from_json(text)
-        if kept is not None:
-            values[start - chunk.start : start - chunk.start + size] = kept
+        if kept is None:
+            continue
+        first, last = max(start, chunk.start), min(start + size, chunk.end)  # where they meet
+        values[first - chunk.start : last - chunk.start] = kept[first - start : last - start]
     failures = RunFailure.objects.using(database).filter(
         chunk__run_id=ref.run_pk, index__gte=chunk.start, index__lt=chunk.end
     )
@@ -243,8 +245,8 @@ def is_recorded(ref: JournalRef, database: str, chunk: Chunk) -> bool:
     range not recorded whose attempt is over (one query either way)."""
     from bulkpool.models import Run
 
-    if chunk.retry:
-        return not _earlier_failures(ref, database, chunk).exists()
+    if chunk.retry:  # done unless every item of it still has its earlier failure
+        return _earlier_failures(ref, database, chunk).count() < len(chunk)
     if not ref.attempt:
         return _overlapping(ref, database, chunk, lock=False)
     run = Run.objects.using(database).filter(pk=ref.run_pk)

@@ -19,7 +19,7 @@ from django.utils import timezone
 from bulkpool.errors import ConfigurationError
 from bulkpool.journal.lease import Lease, require_free
 from bulkpool.journal.planning import Planner
-from bulkpool.journal.records import AlreadyDone, JournalRef, record_chunk, write_transaction
+from bulkpool.journal.records import AlreadyDone, JournalRef, RunEnded, record_chunk, write_transaction
 from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo
 
 if TYPE_CHECKING:
@@ -108,10 +108,12 @@ class Journal:
                 run = Run(run_id=str(options.run_id), attempts=0)
             else:
                 require_free(run)
-                if options.restart:
+                if options.restart:  # attempts go on counting: the fence tells them apart
                     run.chunks.all().delete()
                     run.deliveries.all().delete()  # starts counted by an earlier attempt
-                    run.attempts = 0
+                elif self.run is None:  # created by another caller since open(): check it
+                    _require_same_job(run, self.identity)
+                    self.resumed = self.planner.resumed = True
             earlier = run.chunk_size if run.pk and not options.restart else 0
             run.func, run.chunk_size = self.identity, max(self.max_chunk, earlier)  # bounds its records
             run.attempts += 1
@@ -131,12 +133,11 @@ class Journal:
         """A rerun refused before it sent anything: the Run row as it was (or no row)."""
         if not self.begun or self.options.restart:
             return
-        from bulkpool.models import Run
 
         if self._before is None:
-            Run.objects.using(self.database).filter(pk=self.run.pk).delete()
+            self._ours().delete()
         else:
-            Run.objects.using(self.database).filter(pk=self.run.pk).update(**self._before)
+            self._ours().update(**self._before)
         self.begun = False
 
     def record_lost(self, chunk: Chunk, errors: dict[int, ErrorInfo]) -> None:
@@ -147,6 +148,8 @@ class Journal:
                 record_chunk(self.ref, self.database, chunk, errors)
         except AlreadyDone:
             pass
+        except RunEnded as ended:  # another caller took the run over: its attempt records them
+            logger.warning("Did not journal the failure of items: %s", ended)
         except DatabaseError as error:  # a resume will run these items again: say so, go on
             logger.warning(
                 "Could not journal the failure of items %s..%s: %s", chunk.start, chunk.end - 1, error
@@ -163,10 +166,27 @@ class Journal:
         run.finished_at = timezone.now() if status == Run.Status.FINISHED else None
         run.owner = ""  # the lease let go: another caller may resume it at once
         run.total, run.ok, run.failed, run.skipped = report.total, report.ok, report.failed, report.skipped
+        fields = ["status", "finished_at", "owner", "total", "ok", "failed", "skipped", "updated_at"]
         try:
-            run.save(using=self.database)
-        except DatabaseError:  # the database is gone: the records still tell the truth
-            pass
+            still_ours = self._ours().update(**{f: getattr(run, f) for f in fields if f != "updated_at"},
+                                              updated_at=timezone.now())  # fmt: skip
+        except DatabaseError as error:  # the records still tell the truth; a resume sees "running"
+            logger.warning("Could not record the end of run %r: %s", self.options.run_id, error)
+            return
+        if not still_ours:
+            logger.warning(
+                "Run %r was taken over by another caller while this one ran: its end is not "
+                "recorded over that caller's attempt.",
+                self.options.run_id,
+            )
+
+    def _ours(self) -> Any:
+        """The Run row, while this attempt holds it (no other caller took it over)."""
+        from bulkpool.models import Run
+
+        return Run.objects.using(self.database).filter(
+            pk=self.run.pk, attempts=self.run.attempts, owner=self.lease.owner
+        )
 
 
 def func_name(func: Any) -> str:
