@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -270,3 +271,21 @@ def test_renewing_the_lease_does_not_wait_for_a_worker_holding_sqlites_lock():
     journal.beat()  # the lock is free again: renewed
     heartbeat = Run.objects.get(run_id="locked").heartbeat_at
     assert (timezone.now() - heartbeat).total_seconds() < 5
+
+
+def test_a_resume_stopped_early_keeps_the_later_failures_in_its_rejects_file(tmp_path):
+    """The rejects file is written afresh: a resume that stops before reaching the failures an
+    earlier attempt recorded further on still writes them, from the journal."""
+    rejects = tmp_path / "rejects.jsonl"
+    func = jobs.fail_multiples_of_7
+    options: dict[str, Any] = {"backend": "serial", "chunk_size": 10, "run_id": "early", "rejects": rejects}
+    bulkpool.run(func, range(50), **options)  # failures at 0, 7, ..., 49, all recorded
+
+    def breaking() -> Iterator[int]:
+        yield from range(20)
+        raise OSError("the input broke")
+
+    with pytest.raises(bulkpool.InputFailed):
+        bulkpool.run(func, breaking(), **options)
+    lines = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [line["index"] for line in lines] == list(range(0, 50, 7))

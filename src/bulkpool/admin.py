@@ -16,7 +16,6 @@ prune`` removes old runs). Staff with the "view run" permission see the pages.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -26,7 +25,9 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, StreamingHttpResponse
 
 from bulkpool import display
+from bulkpool.journal import recorded_failures
 from bulkpool.models import Run, RunFailure, RunQuerySet
+from bulkpool.reporting import reject_line
 from bulkpool.status import STALE
 
 FAILURES_PER_PAGE = 50
@@ -194,17 +195,7 @@ class RunAdmin(admin.ModelAdmin):
 
 
 def failure_lines(database: str, run_pks: list[Any]) -> Iterator[str]:
-    """One JSON line per failed item of these runs, by run id and input index."""
-    failures = (
-        RunFailure.objects.using(database)
-        .filter(chunk__run__in=run_pks)
-        .order_by("chunk__run__run_id", "index")
-        .values_list("chunk__run__run_id", "index", "item", "exc_type", "message")
-    )
-    for run_id, index, item, exc_type, message in failures.iterator(chunk_size=2000):
-        try:
-            value = json.loads(item)
-        except ValueError:  # written as its repr by an older journal: keep the text
-            value = item
-        line = {"index": index, "item": value, "exc_type": exc_type, "message": message, "run_id": run_id}
-        yield json.dumps(line, ensure_ascii=False) + "\n"
+    """One JSON line per failed item of these runs, by run id and input index: the lines of a
+    rejects file, with their run_id."""
+    for run_id, failure in recorded_failures(database, run_pks):
+        yield reject_line(failure, run_id=run_id)

@@ -50,7 +50,7 @@ from bulkpool.executors import Executor, resolve
 from bulkpool.interrupts import Interrupts
 from bulkpool.journal import InputChanged, Journal, job_identity, new_run_id
 from bulkpool.options import Options
-from bulkpool.outcomes import Report
+from bulkpool.outcomes import Failure, Report
 from bulkpool.pooling import Pool
 from bulkpool.protocol import Chunk, ChunkLost, ChunkResult, Task, Unreadable
 from bulkpool.reporting import Output
@@ -310,11 +310,20 @@ class Engine:
             self.pool.close(stopped=self.stops.stop is not None, cancel=abandon)
         finally:
             status = self.stops.conclude()
-            self.output.close(abandoned=abandon, resume_hint=self.resume_hint)
+            recorded_after = _not_read_yet(self.journal, self.report) if self.stops.stop is not None else ()
+            self.output.close(abandoned=abandon, resume_hint=self.resume_hint, recorded_after=recorded_after)
             if self.journal is not None and self.stops.refused and not self.pool.started:
                 self.journal.undo_begin()  # nothing was sent: the journal's run stays as it was
             elif self.journal is not None:
                 self.journal.close(self.report, status)
+
+
+def _not_read_yet(journal: Journal | None, report: Report) -> Iterable[Failure]:
+    """The failures a resumed run that stopped early recorded in earlier attempts past the
+    input it read: its rejects file is written afresh, and must still hold them."""
+    if journal is None or not journal.resumed:
+        return ()
+    return journal.failures_from(report.total)
 
 
 # -- before item one -----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterable
 from typing import IO, Any
 
 from tqdm import tqdm
@@ -98,10 +99,14 @@ class Output:
             f"to commit or roll back ({received} again to abandon them)..."
         )
 
-    def close(self, *, abandoned: bool, resume_hint: str) -> None:
-        """The run is over; an interrupted one leaves its report and how to resume in the log."""
+    def close(self, *, abandoned: bool, resume_hint: str, recorded_after: Iterable[Failure] = ()) -> None:
+        """The run is over; an interrupted one leaves its report and how to resume in the log.
+        ``recorded_after``: the failures an earlier attempt recorded past the input read, for
+        a resume that stopped early -- so its rejects file still holds every one."""
         self._bar.close()
         if self._rejects is not None:
+            for failure in recorded_after:
+                write_reject(self._rejects, failure)
             self._rejects.close()
         if self.report.interrupted:
             how = "Abandoned the chunks in flight: their transactions rolled back.\n" if abandoned else ""
@@ -150,6 +155,13 @@ def open_rejects(path: Any) -> IO[str] | None:
 def write_reject(file: IO[str] | None, failure: Failure) -> None:
     if file is None:
         return
+    file.write(reject_line(failure))
+    file.flush()
+
+
+def reject_line(failure: Failure, **extra: Any) -> str:
+    """A failure as a line of a rejects file (JSON Lines): what a run writes, ``bulkpool
+    rejects`` and the admin's download too. Given back as input, its ``item`` runs again."""
     line = {
         "index": failure.index,
         "item": failure.item,
@@ -162,5 +174,4 @@ def write_reject(file: IO[str] | None, failure: Failure) -> None:
         line["unsafe"] = True
     if failure.exc_type == UNREADABLE:
         line["unreadable"] = True  # its item is the raw line: fix it in the input, not here
-    file.write(json.dumps(line, default=repr, ensure_ascii=False) + "\n")
-    file.flush()
+    return json.dumps({**line, **extra}, default=repr, ensure_ascii=False) + "\n"

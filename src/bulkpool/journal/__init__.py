@@ -50,6 +50,7 @@ from bulkpool.journal.records import (
     digest,
     is_recorded,
     record_chunk,
+    recorded_failures,
     recorded_result,
 )
 from bulkpool.journal.run import FIX_INSTALL, Journal, func_name, job_identity, new_run_id
@@ -70,5 +71,6 @@ __all__ = [
     "job_identity",
     "new_run_id",
     "record_chunk",
+    "recorded_failures",
     "recorded_result",
 ]

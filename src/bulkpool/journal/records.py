@@ -29,14 +29,16 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from django.db import IntegrityError, connections, transaction
 from django.db.models import Exists, F, Q
 
-from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo, Unreadable
+from bulkpool.errors import ITEM_ERRORS
+from bulkpool.outcomes import Failure
+from bulkpool.protocol import UNREADABLE, Chunk, ChunkResult, ErrorInfo, Unreadable
 from bulkpool.status import RunStatus
 from bulkpool.transactions import writing_from_begin
 
@@ -295,3 +297,32 @@ def _overlaps(ref: JournalRef, database: str, chunk: Chunk, max_size: int | None
         run_id=ref.run_pk, start__gt=chunk.start - window, start__lt=chunk.end
     )
     return candidates.annotate(stop=F("start") + F("size")).filter(stop__gt=chunk.start)
+
+
+def recorded_failures(
+    database: str, runs: Iterable[int], *, from_index: int = 0
+) -> Iterator[tuple[str, Failure]]:
+    """The failures the journal recorded for these runs (by pk), each with its run_id, in
+    run_id and input order, from ``from_index`` on: what a rejects file says of them."""
+    from bulkpool.models import RunFailure
+
+    rows = (
+        RunFailure.objects.using(database)
+        .filter(chunk__run__in=list(runs), index__gte=from_index)
+        .order_by("chunk__run__run_id", "index")
+        .values_list("chunk__run__run_id", "index", "item", "exc_type", "message", "traceback", "line")
+    )
+    for run_id, index, item, exc_type, message, traceback, line in rows.iterator(chunk_size=2000):
+        kind = ITEM_ERRORS.get(exc_type)
+        unsafe = bool(kind is not None and kind.unsafe)
+        yield run_id, Failure(index, _item_of(item, exc_type), exc_type, message, traceback, unsafe, line)
+
+
+def _item_of(text: str, exc_type: str) -> Any:
+    """A recorded item back as the value it was (a line the input could not read: its text)."""
+    if exc_type == UNREADABLE:
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:  # recorded as its repr: it was not JSON to begin with
+        return text

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from django.apps import apps
@@ -19,12 +20,19 @@ from django.utils import timezone
 from bulkpool.errors import ConfigurationError
 from bulkpool.journal.lease import Lease, require_free
 from bulkpool.journal.planning import Planner
-from bulkpool.journal.records import AlreadyDone, JournalRef, RunEnded, record_chunk, write_transaction
+from bulkpool.journal.records import (
+    AlreadyDone,
+    JournalRef,
+    RunEnded,
+    record_chunk,
+    recorded_failures,
+    write_transaction,
+)
 from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo
 
 if TYPE_CHECKING:
     from bulkpool.options import Options
-    from bulkpool.outcomes import Report
+    from bulkpool.outcomes import Failure, Report
 
 FIX_INSTALL = (
     'Add "bulkpool" to INSTALLED_APPS and run `python manage.py migrate bulkpool`, or run without run_id.'
@@ -154,6 +162,13 @@ class Journal:
             logger.warning(
                 "Could not journal the failure of items %s..%s: %s", chunk.start, chunk.end - 1, error
             )
+
+    def failures_from(self, index: int) -> Iterator[Failure]:
+        """The failures recorded for this run at ``index`` or after, in input order."""
+        if self.run is None:
+            return
+        for _, failure in recorded_failures(self.database, [self.run.pk], from_index=index):
+            yield failure
 
     def close(self, report: Report, status: str) -> None:
         """The attempt's outcome; nothing when it never began (a refused or empty rerun)."""

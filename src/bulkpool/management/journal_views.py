@@ -8,7 +8,6 @@ journal that is missing from the database into a usage error that says to migrat
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,7 +18,9 @@ from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from bulkpool import display
+from bulkpool.journal import recorded_failures
 from bulkpool.management.exit_status import USAGE
+from bulkpool.reporting import reject_line
 
 
 class JournalViews:
@@ -161,22 +162,8 @@ class JournalViews:
 
 def _reject_lines(run: Any, alias: str) -> Iterator[str]:
     """The run's recorded failures as rejects-file lines, in input order."""
-    from bulkpool.models import RunFailure
-
-    failures = RunFailure.objects.using(alias).filter(chunk__run=run).order_by("index")
-    for failure in failures.iterator(chunk_size=2000):
-        try:
-            item = json.loads(failure.item)
-        except ValueError:  # recorded as its repr: it was not JSON to begin with
-            item = failure.item
-        line = {
-            "index": failure.index,
-            "item": item,
-            "exc_type": failure.exc_type,
-            "message": failure.message,
-            "run_id": run.run_id,
-        }
-        yield json.dumps(line, ensure_ascii=False) + "\n"
+    for run_id, failure in recorded_failures(alias, [run.pk]):
+        yield reject_line(failure, run_id=run_id)
 
 
 def _one_run(run_id: str, alias: str) -> Any:
