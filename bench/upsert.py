@@ -55,7 +55,7 @@ def reset(count: int) -> None:
 
 def methods() -> dict[str, Callable[[list[dict[str, str]]], None]]:
     from django.contrib.auth.models import User
-    from django.db import transaction
+    from django.db import connection, transaction
 
     import bulkpool
 
@@ -66,10 +66,12 @@ def methods() -> dict[str, Callable[[list[dict[str, str]]], None]]:
                     User.objects.update_or_create(username=row["username"], defaults={"email": row["email"]})
 
     def bulk_create_conflicts(data: list[dict[str, str]]) -> None:
+        # MySQL/MariaDB's ON DUPLICATE KEY UPDATE takes no conflict target.
+        target = ["username"] if connection.features.supports_update_conflicts_with_target else None
         User.objects.bulk_create(
             [User(**row) for row in data],
             update_conflicts=True,
-            unique_fields=["username"],
+            unique_fields=target,
             update_fields=["email"],
             batch_size=1000,
         )
