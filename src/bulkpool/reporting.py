@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterable
 from typing import IO, Any
@@ -108,6 +109,7 @@ class Output:
             for failure in recorded_after:
                 write_reject(self._rejects, failure)
             self._rejects.close()
+            _in_input_order(self._rejects_path)
         if self.report.interrupted:
             how = "Abandoned the chunks in flight: their transactions rolled back.\n" if abandoned else ""
             logger.warning("%s%s\n%s", how, self.report, resume_hint)
@@ -144,6 +146,20 @@ def progress_bar(progress: bool | None, items: Any) -> Any:
             total=items.size, unit="B", unit_scale=True, desc="bulkpool", file=sys.stderr, smoothing=0.1
         )
     return tqdm(total=known_length(items), unit="item", desc="bulkpool", file=sys.stderr, smoothing=0.1)
+
+
+def _in_input_order(path: Any) -> None:
+    """Chunks finish in any order, and their failures are written as they come: at the end,
+    the file is put in input order, as ``bulkpool rejects`` lists a run's failures."""
+    with open(path, encoding="utf-8") as file:
+        lines = file.readlines()
+    ordered = sorted(lines, key=lambda line: json.loads(line)["index"])
+    if ordered == lines:
+        return
+    swap = f"{path}.sorting"
+    with open(swap, "w", encoding="utf-8") as file:
+        file.writelines(ordered)
+    os.replace(swap, path)
 
 
 def open_rejects(path: Any) -> IO[str] | None:
