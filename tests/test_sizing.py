@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 from collections import Counter
@@ -168,12 +169,14 @@ def assert_each_once(count: int) -> None:
 @pytestmark_db
 @pytest.mark.parametrize("backend", ["thread", "process"])
 def test_a_small_light_run_stays_on_one_worker_and_says_why(backend, caplog):
-    """No option given: a light run of 500 items runs on one worker (a process of the pool,
-    not the caller, on the process backend), in growing chunks."""
+    """No option given: a light run of 200 items runs on one worker (a process of the pool,
+    not the caller, on the process backend), in growing chunks. (Small enough that even on
+    a loaded machine its items take well under the second that would pay for a pool.)"""
+    items = 200
     with caplog.at_level(logging.INFO, logger="bulkpool"):
-        report = bulkpool.run(jobs.write_marker_pid, range(500), backend=backend, run_id="small")
-    assert report.ok == 500
-    assert_each_once(500)
+        report = bulkpool.run(jobs.write_marker_pid, range(items), backend=backend, run_id="small")
+    assert report.ok == items
+    assert_each_once(items)
     if backend == "process":
         assert len(writers()) == 1 and os.getpid() not in writers()
     sizing = [note for note in report.notes if note.startswith("Sizing: ")]
@@ -184,10 +187,11 @@ def test_a_small_light_run_stays_on_one_worker_and_says_why(backend, caplog):
         RunChunk.objects.filter(run__run_id="small").order_by("start").values_list("size", flat=True)
     )
     # The first chunk pays for the new worker's database connection, so the second may
-    # grow less than GROWTH-fold.
+    # not grow at all on a loaded machine; later ones do, GROWTH-fold at most.
     first = MEASURING_FIRST_CHUNK
-    assert sizes[0] == first and first < sizes[1] <= first * GROWTH
-    assert max(sizes) <= CEILING and sum(sizes) == 500
+    assert sizes[0] == first and first <= sizes[1] <= first * GROWTH
+    assert max(sizes) > first and all(b <= a * GROWTH for a, b in itertools.pairwise(sizes[:-1]))
+    assert max(sizes) <= CEILING and sum(sizes) == items
 
 
 @pytestmark_db
