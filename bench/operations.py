@@ -233,15 +233,20 @@ def main() -> int:
     )
     args = parser.parse_args()
     args.load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    os.environ["DATABASE_URL"] = args.url
+    setup_django(args.url)
+    print(render(args, measure(args)))
+    return 0
+
+
+def setup_django(url: str) -> None:
+    """The bench project on the database at ``url``, migrated."""
+    os.environ["DATABASE_URL"] = url
     os.environ["DJANGO_SETTINGS_MODULE"] = "bench.settings"
     import django
     from django.core.management import call_command
 
     django.setup()
     call_command("migrate", verbosity=0)
-    print(render(args, measure(args)))
-    return 0
 
 
 if __name__ == "__main__":

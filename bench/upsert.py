@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.operations import DEFAULT_URL
+from bench.operations import DEFAULT_URL, _say, setup_django
 
 BATCH = 500
 
@@ -151,10 +151,6 @@ def render(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -
     return "\n".join(lines) + "\n"
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=DEFAULT_URL, help=f"database URL (default {DEFAULT_URL})")
@@ -163,13 +159,7 @@ def main() -> int:
     parser.add_argument("--methods", type=lambda text: text.split(","), default=None)
     args = parser.parse_args()
     args.load = os.getloadavg()[0]
-    os.environ["DATABASE_URL"] = args.url
-    os.environ["DJANGO_SETTINGS_MODULE"] = "bench.settings"
-    import django
-    from django.core.management import call_command
-
-    django.setup()
-    call_command("migrate", verbosity=0)
+    setup_django(args.url)
     print(render(args, measure(args)))
     return 0
 
