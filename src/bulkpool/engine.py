@@ -54,7 +54,7 @@ from bulkpool.outcomes import Failure, Report
 from bulkpool.pooling import Pool
 from bulkpool.protocol import Chunk, ChunkLost, ChunkResult, Task, Unreadable
 from bulkpool.reporting import Output
-from bulkpool.scheduling import Drop, Fail, Scheduler, SendAgain
+from bulkpool.scheduling import Drop, Fail, Scheduler, SendAgain, settled_apart
 from bulkpool.stopping import Stop, StopPolicy
 
 logger = logging.getLogger("bulkpool")
@@ -226,6 +226,7 @@ class Engine:
             self.task = replace(self.task, journal=self.journal.ref)  # begun by the first read
         executor = self.pool.send_to(self.task, self._interrupts)
         self._scheduler.capacity = self.pool.capacity
+        chunk = self.pool.shape(chunk)
         try:
             executor.submit(chunk)
         except WorkerStartupError as error:  # a dead worker could not be replaced
@@ -243,6 +244,10 @@ class Engine:
                 self._record(event.chunk, event.result)
                 released += self._scheduler.finished(event.chunk, event.result)
                 continue
+            if event.chunk.each_item:
+                done, event = settled_apart(event, journaled=self._scheduler.journaled)
+                for piece, result in done:
+                    released += self._settle(piece, result)
             decision = self._scheduler.lost(event)
             if isinstance(decision, SendAgain):
                 self.output.sending_again(event, decision.retried)

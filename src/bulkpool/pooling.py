@@ -9,6 +9,8 @@ chunk sizer; the engine only asks it:
                                  chunks one at a time while they are measured -- never the
                                  caller, so an item that kills its process kills a worker --
                                  until ``choose_workers`` answers: stay at one worker, or grow
+    shape(chunk)                 the chunk as it goes out: with ``each_item`` set when the
+                                 pool chose a transaction per item (SQLite, heavy items)
     next_size(start)             the size of the chunk read from ``start`` on
     read(items) / measured(...)  a chunk was read from the input / came back with its timings
     close(stopped=, cancel=)     the notes on what was chosen, then stop the executor
@@ -21,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 from django.db import connections
 
@@ -28,19 +31,22 @@ from bulkpool.errors import WorkerStartupError
 from bulkpool.executors import Executor
 from bulkpool.interrupts import Interrupts
 from bulkpool.options import Options
-from bulkpool.protocol import Task, Timings
+from bulkpool.protocol import Chunk, Task, Timings
 from bulkpool.sizing import (
     AUTO,
     FIRST_CHUNK,
     MEASURING_FIRST_CHUNK,
+    PROBE_CHUNKS,
     PROBE_SECONDS,
     REMOTE_TARGET_SECONDS,
+    STALE_SHARE,
     Choice,
     ChunkSizer,
     Limits,
     Pace,
     choose_workers,
     cpu_quota,
+    each_item_pays,
     free_connections,
 )
 
@@ -75,6 +81,10 @@ class Pool:
         self._deciding = Pace()  # what the pool is chosen from: without a new worker's first chunk
         self.started = False
         self.capacity = 1  # chunks the executor in use may hold at once
+        # SQLite, heavy items: each item in a transaction of its own (sizing.py). With a
+        # fixed pool of several workers, it is chosen once the first chunks are measured.
+        self.each_item = False
+        self._choosing_transactions = not self._measuring and self.workers > 1 and backend.local
 
     @property
     def ceiling(self) -> int:
@@ -92,6 +102,9 @@ class Pool:
             self._choose_pool(interrupts)
         return self.executor
 
+    def shape(self, chunk: Chunk) -> Chunk:
+        return replace(chunk, each_item=True) if self.each_item and not chunk.each_item else chunk
+
     def next_size(self, start: int) -> int:
         return self.sizer.next(self.pace, left=self._left(start), workers=self.workers)
 
@@ -107,6 +120,11 @@ class Pool:
         if self.pace.chunks or timings.total >= PROBE_SECONDS:
             self._deciding.add(items, timings)
         self.pace.add(items, timings)
+        if self._choosing_transactions and self._deciding.chunks >= PROBE_CHUNKS:
+            self._choosing_transactions = False
+            self._set_each_item(each_item_pays(self._deciding, self._limits))
+        if self.each_item and timings.stale and self.pace.stale_share > STALE_SHARE:
+            self._set_each_item(False)
 
     def withdraw(self) -> None:
         if self.started:
@@ -141,6 +159,8 @@ class Pool:
             choice = self._grow(choice, interrupts)
         self.capacity = self.executor.capacity()
         self._say(f"workers={choice.workers}: {choice.why}")
+        if choice.workers > 1 and choice.each_item:
+            self._set_each_item(True)
 
     def _grow(self, choice: Choice, interrupts: Interrupts) -> Choice:
         executor = self.executor
@@ -153,6 +173,22 @@ class Pool:
             return Choice(1, why)
         self.workers = choice.workers
         return choice
+
+    def _set_each_item(self, each_item: bool) -> None:
+        if each_item == self.each_item:
+            return
+        self.each_item = each_item
+        if each_item:
+            self._say(
+                "atomic=chunk: each item in a transaction of its own, from its first write on: "
+                "most of an item's time comes before it (SQLite writes one transaction at a time)"
+            )
+        else:
+            self._say(
+                f"atomic=chunk: back to a transaction per chunk: {100 * self.pace.stale_share:.0f}% "
+                "of the items read data that another worker changed before their first write, "
+                "and had to run again holding the write lock"
+            )
 
     def _say(self, note: str) -> None:
         self._note(f"Sizing: {note}")

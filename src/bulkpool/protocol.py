@@ -42,6 +42,9 @@ class Chunk:
     # Items a journaled run recorded as failed, run again (retry_failed=True): their new
     # outcome replaces the recorded failures instead of adding a record (journal/records.py).
     retry: bool = False
+    # Each item in a transaction of its own, its write lock taken at its first write
+    # (SQLite, heavy items: work/one_transaction.py); the pool decides (sizing.py).
+    each_item: bool = False
 
     def __len__(self) -> int:
         return len(self.items)
@@ -56,7 +59,8 @@ class Chunk:
 
     def piece(self, start: int, end: int) -> Chunk:
         """The items with input index ``start`` .. ``end - 1``, as a chunk of their own."""
-        return Chunk(self.number, start, self.items[start - self.start : end - self.start], self.retry)
+        items = self.items[start - self.start : end - self.start]
+        return Chunk(self.number, start, items, self.retry, self.each_item)
 
     def halves(self) -> tuple[Chunk, Chunk]:
         middle = self.start + len(self) // 2
@@ -159,6 +163,10 @@ class Timings:
     commit: float = 0.0  # the constraint checks and COMMIT
     total: float = 0.0  # all of it, retries and redos included
     cpu: float = 0.0  # the worker thread's own CPU time in it (the rest was waiting)
+    # SQLite: the part of ``work`` before each item's first write, which needs no write lock
+    unlocked: float = 0.0
+    commits: int = 0  # COMMITs, to price one
+    stale: int = 0  # items run again because their first write found a newer snapshot
 
 
 @dataclass
@@ -199,6 +207,9 @@ class ChunkLost:
     in_doubt: bool = False
     traceback: str = ""
     started: bool = True  # False: it was queued behind the chunk that killed its worker, never run
+    # A chunk of ``each_item`` transactions: the outcome of its first items, settled (each
+    # committed with its journal row, or failed) before the worker was lost.
+    settled: ChunkResult | None = None
 
 
 Event = ChunkDone | ChunkLost
@@ -260,6 +271,8 @@ class JsonCodec:
         if isinstance(message, Chunk):
             chunk = {"type": "chunk", "number": message.number, "start": message.start}
             chunk["items"] = message.items
+            if message.each_item:
+                chunk["each_item"] = True
             return {**chunk, "retry": True} if message.retry else chunk  # retry_failed's pieces only
         if isinstance(message, ChunkResult):
             return {
@@ -277,7 +290,8 @@ class JsonCodec:
     def _rebuild(self, data: Any) -> Any:
         kind = data.get("type") if isinstance(data, dict) else None
         if kind == "chunk":
-            return Chunk(data["number"], data["start"], data["items"], data.get("retry", False))
+            retry, each_item = data.get("retry", False), data.get("each_item", False)
+            return Chunk(data["number"], data["start"], data["items"], retry, each_item)
         if kind == "result":
             return ChunkResult(
                 number=data["number"],

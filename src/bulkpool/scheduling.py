@@ -20,12 +20,14 @@ lost again is split again at once, so an item that kills every worker it touches
 in a few steps and fails alone (``WorkerDied``) while its chunk-mates are written. A chunk
 lost during COMMIT (``in_doubt``) may have committed: it is sent again only when the
 journal lets the worker tell (``journaled``); otherwise its items fail ``CommitUnknown``.
+A chunk of ``each_item`` transactions comes back with the items its worker settled before
+it was lost (``settled_apart``): those are done, and only the rest is lost.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bulkpool.errors import CommitUnknown, WorkerDied
 from bulkpool.protocol import Chunk, ChunkLost, ChunkResult, ErrorInfo
@@ -100,6 +102,8 @@ class Scheduler:
     def lost(self, event: ChunkLost) -> Decision:
         self.in_flight -= 1
         chunk = event.chunk
+        if not chunk.items:  # an each_item chunk whose worker settled every item, then died
+            return Drop()
         if not event.started:  # queued behind the chunk that killed its worker: not its fault
             return Drop() if self.stopping else SendAgain((chunk,), 0)
         key = (chunk.start, len(chunk))
@@ -149,6 +153,24 @@ class Scheduler:
             self._next_start = chunk.end
             released.append((chunk, result))
         return released
+
+
+def settled_apart(event: ChunkLost, *, journaled: bool) -> tuple[list[tuple[Chunk, ChunkResult]], ChunkLost]:
+    """A lost chunk of ``each_item`` transactions, taken apart: the items its worker settled
+    before it was lost are done, as it said (each committed with its journal row, or
+    failed); without a journal, the one it died committing is in doubt and fails alone, and
+    the items after it never ran. Returns those settled pieces, and what is left lost."""
+    chunk, done = event.chunk, []
+    cut = chunk.start
+    if event.settled is not None and event.settled.values is not None:
+        cut += len(event.settled.values)
+        done.append((chunk.piece(chunk.start, cut), event.settled))
+    rest = replace(event, chunk=chunk.piece(cut, chunk.end), settled=None)
+    if rest.in_doubt and not journaled and rest.chunk.items:
+        error = _commit_unknown(event)
+        done.append((chunk.piece(cut, cut + 1), ChunkResult(chunk.number, None, {0: error})))
+        rest = replace(rest, chunk=chunk.piece(cut + 1, chunk.end), in_doubt=False, started=False)
+    return done, rest
 
 
 def _commit_unknown(event: ChunkLost) -> ErrorInfo:

@@ -25,6 +25,16 @@ the worker), and the next choice is made from the pace so far:
     an input of unknown length, it grows as soon as the work measured has cost more than
     the new workers cost to start.
 
+``each_item`` (SQLite)
+    A chunk's transaction holds SQLite's one write lock from its BEGIN to its COMMIT, so
+    heavy items in it run one at a time however many workers there are. When the chunks
+    measured show that most of an item's time comes before its first write (``unlocked``)
+    -- enough to pay for a COMMIT per item -- the pool sends chunks whose items each run in
+    a transaction of their own that takes the lock at its first write, and grows as wide as
+    that leaves the lock free for. If the items' first writes then keep finding their
+    snapshot stale (they read, and another worker wrote meanwhile: each such item runs
+    again, holding the lock), the pool goes back to a transaction per chunk.
+
 The policy here is pure: ``ChunkSizer`` and ``choose_workers`` are fed numbers. The few
 facts read from the machine and the database come from ``cpu_quota`` and
 ``free_connections``.
@@ -56,6 +66,7 @@ PAYS_AFTER_SECONDS = 1.0  # work left (on one worker) below which growing the po
 WAITING_WIDTH = 4  # at most this many workers per CPU when the items mostly wait
 SINGLE_WRITER_GAIN = 1.5  # on SQLite, a pool must promise this speed-up to be worth it
 SPARE_CONNECTIONS = 5  # database connection slots left free for everyone else
+STALE_SHARE = 0.2  # each_item: items run again for a stale snapshot, above which it stops
 
 
 @dataclass
@@ -67,6 +78,10 @@ class Pace:
     seconds: float = 0.0  # in the worker, all of it
     locked: float = 0.0  # inside the chunk's transaction: loading, func, COMMIT
     cpu: float = 0.0  # of the worker's own CPU
+    unlocked: float = 0.0  # SQLite: func's time before each item's first write
+    commit: float = 0.0
+    commits: int = 0
+    stale: int = 0  # items run again for a stale snapshot (each_item)
 
     def add(self, items: int, timings: Timings) -> None:
         if items <= 0 or timings.total <= 0:
@@ -76,10 +91,28 @@ class Pace:
         self.seconds += timings.total
         self.locked += timings.load + timings.work + timings.commit
         self.cpu += timings.cpu
+        self.unlocked += timings.unlocked
+        self.commit += timings.commit
+        self.commits += timings.commits
+        self.stale += timings.stale
 
     @property
     def per_item(self) -> float | None:
         return self.seconds / self.items if self.items else None
+
+    def each_item_gain(self) -> float:
+        """With each item in a transaction of its own that takes SQLite's lock at its first
+        write: the item's time over the time it holds the lock -- how many workers the one
+        writer keeps busy. A COMMIT per item is priced at a chunk's (an upper bound)."""
+        if not self.items or not self.commits:
+            return 0.0
+        commit = self.commit / self.commits
+        held = max(self.locked - self.unlocked, 0.0) / self.items + commit
+        return (self.seconds / self.items + commit) / held if held > 0 else math.inf
+
+    @property
+    def stale_share(self) -> float:
+        return self.stale / self.items if self.items else 0.0
 
 
 @dataclass
@@ -139,6 +172,7 @@ class Limits:
 class Choice:
     workers: int  # 1: stay on the one worker that measured
     why: str
+    each_item: bool = False  # SQLite: each item in a transaction of its own (see above)
 
 
 def choose_workers(pace: Pace, left: int | None, limits: Limits) -> Choice | None:
@@ -154,14 +188,14 @@ def choose_workers(pace: Pace, left: int | None, limits: Limits) -> Choice | Non
     per_item = pace.per_item
     if not measured or per_item is None:
         return None
-    width, bound = _useful_width(pace, limits)
+    width, bound, each_item = _useful_width(pace, limits)
     pace_text = f"{per_item * 1000:.2g} ms per item"
     if width < 2:
         return Choice(1, f"{pace_text}: {bound}")
     if left is None:
         if pace.seconds < limits.start_seconds:
             return None  # an input of unknown length: measure until the workers' start is paid for
-        return Choice(width, f"{pace_text}, input of unknown length: {width} workers ({bound})")
+        return Choice(width, f"{pace_text}, input of unknown length: {width} workers ({bound})", each_item)
     pays_after = max(PAYS_AFTER_SECONDS, 4 * limits.start_seconds)
     serial_left = left * per_item
     if serial_left < pays_after:
@@ -170,31 +204,55 @@ def choose_workers(pace: Pace, left: int | None, limits: Limits) -> Choice | Non
             f"{pace_text}: the {left:,} items left take about {serial_left:.1f} s on one worker, "
             "too little for starting workers to pay",
         )
-    return Choice(width, f"{pace_text}, {left:,} items left: {width} workers ({bound})")
+    return Choice(width, f"{pace_text}, {left:,} items left: {width} workers ({bound})", each_item)
 
 
-def _useful_width(pace: Pace, limits: Limits) -> tuple[int, str]:
-    """How many workers the work can keep busy, and what bounds it."""
+def each_item_pays(pace: Pace, limits: Limits) -> bool:
+    """Whether a fixed pool of workers on SQLite runs faster with each item in a
+    transaction of its own (``workers`` given: only the transactions are chosen)."""
+    return limits.single_writer and pace.each_item_gain() >= max(SINGLE_WRITER_GAIN, _chunk_gain(pace))
+
+
+def _chunk_gain(pace: Pace) -> float:
+    """Workers SQLite's one writer keeps busy with a transaction per chunk."""
+    return pace.seconds / pace.locked if pace.locked > 0 else math.inf
+
+
+def _useful_width(pace: Pace, limits: Limits) -> tuple[int, str, bool]:
+    """How many workers the work can keep busy, what bounds it, and whether on SQLite
+    each item gets a transaction of its own."""
     waiting = pace.seconds / pace.cpu if pace.cpu > 0 else 1.0  # 1: all CPU; 4: a quarter
     width = float(limits.cpus)
     bound = f"{limits.cpus} CPU{'s' if limits.cpus != 1 else ''}"
     if waiting > 1.5:
         width = min(limits.cpus * waiting, limits.cpus * WAITING_WIDTH)
         bound = f"{limits.cpus} CPUs, items {100 - 100 / waiting:.0f}% waiting"
+    each_item = False
     if limits.single_writer:
-        gain = pace.seconds / pace.locked if pace.locked > 0 else math.inf
+        gain = _chunk_gain(pace)
+        if each_item_pays(pace, limits):
+            gain, each_item = pace.each_item_gain(), True
+            bound += ", each item in its own transaction: most of its time comes before its first write"
         if gain < SINGLE_WRITER_GAIN:
-            return 1, (
-                f"SQLite writes one transaction at a time and {100 * pace.locked / pace.seconds:.0f}% "
-                "of each item's time is inside it (work that can run outside it goes in prepare=)"
-            )
+            return 1, _writer_bound(pace), False
         if gain < width:
             width, bound = gain, f"SQLite's one writer: {100 / gain:.0f}% of the time is in the transaction"
+            if each_item:
+                bound += ", each item in its own"
     if limits.free_connections is not None:
         free = limits.free_connections - SPARE_CONNECTIONS
         if free < width:
             width, bound = free, f"{limits.free_connections} free database connections"
-    return max(1, int(width)), bound
+    return max(1, int(width)), bound, each_item
+
+
+def _writer_bound(pace: Pace) -> str:
+    share = 100 * max(pace.locked - pace.unlocked, 0.0) / pace.seconds
+    return (
+        f"SQLite writes one transaction at a time and {share:.0f}% of each item's time comes "
+        "from its first write on, holding the write lock (work before it, or in prepare=, "
+        "runs in parallel)"
+    )
 
 
 # -- facts about the machine and the database ----------------------------------------------

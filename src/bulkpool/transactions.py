@@ -2,8 +2,9 @@
 
 Data flow for one chunk transaction (``work/attempt.py`` fills the body):
 
-    open_transaction()      BEGIN (IMMEDIATE on SQLite), or a savepoint inside the
-                            caller's transaction (serial backend in a TestCase)
+    open_transaction()      BEGIN (IMMEDIATE on SQLite, or DEFERRED for one item's
+                            transaction: see below), or a savepoint inside the caller's
+                            transaction (serial backend in a TestCase)
       body                  the items, each perhaps in item_savepoint(); after each item,
                             Transaction.claim_callbacks() tags its on_commit callbacks
     commit phase            only for a transaction of our own:
@@ -34,6 +35,15 @@ of COMMIT (a trigger that is slow at COMMIT would be slow before it), and it tel
 than COMMIT's own refusal does. It is done where COMMIT cannot answer: a dry run (which
 rolls back instead), and a chunk run again with per-item checks (where it is a no-op
 unless something outside the items left a check pending).
+
+SQLite's write lock: one writer at a time, for the whole of its transaction. A chunk's
+transaction begins IMMEDIATE (it takes the lock at BEGIN and waits for it there: a deferred
+transaction that read and then writes after another writer committed fails at once with
+"database is locked"). A transaction of one heavy item (``deferred``) begins DEFERRED: the
+item's work before its first write -- its reads in a snapshot -- runs without the lock, so
+other workers write meanwhile; its first write takes the lock, or fails at once if another
+writer committed since its snapshot began, and the worker runs it again IMMEDIATE
+(``work/one_transaction.py``). Either way the item sees one consistent database.
 
 Why guard on_commit callbacks: Django runs them after COMMIT, inside ``atomic``'s exit;
 one that raises would propagate out of a chunk that *is* committed (and skip the
@@ -132,8 +142,10 @@ def open_transaction(
     check_constraints: bool = False,
     before_commit: Callable[[], None] | None = None,
     in_caller_thread: bool = False,
+    deferred: bool = False,
 ) -> Iterator[Transaction]:
-    """``transaction.atomic`` for a chunk or an item, with the commit phase drawn above.
+    """``transaction.atomic`` for a chunk or an item, with the commit phase drawn above;
+    ``deferred``: on SQLite, the write lock is taken at the first write, not at BEGIN.
 
     Raises ``Transient`` (retry it), ``CommitRefused`` (nothing was committed), or what
     the body raised (after rolling back).
@@ -151,7 +163,7 @@ def open_transaction(
     committing = False
     started = 0.0
     try:
-        with writing_from_begin(connection), transaction.atomic(using=database):
+        with writing_from_begin(connection, deferred=deferred), transaction.atomic(using=database):
             yield txn
             if not outermost:  # a savepoint in the caller's transaction: the caller commits
                 if dry_run:
@@ -226,15 +238,22 @@ def _check_constraints(connection: Any, wrap: type[CommitRefused] | None) -> Non
         raise wrap(error) from error
 
 
-def writing_from_begin(connection: Any) -> AbstractContextManager[None]:
-    """On SQLite, transactions begun meanwhile take the write lock at BEGIN (IMMEDIATE)."""
-    return connection.execute_wrapper(_begin_immediate if connection.vendor == "sqlite" else _pass_through)
+def writing_from_begin(connection: Any, *, deferred: bool = False) -> AbstractContextManager[None]:
+    """On SQLite, transactions begun meanwhile take the write lock at BEGIN (IMMEDIATE), or
+    with ``deferred`` at their first write (whatever the database's ``transaction_mode``)."""
+    if connection.vendor != "sqlite":
+        return connection.execute_wrapper(_pass_through)
+    return connection.execute_wrapper(_begin_deferred if deferred else _begin_immediate)
 
 
 def _begin_immediate(execute: Callable[..., Any], sql: str, *args: Any) -> Any:
     # A deferred SQLite transaction that reads and then writes fails at once with
     # "database is locked" when another worker writes; IMMEDIATE waits for the lock instead.
-    return execute("BEGIN IMMEDIATE" if sql == "BEGIN" else sql, *args)
+    return execute("BEGIN IMMEDIATE" if sql.startswith("BEGIN") else sql, *args)
+
+
+def _begin_deferred(execute: Callable[..., Any], sql: str, *args: Any) -> Any:
+    return execute("BEGIN DEFERRED" if sql.startswith("BEGIN") else sql, *args)
 
 
 def _pass_through(execute: Callable[..., Any], sql: str, *args: Any) -> Any:

@@ -7,7 +7,10 @@ on every pipe at once; end-of-file on a pipe means its worker died: the chunks i
 come back as ``ChunkLost`` and a new worker takes its place (when work is next sent). A
 worker says "committing" just before it commits a chunk, so a chunk whose worker died
 during COMMIT comes back ``in_doubt``; a worker that crashed outside any item, or could
-not send a result, says "lost" with the traceback, and goes on with the next chunk.
+not send a result, says "lost" with the traceback, and goes on with the next chunk. In a
+chunk of ``each_item`` transactions the worker says "settled" with each item's outcome as
+it commits, so a chunk whose worker died comes back with the items it settled
+(``ChunkLost.settled``): only the rest is lost.
 
 The parent never closes its own connections for the workers' sake: a forked worker sets
 the copies it inherits aside, untouched (see ``process_worker``), so the caller's session
@@ -55,6 +58,20 @@ class _WorkerHandle:
     pid: int = 0
     in_flight: deque[Chunk] = field(default_factory=deque)
     committing: bool = False  # the first chunk in flight is being committed
+    # each_item: the first chunk's items settled so far, as (offset, error, value)
+    settled: list[tuple[int, ErrorInfo | None, Any]] = field(default_factory=list)
+
+    def lose_first(self, reason: str, *, in_doubt: bool, traceback: str = "") -> ChunkLost:
+        """The first chunk in flight, lost, with what it settled of it."""
+        chunk = self.in_flight.popleft()
+        settled, self.settled = self.settled, []
+        return ChunkLost(
+            chunk, reason, in_doubt=in_doubt, traceback=traceback, settled=_result(chunk, settled)
+        )
+
+    def finish_first(self, result: ChunkResult) -> ChunkDone:
+        self.settled = []
+        return ChunkDone(self.in_flight.popleft(), result)
 
     def kill(self) -> None:
         if self.pid:
@@ -179,13 +196,15 @@ class ProcessExecutor(Executor):
                 f"the result sent by the worker process (pid {handle.pid}) could not be read "
                 f"here ({type(error).__name__}: {error})"
             )
-            return [ChunkLost(handle.in_flight.popleft(), reason, in_doubt=True)]
+            return [handle.lose_first(reason, in_doubt=True)]
         handle.committing = kind == "committing"
+        if kind == "settled":
+            handle.settled.append(detail)
         if kind == "done":
-            return [ChunkDone(handle.in_flight.popleft(), detail)]
+            return [handle.finish_first(detail)]
         if kind == "lost":
             reason, in_doubt, traceback = detail
-            return [ChunkLost(handle.in_flight.popleft(), reason, in_doubt=in_doubt, traceback=traceback)]
+            return [handle.lose_first(reason, in_doubt=in_doubt, traceback=traceback)]
         return []
 
     def stop(self, *, cancel: bool = False) -> None:
@@ -273,10 +292,8 @@ class ProcessExecutor(Executor):
         self._handles.remove(dead)
         reason = f"the worker process (pid {dead.pid}) died: {ended}"
         # The worker runs its chunks in the order they were sent: only the first had started.
-        return [
-            ChunkLost(chunk, reason, in_doubt=dead.committing and n == 0, started=n == 0)
-            for n, chunk in enumerate(dead.in_flight)
-        ]
+        lost: list[Event] = [dead.lose_first(reason, in_doubt=dead.committing)] if dead.in_flight else []
+        return lost + [ChunkLost(chunk, reason, started=False) for chunk in dead.in_flight]
 
     def _stop_zygote(self) -> None:
         assert self._zygote is not None
@@ -334,6 +351,15 @@ def _reaper_of_process(process: Any) -> Callable[[float], str]:
         return _describe_exit(process.exitcode)
 
     return reap
+
+
+def _result(chunk: Chunk, settled: list[tuple[int, ErrorInfo | None, Any]]) -> ChunkResult | None:
+    """The outcome of a lost chunk's first items, settled before it was lost (each_item)."""
+    if not settled:
+        return None
+    values = [value for _, _, value in settled]
+    errors = {offset: error for offset, error, _ in settled if error is not None}
+    return ChunkResult(chunk.number, values, errors)
 
 
 def _reap_popen(popen: subprocess.Popen[bytes], timeout: float) -> str:

@@ -6,6 +6,8 @@ Data flow over the worker's duplex pipe (``multiprocessing.connection.Connection
     worker -> parent   ("ready", pid) once setup ran, or ("failed", traceback text)
     parent -> worker   a Chunk, any number of times; None to finish
     worker -> parent   ("committing", None) just before a chunk's COMMIT, if it gets there
+    worker -> parent   ("settled", (offset, error, value)) after each item of an each_item
+                       chunk (committed with its journal row, or failed)
     worker -> parent   per chunk, ("done", ChunkResult), or ("lost", (reason, in_doubt,
                        traceback)) when the Worker raised outside any item or its result
                        cannot be pickled (then it committed: in doubt)
@@ -80,7 +82,7 @@ def run_worker(conn: Connection, task: Any) -> None:
     from bulkpool.work import Worker
 
     commit = CommitWatch(then=lambda: conn.send(("committing", None)))
-    worker = Worker(task, before_commit=commit)
+    worker = Worker(task, before_commit=commit, progress=lambda *settled: conn.send(("settled", settled)))
     try:
         try:
             worker.start()

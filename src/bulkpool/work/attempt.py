@@ -67,13 +67,23 @@ class Redo(Exception):
         self.error = error
 
 
-def attempt(run: ChunkRun, piece: Chunk, result: ChunkResult, level: int) -> Transaction:
-    """One transaction over the piece; raises what ``OneTransaction`` handles."""
+def attempt(
+    run: ChunkRun, piece: Chunk, result: ChunkResult, level: int, *, deferred: bool = False
+) -> Transaction:
+    """One transaction over the piece; raises what ``OneTransaction`` handles.
+
+    ``deferred`` (one item, SQLite): the write lock is taken at the item's first write, so
+    the journal is asked before the transaction -- a read inside it would start a snapshot
+    that the first write may find stale. The record written last still refuses a piece
+    that another delivery committed meanwhile (AlreadyDone).
+    """
     task, database = run.task, run.task.database
     # COMMIT cannot answer for a dry run, so the check runs before its rollback.
     check = checks_constraints_per_item(database) and (task.dry_run or level >= CHECKED)
     txn: Transaction | None = None
     run.begin(run.offsets(piece))
+    if deferred and task.journal and journal_has(task, piece):
+        raise AlreadyDone
     try:
         with open_transaction(
             database,
@@ -81,8 +91,9 @@ def attempt(run: ChunkRun, piece: Chunk, result: ChunkResult, level: int) -> Tra
             check_constraints=check,
             before_commit=run.about_to_commit,
             in_caller_thread=run.calls.in_caller_thread,
+            deferred=deferred,
         ) as txn:
-            if task.journal and journal_has(task, piece):
+            if task.journal and not deferred and journal_has(task, piece):
                 raise AlreadyDone
             if run.calls.batch is not None and level == FAST:
                 _run_batch(run, piece, result)
@@ -92,7 +103,7 @@ def attempt(run: ChunkRun, piece: Chunk, result: ChunkResult, level: int) -> Tra
                 record(task, piece, result.errors, result.values)
     finally:
         if txn is not None:
-            run.clock.add("commit", txn.commit_seconds)
+            run.clock.ended_transaction(txn.commit_seconds)
     return txn
 
 

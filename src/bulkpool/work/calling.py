@@ -77,7 +77,7 @@ class ItemCaller:
         database = self._task.database
         entered: Any = None
         try:
-            with self._clock.timing("work"), scope as entered:
+            with self._clock.item_work(), scope as entered:
                 value = self._calls.call(item)
                 if self._task.check_value is not None and self._task.keep_values:
                     self._check_value(value)

@@ -7,6 +7,7 @@ threads running chunks on one Worker share nothing that changes.
     policy --begin(offsets)--> the offsets of the transaction about to run
     transaction --about_to_commit()--> committing (a crash from now on leaves them in doubt)
     policy --settle(piece, local)--> the piece's outcome, keyed by offset in the chunk
+    each_item policy --item_settled(offset)--> ``progress``: that item's outcome, at once
     Worker.run --crashed(error)--> the offsets not settled fail (in doubt if committing)
     Worker.run <--finish()-- the ChunkResult, with its timings
 """
@@ -22,6 +23,9 @@ from bulkpool.work.calling import Calls, ItemCaller
 from bulkpool.work.inputs import Inputs
 from bulkpool.work.timing import Stopwatch
 
+# Told of each item of an each_item chunk as it settles: (offset, its error or None, its value).
+Progress = Callable[[int, ErrorInfo | None, Any], None]
+
 
 class ChunkRun:
     """The chunk's result as its pieces settle, and what a crash of ours would leave in doubt.
@@ -31,7 +35,14 @@ class ChunkRun:
     COMMIT, so an executor that sees ``run()`` die knows the chunk may have committed.
     """
 
-    def __init__(self, calls: Calls, chunk: Chunk, *, before_commit: Callable[[], None] | None) -> None:
+    def __init__(
+        self,
+        calls: Calls,
+        chunk: Chunk,
+        *,
+        before_commit: Callable[[], None] | None,
+        progress: Progress | None = None,
+    ) -> None:
         self.calls = calls
         self.task = calls.task
         self.chunk = chunk
@@ -42,6 +53,7 @@ class ChunkRun:
         self.failed_before: dict[int, ErrorInfo] = {}
         self.committing = False
         self._before_commit = before_commit
+        self._progress = progress
         self._settled: set[int] = set()
         # The offsets of the latest transaction, and whether it has begun to COMMIT.
         self._current = range(0)
@@ -82,6 +94,12 @@ class ChunkRun:
     def settle_offsets(self, offsets: Iterable[int]) -> None:
         """Offsets whose outcome is already in ``result`` (atomic="item" and False)."""
         self._settled.update(offsets)
+
+    def item_settled(self, offset: int) -> None:
+        """An item of an ``each_item`` chunk is settled: committed with its journal row, or failed."""
+        if self._progress is not None:
+            value = self.result.values[offset] if self.result.values is not None else None
+            self._progress(offset, self.result.errors.get(offset), value)
 
     def crashed(self, error: BaseException) -> None:
         """Something outside any item broke: the items not settled yet fail with it -- or,

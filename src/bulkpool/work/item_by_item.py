@@ -77,7 +77,7 @@ class ItemByItem:
                     continue
                 return
             if txn is not None:
-                run.clock.add("commit", txn.commit_seconds)
+                run.clock.ended_transaction(txn.commit_seconds)
                 if ok:
                     # Callbacks registered outside any savepoint of its own are still its.
                     for error in txn.callback_errors.values():

@@ -17,6 +17,13 @@ Data flow of one chunk (each attempt is ``attempt.attempt``):
       COMMIT (in doubt)        committed (AlreadyDone); without one, its items fail with
                                CommitUnknown (never written twice)
       the journal fails    --> roll back; the items fail, saying so
+
+``chunk.each_item`` (SQLite, heavy items; the pool decides): each item a piece of its own,
+in its own transaction with its own journal row, begun DEFERRED, so that what the item does
+before its first write runs while other workers write. A first write that finds the
+item's snapshot stale (another worker committed since) fails at once: the item runs again
+at once, IMMEDIATE, without spending a retry. Each item's outcome goes to the executor as
+it settles (``ChunkRun.item_settled``), so a worker that dies loses only its current item.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from bulkpool.retrying import Retry, Transient
 from bulkpool.transactions import CommitRefused, checks_constraints_per_item
 from bulkpool.work.attempt import CHECKED, SAVEPOINTS, Carefulness, Redo, attempt
 from bulkpool.work.chunk_run import ChunkRun, commit_unknown
+from bulkpool.work.inputs import LoadFailed
 from bulkpool.work.journaling import JournalFailed, recorded
 
 
@@ -42,11 +50,28 @@ class OneTransaction:
     def run(self) -> None:
         run = self._run
         retry = Retry(run.task.retries, **run.where())
+        if run.chunk.each_item:
+            self._run_each_item(retry)
+            return
         self._run_piece(run.chunk, retry, level=self._careful.level, whole=True)
         if not run.result.errors:
             self._careful.relax()
 
-    def _run_piece(self, piece: Chunk, retry: Retry, *, level: int, whole: bool = False) -> None:
+    def _run_each_item(self, retry: Retry) -> None:
+        run, chunk = self._run, self._run.chunk
+        try:
+            run.inputs.load_outside(retry)  # a load inside would start the item's snapshot early
+        except LoadFailed as failed:
+            run.settle(chunk, ChunkResult(chunk.number, None, dict.fromkeys(range(len(chunk)), failed.error)))
+            return
+        for index in range(chunk.start, chunk.end):
+            # A savepoint around the item: one that fails still commits its journal row.
+            self._run_piece(chunk.piece(index, index + 1), retry, level=SAVEPOINTS, whole=True, deferred=True)
+            run.item_settled(index - chunk.start)
+
+    def _run_piece(
+        self, piece: Chunk, retry: Retry, *, level: int, whole: bool = False, deferred: bool = False
+    ) -> None:
         """Run ``piece`` (the chunk, or a part of it after a refused COMMIT) to the end:
         committed, or failed, or split further."""
         run = self._run
@@ -54,7 +79,7 @@ class OneTransaction:
         while True:
             local = ChunkResult(piece.number, [None] * len(piece) if run.task.keep_values else None)
             try:
-                txn = attempt(run, piece, local, level)
+                txn = attempt(run, piece, local, level, deferred=deferred)
             except Redo as redo:
                 if redo.error is not None:
                     run.failed_before[redo.index] = redo.error
@@ -81,6 +106,10 @@ class OneTransaction:
                 run.settle(piece, local)
                 return
             except Transient as transient:
+                if deferred and not transient.in_doubt:  # a stale snapshot, most likely
+                    run.clock.ran_again_stale()
+                    deferred = False  # IMMEDIATE: it waits for the lock at BEGIN
+                    continue
                 if transient.in_doubt:
                     if not run.task.journal:
                         retry.recover()

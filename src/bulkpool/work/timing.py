@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from bulkpool.protocol import Timings
 
@@ -18,6 +19,10 @@ class Stopwatch:
         self._started = time.perf_counter()
         self._cpu_started = time.thread_time()  # this thread's own CPU: the rest was waiting
         self._spent = dict.fromkeys(PHASES, 0.0)
+        self._unlocked = 0.0
+        self._commits = 0
+        self._stale = 0
+        self._item_started: float | None = None  # while an item runs and has not written yet
 
     @contextmanager
     def timing(self, phase: str) -> Iterator[None]:
@@ -30,9 +35,42 @@ class Stopwatch:
     def add(self, phase: str, seconds: float) -> None:
         self._spent[phase] += seconds
 
+    def ended_transaction(self, commit_seconds: float) -> None:
+        self._spent["commit"] += commit_seconds
+        self._commits += 1
+
+    def ran_again_stale(self) -> None:
+        """An item's first write found a newer snapshot: it runs again (SQLite)."""
+        self._stale += 1
+
+    @contextmanager
+    def item_work(self) -> Iterator[None]:
+        """func on one item: its time, and how much of it came before its first write."""
+        started = self._item_started = time.perf_counter()
+        try:
+            with self.timing("work"):
+                yield
+        finally:
+            if self._item_started is not None:  # it never wrote: none of it needed the lock
+                self._unlocked += time.perf_counter() - started
+            self._item_started = None
+
+    def watching_writes(self, execute: Callable[..., Any], sql: str, *args: Any) -> Any:
+        """A Django execute wrapper (SQLite): notes the running item's first write."""
+        if self._item_started is not None and sql.lstrip()[:7].upper().startswith(_WRITES):
+            self._unlocked += time.perf_counter() - self._item_started
+            self._item_started = None
+        return execute(sql, *args)
+
     def timings(self) -> Timings:
         return Timings(
             **self._spent,
             total=time.perf_counter() - self._started,
             cpu=time.thread_time() - self._cpu_started,
+            unlocked=self._unlocked,
+            commits=self._commits,
+            stale=self._stale,
         )
+
+
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")

@@ -17,8 +17,10 @@ whatever the pool.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from django.db import connections
@@ -26,7 +28,7 @@ from django.db import connections
 from bulkpool.protocol import Chunk, ChunkResult, Task
 from bulkpool.work.attempt import Carefulness
 from bulkpool.work.calling import Calls
-from bulkpool.work.chunk_run import ChunkRun
+from bulkpool.work.chunk_run import ChunkRun, Progress
 from bulkpool.work.item_by_item import ItemByItem
 from bulkpool.work.one_transaction import OneTransaction
 
@@ -40,6 +42,8 @@ class Worker:
     so that a death during COMMIT is known to leave the chunk in doubt).
     ``in_caller_thread``: the worker runs in the caller's thread (serial), so Ctrl-C --
     a ``KeyboardInterrupt`` -- propagates out of ``run()`` instead of failing an item.
+    ``progress``: told of each item of an ``each_item`` chunk as it settles (a process
+    worker tells its parent, so that its death loses only the item it was running).
     """
 
     def __init__(
@@ -48,11 +52,13 @@ class Worker:
         *,
         before_commit: Callable[[], None] | None = None,
         in_caller_thread: bool = False,
+        progress: Progress | None = None,
     ) -> None:
         self.task = task
         self.state: Any = None
         self.in_caller_thread = in_caller_thread
         self._before_commit = before_commit
+        self._progress = progress
         self._calls = Calls.bind(task, in_caller_thread=in_caller_thread)
         self._careful = Carefulness()
         # The chunk each thread is running here, only so that ``committing`` can answer.
@@ -82,15 +88,16 @@ class Worker:
     def run(self, chunk: Chunk) -> ChunkResult:
         """Run the chunk; how each item went is in the result. Never raises, except
         ``KeyboardInterrupt`` in the caller's thread (``in_caller_thread``)."""
-        run = ChunkRun(self._calls, chunk, before_commit=self._before_commit)
+        run = ChunkRun(self._calls, chunk, before_commit=self._before_commit, progress=self._progress)
         self._running.run = run
         try:
             try:
                 run.inputs.prepare()
-                if self.task.atomic == "chunk":
-                    OneTransaction(run, self._careful).run()
-                else:
-                    ItemByItem(run).run()
+                with _watching_writes(self.task.database, run):
+                    if self.task.atomic == "chunk":
+                        OneTransaction(run, self._careful).run()
+                    else:
+                        ItemByItem(run).run()
             except KeyboardInterrupt as error:
                 if self.in_caller_thread:
                     raise
@@ -100,6 +107,15 @@ class Worker:
             return run.finish()
         finally:
             self._running.run = None
+
+
+def _watching_writes(database: str, run: ChunkRun) -> AbstractContextManager[Any]:
+    """On SQLite, note when each item first writes: the work before it needs no write lock,
+    which is what the pool decides ``each_item`` chunks from (sizing.py)."""
+    connection = connections[database]
+    if connection.vendor != "sqlite":
+        return contextlib.nullcontext()
+    return connection.execute_wrapper(run.clock.watching_writes)
 
 
 def _tune_connection(database: str) -> None:
