@@ -232,13 +232,15 @@ def _useful_width(pace: Pace, limits: Limits) -> tuple[int, str, bool]:
         gain = _chunk_gain(pace)
         if each_item_pays(pace, limits):
             gain, each_item = pace.each_item_gain(), True
-            bound += ", each item in its own transaction: most of its time comes before its first write"
+            bound += ", each item in a transaction of its own: most of its time comes before its first write"
         if gain < SINGLE_WRITER_GAIN:
             return 1, _writer_bound(pace), False
         if gain < width:
-            width, bound = gain, f"SQLite's one writer: {100 / gain:.0f}% of the time is in the transaction"
-            if each_item:
-                bound += ", each item in its own"
+            where = "each item in a transaction of its own, holding" if each_item else "in"
+            width, bound = (
+                gain,
+                f"SQLite's one writer: {100 / gain:.0f}% of the time is {where} the write lock",
+            )
     if limits.free_connections is not None:
         free = limits.free_connections - SPARE_CONNECTIONS
         if free < width:

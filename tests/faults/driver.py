@@ -30,8 +30,9 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--items", type=int, default=400)
     parser.add_argument("--pause", type=float, default=0.01, help="seconds each item holds its transaction")
-    parser.add_argument("--chunk-size", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--think", type=float, help="seconds each item waits before its write instead")
+    parser.add_argument("--chunk-size", type=int, default=10, help="0: auto")
+    parser.add_argument("--workers", type=int, default=2, help="0: auto")
     parser.add_argument("--run-id")
     parser.add_argument("--start-method")
     parser.add_argument("--setup-pause", type=float, help="seconds each worker's setup takes")
@@ -44,7 +45,7 @@ def main() -> int:
     django.setup()
 
     import bulkpool
-    from tests.faults.jobs import slow_marker, slow_marker_with_state, slow_setup
+    from tests.faults.jobs import slow_marker, slow_marker_with_state, slow_setup, think_then_mark
 
     backend: bulkpool.ProcessExecutor | bulkpool.CeleryExecutor
     if args.celery_broker:
@@ -56,6 +57,8 @@ def main() -> int:
         backend = bulkpool.ProcessExecutor(start_method=args.start_method)
     # With a setup, func takes its state too (bulkpool checks the signature before item one).
     func = functools.partial(slow_marker_with_state if args.setup_pause else slow_marker, args.pause)
+    if args.think is not None:
+        func = functools.partial(think_then_mark, args.think)
     extra = {}
     if args.poison is not None:  # its chunk is split at once, as in tests/faults/test_celery.py
         from tests.celery_jobs import marker_killing_at
@@ -66,8 +69,8 @@ def main() -> int:
             func,
             range(args.items),
             backend=backend,
-            workers=args.workers,
-            chunk_size=args.chunk_size,
+            workers=args.workers or "auto",
+            chunk_size=args.chunk_size or "auto",
             run_id=args.run_id,
             setup=functools.partial(slow_setup, args.setup_pause) if args.setup_pause else None,
             progress=False,
@@ -78,6 +81,7 @@ def main() -> int:
         print_children()
         return 130
     print(f"DRIVER DONE ok={report.ok} failed={report.failed} skipped={report.skipped}", flush=True)
+    print(f"DRIVER NOTES {report.notes}", flush=True)
     print_children()
     return 0
 

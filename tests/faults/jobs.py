@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 from django.db import connection
@@ -52,4 +54,22 @@ def hot_counter(i: int) -> int:
     Marker.objects.create(key=str(i), value=seen)
     Marker.objects.filter(key=COUNTERS[0]).update(value=F("value") + 1)
     sum(range(5_000))  # a little CPU work while the write lock is held
+    return i
+
+
+def think_then_mark(think: float, i: int) -> int:
+    """Think ``think`` seconds without the database, then write one Marker: most of the
+    item's time comes before its first write (on SQLite, bulkpool runs such items each in a
+    transaction of its own, taking the write lock at the write)."""
+    time.sleep(think)
+    Marker.objects.create(key=str(i), value=i)
+    return i
+
+
+def think_then_mark_dying_at(target: int, think: float, i: int) -> int:
+    """``think_then_mark``, but SIGKILL the worker process every time item ``target`` runs."""
+    time.sleep(think)
+    if i == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+    Marker.objects.create(key=str(i), value=i)
     return i

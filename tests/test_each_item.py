@@ -1,0 +1,237 @@
+"""SQLite, heavy items: each item in a transaction of its own, its write lock taken at its
+first write (``Chunk.each_item``), chosen by the pool from what the chunks measured.
+
+The sizing policy is fed numbers; the worker runs real chunks on the test database; the
+runs go through ``bulkpool.run``. The fault suite (tests/faults/test_each_item.py) kills
+workers and callers on this path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from django.db import connections
+
+import bulkpool
+from bulkpool.models import RunChunk
+from bulkpool.protocol import Chunk, Task, Timings
+from bulkpool.sizing import Limits, Pace, choose_workers, each_item_pays
+from bulkpool.work import Worker
+from tests.testapp.models import Marker
+
+SQLITE = Limits(cpus=2, free_connections=None, single_writer=True, start_seconds=0.1)
+SERVER = Limits(cpus=2, free_connections=100, single_writer=False, start_seconds=0.1)
+EACH_ITEM = "each item in a transaction of its own"
+
+
+def measured(per_item: float, before_write: float, *, items: int = 20, commit: float = 0.002) -> Pace:
+    """Three chunks of ``items`` items, each ``per_item`` seconds of CPU in func, the first
+    ``before_write`` of it before the item's first write, and one COMMIT."""
+    pace = Pace()
+    for _ in range(3):
+        work = per_item * items
+        timings = Timings(
+            work=work, commit=commit, total=work + commit, cpu=work, unlocked=before_write * items, commits=1
+        )
+        pace.add(items, timings)
+    return pace
+
+
+# -- the choice ---------------------------------------------------------------------------
+
+
+def test_heavy_work_before_the_first_write_gets_each_item_and_a_pool():
+    choice = choose_workers(measured(0.003, 0.0027), left=10_000, limits=SQLITE)
+    assert choice is not None and choice.each_item and choice.workers == 2, choice
+    assert EACH_ITEM in choice.why
+
+
+def test_work_after_the_first_write_stays_on_one_worker_in_chunk_transactions():
+    """The item writes first, then works: the lock is held for all of it either way."""
+    choice = choose_workers(measured(0.003, 0.00001), left=10_000, limits=SQLITE)
+    assert choice is not None and (choice.workers, choice.each_item) == (1, False), choice
+    assert "from its first write on" in choice.why and "prepare=" in choice.why
+
+
+def test_light_items_stay_in_chunk_transactions_a_commit_per_item_would_cost_more():
+    """0.1 ms items, nearly all before the write, against a 2 ms COMMIT: not worth one each."""
+    pace = measured(0.0001, 0.00009, items=500)
+    assert not each_item_pays(pace, SQLITE)
+    choice = choose_workers(pace, left=100_000, limits=SQLITE)
+    assert choice is not None and not choice.each_item, choice
+
+
+def test_servers_never_get_each_item():
+    """PostgreSQL and MariaDB lock rows, not the database: a chunk's transaction is no bottleneck."""
+    pace = measured(0.003, 0.0027)
+    assert not each_item_pays(pace, SERVER)
+    choice = choose_workers(pace, left=10_000, limits=SERVER)
+    assert choice is not None and not choice.each_item and choice.workers == 2, choice
+
+
+# -- the worker ---------------------------------------------------------------------------
+
+
+def task(func, **fields) -> Task:
+    return Task(
+        func=func,
+        setup=None,
+        atomic="chunk",
+        database="default",
+        retries=3,
+        keep_values=True,
+        own_connections=True,
+        **fields,
+    )
+
+
+def write_marker_failing_at_3(i: int) -> int:
+    if i == 3:
+        raise ValueError("3 is refused")
+    Marker.objects.create(key=str(i), value=i)
+    return i * 10
+
+
+@pytest.mark.django_db(transaction=True)
+def test_each_item_chunk_settles_item_by_item_and_tells_progress():
+    """Each item commits on its own (a failing one fails alone), and progress hears of each."""
+    heard = []
+    worker = Worker(task(write_marker_failing_at_3), progress=lambda *settled: heard.append(settled))
+    worker.start()
+    try:
+        result = worker.run(Chunk(0, 0, list(range(6)), each_item=True))
+    finally:
+        worker.close()
+    assert result.values == [0, 10, 20, None, 40, 50]
+    assert list(result.errors) == [3] and result.errors[3].message == "3 is refused"
+    assert [(offset, error is None, value) for offset, error, value in heard] == [
+        (0, True, 0),
+        (1, True, 10),
+        (2, True, 20),
+        (3, False, None),
+        (4, True, 40),
+        (5, True, 50),
+    ]
+    assert result.timings.commits == 6  # a transaction per item
+    assert sorted(Marker.objects.values_list("value", flat=True)) == [0, 1, 2, 4, 5]
+
+
+class WriterBetweenReadAndWrite:
+    """Item 1 reads (its snapshot begins); then, the first time only, another connection
+    writes, and item 1 writes after it. Its write cannot wait for the lock: in WAL mode the
+    other write committed after its snapshot began; in rollback-journal mode the other
+    writer holds the lock and waits for item 1's read lock to go. SQLite says "database is
+    locked" at once, and the worker runs item 1 again, IMMEDIATE."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.writer: threading.Thread | None = None
+
+    def __call__(self, i: int) -> int:
+        self.calls += 1
+        Marker.objects.filter(key="nothing").count()  # a read: the snapshot begins
+        if i == 1 and self.writer is None:
+            self.writer = threading.Thread(target=self._write_elsewhere)
+            self.writer.start()
+            time.sleep(0.3)  # it has written (WAL: committed too) by now
+        Marker.objects.create(key=str(i), value=i)
+        return i
+
+    @staticmethod
+    def _write_elsewhere() -> None:
+        try:
+            Marker.objects.create(key="elsewhere", value=-1)
+        finally:
+            connections.close_all()
+
+
+@pytest.mark.vendor("sqlite")
+@pytest.mark.django_db(transaction=True)
+def test_a_stale_snapshot_runs_the_item_again_holding_the_lock():
+    func = WriterBetweenReadAndWrite()
+    worker = Worker(task(func))
+    worker.start()
+    try:
+        result = worker.run(Chunk(0, 0, [0, 1, 2], each_item=True))
+    finally:
+        worker.close()
+    assert func.writer is not None
+    func.writer.join()
+    assert result.errors == {}
+    assert result.timings.stale == 1 and func.calls == 4  # item 1 ran twice, once written
+    assert sorted(Marker.objects.values_list("key", flat=True)) == ["0", "1", "2", "elsewhere"]
+
+
+@pytest.mark.vendor("sqlite")
+@pytest.mark.django_db(transaction=True)
+def test_the_first_write_is_measured():
+    """Timings.unlocked: the time func ran before each item's first write."""
+
+    def think_then_write(i: int) -> None:
+        time.sleep(0.02)
+        Marker.objects.create(key=str(i), value=i)
+        time.sleep(0.005)
+
+    worker = Worker(task(think_then_write))
+    worker.start()
+    try:
+        timings = worker.run(Chunk(0, 0, [0, 1, 2, 3])).timings
+    finally:
+        worker.close()
+    assert 0.08 <= timings.unlocked < timings.work - 0.015, timings
+
+
+# -- whole runs ---------------------------------------------------------------------------
+
+
+def think_then_mark(i: int) -> int:
+    time.sleep(0.01)
+    Marker.objects.create(key=str(i), value=i)
+    return i
+
+
+@pytest.mark.vendor("sqlite")
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_a_fixed_pool_on_sqlite_takes_each_item_once_measured(backend):
+    """workers=2: after the first chunks, the items run each in a transaction of its own,
+    each with its own journal record; every item is written once."""
+    report = bulkpool.run(
+        think_then_mark, range(120), backend=backend, workers=2, chunk_size=10, run_id=f"each-{backend}"
+    )
+    assert (report.ok, report.failed) == (120, 0)
+    assert any(EACH_ITEM in note for note in report.notes), report.notes
+    assert sorted(Marker.objects.values_list("value", flat=True)) == list(range(120))
+    one_item_records = RunChunk.objects.filter(run__run_id=f"each-{backend}", size=1).count()
+    assert one_item_records >= 60, one_item_records  # the probe chunks ran whole
+
+
+def read_then_think_then_mark(i: int) -> int:
+    Marker.objects.filter(key="nothing").exists()  # its snapshot begins here
+    time.sleep(0.01)
+    Marker.objects.create(key=str(i), value=i)
+    return i
+
+
+@pytest.mark.vendor("sqlite")
+@pytest.mark.django_db(transaction=True)
+def test_items_that_read_before_writing_go_back_to_chunk_transactions():
+    """Items that read, think, then write: with workers writing meanwhile, their snapshots
+    go stale, so the pool goes back to a transaction per chunk. Nothing fails."""
+    report = bulkpool.run(read_then_think_then_mark, range(200), backend="thread", workers=4, chunk_size=10)
+    assert (report.ok, report.failed) == (200, 0)
+    notes = "\n".join(report.notes)
+    assert EACH_ITEM in notes and "back to a transaction per chunk" in notes, notes
+    assert sorted(Marker.objects.values_list("value", flat=True)) == list(range(200))
+
+
+def test_the_chunk_flag_crosses_the_wire():
+    from bulkpool.protocol import JSON
+
+    chunk = Chunk(3, 30, [1, 2], each_item=True)
+    assert JSON.decode(JSON.encode(chunk)) == chunk
+    assert JSON.decode(JSON.encode(Chunk(3, 30, [1, 2]))).each_item is False
+    halves = chunk.halves()
+    assert all(half.each_item for half in halves)
