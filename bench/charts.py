@@ -25,6 +25,7 @@ COLOURS = {  # one colour per method in every chart: greys and blues by hand, wa
     "loop": "#bbbbbb",
     "loop_atomic500": "#888888",
     "ppe_script": "#9ecae1",
+    "ppe_script_cpus": "#6baed6",
     "pool_atomic500": "#3182bd",
     "thread_atomic100": "#08519c",
     "update_loop_atomic500": "#888888",

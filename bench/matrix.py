@@ -46,7 +46,14 @@ URLS = {
     "mysql": "mysql://root@127.0.0.1:3306/bench_matrix",
 }
 PREPARE_TIMEOUT = 300  # seconds to migrate and calibrate, whatever --timeout says
-HAND_WRITTEN = ["loop", "loop_atomic500", "ppe_script", "pool_atomic500", "thread_atomic100"]
+HAND_WRITTEN = [
+    "loop",
+    "loop_atomic500",
+    "ppe_script",
+    "ppe_script_cpus",
+    "pool_atomic500",
+    "thread_atomic100",
+]
 CREATE_METHODS = [*HAND_WRITTEN, "bulkpool_untuned", "bulkpool_fast", "bulk_create"]
 FAST_METHODS = ["signalled_bulk_create", "bulkpool_fast_serial", "bulkpool_fast_process2"]
 UPDATE_METHODS = ["update_loop_atomic500", "bulk_update", "bulkpool_update", "bulkpool_update_fast"]

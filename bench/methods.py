@@ -37,16 +37,21 @@ def loop_atomic500(workload: Workload, items: Items) -> None:
                 workload.job(item)
 
 
-def ppe_script(workload: Workload, items: Items) -> None:
+def ppe_script(workload: Workload, items: Items, processes: int = 4) -> None:
     """The script in SPEC.md: a ProcessPoolExecutor(4), one future per item, a tqdm bar."""
     connections.close_all()
     with (
         open(os.devnull, "w") as devnull,
-        ProcessPoolExecutor(max_workers=4) as executor,
+        ProcessPoolExecutor(max_workers=processes) as executor,
     ):
         futures = [executor.submit(workload.job, item) for item in items]
         for future in tqdm(futures, file=devnull):
             future.result()
+
+
+def ppe_script_cpus(workload: Workload, items: Items) -> None:
+    """The same script with as many processes as the machine has CPUs, as its users tune it."""
+    ppe_script(workload, items, processes=os.cpu_count() or 1)
 
 
 def pool_atomic500(workload: Workload, items: Items) -> None:
@@ -235,6 +240,7 @@ METHODS: dict[str, Callable[[Workload, Items], dict[str, Any] | None]] = {
     "loop": loop,
     "loop_atomic500": loop_atomic500,
     "ppe_script": ppe_script,
+    "ppe_script_cpus": ppe_script_cpus,
     "pool_atomic500": pool_atomic500,
     "bulkpool_serial": bulkpool_serial,
     "bulkpool_thread": bulkpool_thread,

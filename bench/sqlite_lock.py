@@ -8,6 +8,7 @@ method uses ``--processes`` processes and writes every item once; the rows are c
 
     blog_script        the SPEC's script: ProcessPoolExecutor, a future per item, autocommit
     bulkpool_untuned   bulkpool.run(job, items)
+    bulkpool_untuned_generator  the same, the items from a generator (length unknown)
     bulkpool_process   bulkpool.run(job, items, backend="process", workers=P): design (a), today
     bulkpool_prepare   the same with the work moved to prepare= (tuning, for reference)
     chunk_immediate    by hand, as (a) does it: 50 items per BEGIN IMMEDIATE transaction
@@ -23,7 +24,10 @@ The hand-made designs run in a ``multiprocessing`` pool over chunks of 50 items,
 bulkpool's workers would; a transaction that meets "database is locked" is rolled back
 and run again, and the retries are counted.
 
-    python -m bench.sqlite_lock --items 2000 --processes 2 --repeat 3 [--synchronous NORMAL]
+    python -m bench.sqlite_lock --items 2000 --repeat 3 [--processes P] [--synchronous NORMAL]
+
+The JSON records the CPU count (``cpus``, and those this process may use) with the
+results: run it on machines of several sizes for the scaling.
 
 ``--synchronous NORMAL`` takes the fsync out of each COMMIT (WAL keeps the file consistent;
 a power cut may lose the last commits): where a COMMIT is cheap, many small transactions
@@ -103,6 +107,13 @@ def bulkpool_untuned(items: Items, processes: int) -> dict[str, Any]:
     from bench import jobs
 
     return _report(bulkpool.run(jobs.create_user_after_spin, items))
+
+
+def bulkpool_untuned_generator(items: Items, processes: int) -> dict[str, Any]:
+    import bulkpool
+    from bench import jobs
+
+    return _report(bulkpool.run(jobs.create_user_after_spin, (item for item in items)))
 
 
 def bulkpool_process(items: Items, processes: int) -> dict[str, Any]:
@@ -288,6 +299,7 @@ def measure(
 METHODS: list[Method] = [
     blog_script,
     bulkpool_untuned,
+    bulkpool_untuned_generator,
     bulkpool_process,
     bulkpool_prepare,
     *[by_hand(design) for design in DESIGNS],
@@ -303,7 +315,9 @@ def users(count: int) -> Iterator[dict[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=2000)
-    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument(
+        "--processes", type=int, default=os.cpu_count(), help="for the hand-written methods (default: CPUs)"
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--methods", default=",".join(m.__name__ for m in METHODS))
     parser.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="FULL")
@@ -339,6 +353,7 @@ def summary(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> 
         "processes": args.processes,
         "synchronous": args.synchronous,
         "cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "load": os.getloadavg(),
         "spin_iterations": int(os.environ.get("BENCH_SPIN_ITERATIONS", 0)),
         "methods": {
