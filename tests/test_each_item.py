@@ -15,7 +15,7 @@ import pytest
 from django.db import connections
 
 import bulkpool
-from bulkpool.models import RunChunk
+from bulkpool.models import RunChunk, RunFailure
 from bulkpool.protocol import Chunk, Task, Timings
 from bulkpool.sizing import Limits, Pace, choose_workers, each_item_pays
 from bulkpool.work import Worker
@@ -114,7 +114,9 @@ def test_each_item_chunk_settles_item_by_item_and_tells_progress():
         (4, True, 40),
         (5, True, 50),
     ]
-    assert result.timings.commits == 6  # a transaction per item
+    # A transaction per item; the one that failed rolled back, and ended in a second one
+    # (which holds its journal row, in a journaled run).
+    assert result.timings.commits == 7
     assert sorted(Marker.objects.values_list("value", flat=True)) == [0, 1, 2, 4, 5]
 
 
@@ -186,8 +188,10 @@ def test_the_first_write_is_measured():
 # -- whole runs ---------------------------------------------------------------------------
 
 
-def think_then_mark(i: int) -> int:
+def think_then_mark_failing_at_100(i: int) -> int:
     time.sleep(0.01)
+    if i == 100:
+        raise ValueError("100 is refused")
     Marker.objects.create(key=str(i), value=i)
     return i
 
@@ -197,15 +201,22 @@ def think_then_mark(i: int) -> int:
 @pytest.mark.parametrize("backend", ["thread", "process"])
 def test_a_fixed_pool_on_sqlite_takes_each_item_once_measured(backend):
     """workers=2: after the first chunks, the items run each in a transaction of its own,
-    each with its own journal record; every item is written once."""
-    report = bulkpool.run(
-        think_then_mark, range(120), backend=backend, workers=2, chunk_size=10, run_id=f"each-{backend}"
-    )
-    assert (report.ok, report.failed) == (120, 0)
+    each with its own journal record (a failure too); every other item is written once,
+    and a resume runs nothing again."""
+    run_id = f"each-{backend}"
+    func = think_then_mark_failing_at_100
+    report = bulkpool.run(func, range(120), backend=backend, workers=2, chunk_size=10, run_id=run_id)
+    assert (report.ok, [f.index for f in report.failures]) == (119, [100])
     assert any(EACH_ITEM in note for note in report.notes), report.notes
-    assert sorted(Marker.objects.values_list("value", flat=True)) == list(range(120))
-    one_item_records = RunChunk.objects.filter(run__run_id=f"each-{backend}", size=1).count()
+    written = [i for i in range(120) if i != 100]
+    assert sorted(Marker.objects.values_list("value", flat=True)) == written
+    one_item_records = RunChunk.objects.filter(run__run_id=run_id, size=1).count()
     assert one_item_records >= 60, one_item_records  # the probe chunks ran whole
+    failure = RunFailure.objects.get(chunk__run__run_id=run_id)
+    assert (failure.index, failure.message, failure.chunk.size) == (100, "100 is refused", 1)
+    again = bulkpool.run(func, range(120), backend=backend, workers=2, chunk_size=10, run_id=run_id)
+    assert (again.ok, again.skipped, [f.index for f in again.failures]) == (0, 119, [100]), str(again)
+    assert sorted(Marker.objects.values_list("value", flat=True)) == written
 
 
 def read_then_think_then_mark(i: int) -> int:

@@ -34,7 +34,7 @@ from bulkpool.journal import AlreadyDone
 from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo
 from bulkpool.retrying import Retry, Transient
 from bulkpool.transactions import CommitRefused, checks_constraints_per_item
-from bulkpool.work.attempt import CHECKED, SAVEPOINTS, Carefulness, Redo, attempt
+from bulkpool.work.attempt import CHECKED, FAST, SAVEPOINTS, Carefulness, Redo, attempt
 from bulkpool.work.chunk_run import ChunkRun, commit_unknown
 from bulkpool.work.inputs import LoadFailed
 from bulkpool.work.journaling import JournalFailed, recorded
@@ -65,8 +65,9 @@ class OneTransaction:
             run.settle(chunk, ChunkResult(chunk.number, None, dict.fromkeys(range(len(chunk)), failed.error)))
             return
         for index in range(chunk.start, chunk.end):
-            # A savepoint around the item: one that fails still commits its journal row.
-            self._run_piece(chunk.piece(index, index + 1), retry, level=SAVEPOINTS, whole=True, deferred=True)
+            # No savepoint: an item that fails rolls its transaction back, and its journal
+            # row (with its failure) goes in a second one, like a chunk's redo.
+            self._run_piece(chunk.piece(index, index + 1), retry, level=FAST, whole=True, deferred=True)
             run.item_settled(index - chunk.start)
 
     def _run_piece(
