@@ -8,11 +8,12 @@ workers and callers on this path.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
-from django.db import connections
+from django.db import connections, transaction
 
 import bulkpool
 from bulkpool.models import RunChunk, RunFailure
@@ -122,14 +123,15 @@ def test_each_item_chunk_settles_item_by_item_and_tells_progress():
 
 class WriterBetweenReadAndWrite:
     """Item 1 reads (its snapshot begins); then, the first time only, another connection
-    writes, and item 1 writes after it. Its write cannot wait for the lock: in WAL mode the
-    other write committed after its snapshot began; in rollback-journal mode the other
-    writer holds the lock and waits for item 1's read lock to go. SQLite says "database is
-    locked" at once, and the worker runs item 1 again, IMMEDIATE."""
+    writes, and item 1 writes after it. Item 1's write cannot wait for the lock: in WAL mode
+    the other write commits after item 1's snapshot began; in rollback-journal mode the
+    other writer holds the lock and waits for item 1's read lock to go. SQLite says
+    "database is locked" at once, and the worker runs item 1 again, IMMEDIATE."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.writer: threading.Thread | None = None
+        self._holds_the_lock = threading.Event()
 
     def __call__(self, i: int) -> int:
         self.calls += 1
@@ -137,14 +139,15 @@ class WriterBetweenReadAndWrite:
         if i == 1 and self.writer is None:
             self.writer = threading.Thread(target=self._write_elsewhere)
             self.writer.start()
-            time.sleep(0.3)  # it has written (WAL: committed too) by now
+            assert self._holds_the_lock.wait(30), "the other writer never wrote"
         Marker.objects.create(key=str(i), value=i)
         return i
 
-    @staticmethod
-    def _write_elsewhere() -> None:
+    def _write_elsewhere(self) -> None:
         try:
-            Marker.objects.create(key="elsewhere", value=-1)
+            with transaction.atomic():
+                Marker.objects.create(key="elsewhere", value=-1)  # the write lock is its now
+                self._holds_the_lock.set()
         finally:
             connections.close_all()
 
@@ -219,9 +222,10 @@ def test_a_fixed_pool_on_sqlite_takes_each_item_once_measured(backend):
     assert sorted(Marker.objects.values_list("value", flat=True)) == written
 
 
-def read_then_think_then_mark(i: int) -> int:
-    Marker.objects.filter(key="nothing").exists()  # its snapshot begins here
+def think_read_think_mark(i: int) -> int:
     time.sleep(0.01)
+    Marker.objects.filter(key="nothing").exists()  # WAL: its snapshot begins; else: a read lock
+    time.sleep(0.005)
     Marker.objects.create(key=str(i), value=i)
     return i
 
@@ -229,9 +233,11 @@ def read_then_think_then_mark(i: int) -> int:
 @pytest.mark.vendor("sqlite")
 @pytest.mark.django_db(transaction=True)
 def test_items_that_read_before_writing_go_back_to_chunk_transactions():
-    """Items that read, think, then write: with workers writing meanwhile, their snapshots
-    go stale, so the pool goes back to a transaction per chunk. Nothing fails."""
-    report = bulkpool.run(read_then_think_then_mark, range(200), backend="thread", workers=4, chunk_size=10)
+    """Items that think, read, think again, then write: with other workers writing
+    meanwhile, their first write finds the snapshot stale (WAL) or another writer waiting
+    for their read lock (rollback journal), so they run again; the pool goes back to a
+    transaction per chunk. Nothing fails, nothing is written twice."""
+    report = bulkpool.run(think_read_think_mark, range(200), backend="thread", workers=4, chunk_size=10)
     assert (report.ok, report.failed) == (200, 0)
     notes = "\n".join(report.notes)
     assert EACH_ITEM in notes and "back to a transaction per chunk" in notes, notes
@@ -246,3 +252,69 @@ def test_the_chunk_flag_crosses_the_wire():
     assert JSON.decode(JSON.encode(Chunk(3, 30, [1, 2]))).each_item is False
     halves = chunk.halves()
     assert all(half.each_item for half in halves)
+
+
+@pytest.mark.vendor("sqlite")
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("atomic", ["item", False])
+def test_only_chunk_transactions_give_way_to_each_item(atomic):
+    """atomic="item" and False have a transaction per item, or none, already: the pool keeps
+    their chunks as they are."""
+    report = bulkpool.run(
+        think_then_mark, range(60), backend="process", workers=2, chunk_size=10, atomic=atomic
+    )
+    assert (report.ok, report.failed) == (60, 0)
+    assert not any(EACH_ITEM in note for note in report.notes), report.notes
+
+
+def think_then_mark(i: int) -> int:
+    time.sleep(0.01)
+    Marker.objects.create(key=str(i), value=i)
+    return i
+
+
+PARENT = os.getpid()
+
+
+def _rebuilt_only_in_a_worker(i: int) -> int:
+    if os.getpid() == PARENT:
+        raise RuntimeError("this value cannot be rebuilt in the caller")
+    return i
+
+
+class OnlyInAWorker:
+    """A return value that pickles in a worker but cannot be unpickled in the caller."""
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def __reduce__(self) -> tuple[object, tuple[int]]:
+        return (_rebuilt_only_in_a_worker, (self.i,))
+
+
+def think_then_mark_returning_unreadable_at_105(i: int) -> object:
+    time.sleep(0.01)
+    Marker.objects.create(key=str(i), value=i)
+    return OnlyInAWorker(i) if i == 105 else i
+
+
+@pytest.mark.vendor("sqlite")
+@pytest.mark.django_db(transaction=True)
+def test_a_value_the_caller_cannot_read_fails_its_item_alone():
+    """In an each_item chunk, a committed item whose value the caller cannot unpickle is
+    reported as such (written: unsafe to run again), and every other outcome is right."""
+    outcomes = list(
+        bulkpool.imap(
+            think_then_mark_returning_unreadable_at_105,
+            range(140),
+            backend="process",
+            workers=2,
+            chunk_size=10,
+        )
+    )
+    assert [o.index for o in outcomes] == list(range(140))
+    failed = [(o.index, o.error.exc_type) for o in outcomes if o.error is not None]
+    assert failed == [(105, "RuntimeError")], failed
+    assert "it was written, but its return value could not be read here" in outcomes[105].error.message
+    assert all(o.value == o.index for o in outcomes if o.index != 105)
+    assert sorted(Marker.objects.values_list("value", flat=True)) == list(range(140))

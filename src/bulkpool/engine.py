@@ -240,7 +240,7 @@ class Engine:
         released = []
         for event in self.pool.executor.events(POLL_SECONDS):
             if not isinstance(event, ChunkLost):
-                self.pool.measured(len(event.chunk), event.result.timings)
+                self.pool.measured(event.chunk, event.result.timings)
                 self._record(event.chunk, event.result)
                 released += self._scheduler.finished(event.chunk, event.result)
                 continue

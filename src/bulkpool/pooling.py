@@ -84,7 +84,11 @@ class Pool:
         # SQLite, heavy items: each item in a transaction of its own (sizing.py). With a
         # fixed pool of several workers, it is chosen once the first chunks are measured.
         self.each_item = False
-        self._choosing_transactions = not self._measuring and self.workers > 1 and backend.local
+        self._may_each_item = options.atomic == "chunk"  # "item" and False have theirs already
+        self._choosing_transactions = (
+            self._may_each_item and not self._measuring and self.workers > 1 and backend.local
+        )
+        self._each_item_pace = Pace()  # of the each_item chunks: how many items ran stale
 
     @property
     def ceiling(self) -> int:
@@ -113,8 +117,9 @@ class Pool:
         self._read += items
         self.sizer.read(items)
 
-    def measured(self, items: int, timings: Timings) -> None:
-        """A chunk of ``items`` came back, with what it took in its worker."""
+    def measured(self, chunk: Chunk, timings: Timings) -> None:
+        """A chunk came back, with what it took in its worker."""
+        items = len(chunk)
         # The measuring worker's first chunk also opened its database connection: left
         # out of the choice, unless the chunk is long enough for that not to matter.
         if self.pace.chunks or timings.total >= PROBE_SECONDS:
@@ -123,8 +128,10 @@ class Pool:
         if self._choosing_transactions and self._deciding.chunks >= PROBE_CHUNKS:
             self._choosing_transactions = False
             self._set_each_item(each_item_pays(self._deciding, self._limits))
-        if self.each_item and timings.stale and self.pace.stale_share > STALE_SHARE:
-            self._set_each_item(False)
+        if chunk.each_item:
+            self._each_item_pace.add(items, timings)
+            if self.each_item and self._each_item_pace.stale_share > STALE_SHARE:
+                self._set_each_item(False)
 
     def withdraw(self) -> None:
         if self.started:
@@ -184,8 +191,9 @@ class Pool:
                 "most of an item's time comes before it (SQLite writes one transaction at a time)"
             )
         else:
+            stale = self._each_item_pace.stale_share
             self._say(
-                f"atomic=chunk: back to a transaction per chunk: {100 * self.pace.stale_share:.0f}% "
+                f"atomic=chunk: back to a transaction per chunk: {100 * stale:.0f}% "
                 "of the items read data that another worker changed before their first write, "
                 "and had to run again holding the write lock"
             )
@@ -201,6 +209,7 @@ class Pool:
             free_connections=free_connections(self._database),
             single_writer=connections[self._database].vendor == "sqlite",
             start_seconds=self.executor.start_seconds,
+            chunk_transactions=self._may_each_item,
         )
 
     def _left(self, read: int) -> int | None:

@@ -166,6 +166,7 @@ class Limits:
     free_connections: int | None  # None: the database does not say (SQLite)
     single_writer: bool  # SQLite: one write transaction at a time
     start_seconds: float  # about what starting the pool costs
+    chunk_transactions: bool = True  # atomic="chunk": each_item may replace them
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,9 @@ def choose_workers(pace: Pace, left: int | None, limits: Limits) -> Choice | Non
 def each_item_pays(pace: Pace, limits: Limits) -> bool:
     """Whether a fixed pool of workers on SQLite runs faster with each item in a
     transaction of its own (``workers`` given: only the transactions are chosen)."""
-    return limits.single_writer and pace.each_item_gain() >= max(SINGLE_WRITER_GAIN, _chunk_gain(pace))
+    if not (limits.single_writer and limits.chunk_transactions):
+        return False
+    return pace.each_item_gain() >= max(SINGLE_WRITER_GAIN, _chunk_gain(pace))
 
 
 def _chunk_gain(pace: Pace) -> float:

@@ -64,6 +64,8 @@ def test_workers_killed_mid_chunk(run_id):
 def test_item_that_kills_every_worker_fails_alone_and_resume_runs_past_it(run_id):
     """Under the default options, an item that SIGKILLs its worker fails alone, WorkerDied;
     every other item is written once, and a resume does not run it again."""
+    # Without a journal this also shows that the worker's progress counts: the items of the
+    # poison's chunk settled before it would otherwise be sent again and written twice.
     poison = 450
     func = functools.partial(jobs.think_then_mark_dying_at, poison, THINK)
     report = bulkpool.run(func, range(ITEMS), progress=False, run_id=run_id)
@@ -104,6 +106,7 @@ def test_caller_stopped_mid_run_then_resumed(how):
 
     code, out, err = finish(start_driver(*UNTUNED, "--run-id", run_id), within=120)
     assert code == 0, err
+    assert took_the_each_item_path(out), out  # DRIVER NOTES: the resume took the path too
     assert "database is locked" not in out + err
     found = tally(range(ITEMS))
     record(f"each_item: {how} mid-run, then resumed", found)

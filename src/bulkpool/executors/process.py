@@ -58,8 +58,8 @@ class _WorkerHandle:
     pid: int = 0
     in_flight: deque[Chunk] = field(default_factory=deque)
     committing: bool = False  # the first chunk in flight is being committed
-    # each_item: the first chunk's items settled so far, as (offset, error, value)
-    settled: list[tuple[int, ErrorInfo | None, Any]] = field(default_factory=list)
+    # each_item: the first chunk's items settled so far, as (offset, error, pickled value)
+    settled: list[tuple[int, ErrorInfo | None, bytes | None]] = field(default_factory=list)
 
     def lose_first(self, reason: str, *, in_doubt: bool, traceback: str = "") -> ChunkLost:
         """The first chunk in flight, lost, with what it settled of it."""
@@ -353,13 +353,28 @@ def _reaper_of_process(process: Any) -> Callable[[float], str]:
     return reap
 
 
-def _result(chunk: Chunk, settled: list[tuple[int, ErrorInfo | None, Any]]) -> ChunkResult | None:
+def _result(chunk: Chunk, settled: list[tuple[int, ErrorInfo | None, bytes | None]]) -> ChunkResult | None:
     """The outcome of a lost chunk's first items, settled before it was lost (each_item)."""
     if not settled:
         return None
-    values = [value for _, _, value in settled]
-    errors = {offset: error for offset, error, _ in settled if error is not None}
-    return ChunkResult(chunk.number, values, errors)
+    result = ChunkResult(chunk.number, [])
+    for offset, error, blob in settled:
+        value = None
+        try:
+            value = None if blob is None else pickle.loads(blob)
+        except Exception as unreadable:
+            error = error or _unreadable_value(unreadable)
+        if error is not None:
+            result.errors[offset] = error
+        assert result.values is not None
+        result.values.append(value)
+    return result
+
+
+def _unreadable_value(error: Exception) -> ErrorInfo:
+    info = ErrorInfo.from_exception(error)
+    message = f"it was written, but its return value could not be read here: {info.exc_type}: {info.message}"
+    return ErrorInfo(info.exc_type, message, info.traceback, unsafe=True)
 
 
 def _reap_popen(popen: subprocess.Popen[bytes], timeout: float) -> str:

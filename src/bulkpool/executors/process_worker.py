@@ -6,8 +6,8 @@ Data flow over the worker's duplex pipe (``multiprocessing.connection.Connection
     worker -> parent   ("ready", pid) once setup ran, or ("failed", traceback text)
     parent -> worker   a Chunk, any number of times; None to finish
     worker -> parent   ("committing", None) just before a chunk's COMMIT, if it gets there
-    worker -> parent   ("settled", (offset, error, value)) after each item of an each_item
-                       chunk (committed with its journal row, or failed)
+    worker -> parent   ("settled", (offset, error, pickled value)) after each item of an
+                       each_item chunk (committed with its journal row, or failed)
     worker -> parent   per chunk, ("done", ChunkResult), or ("lost", (reason, in_doubt,
                        traceback)) when the Worker raised outside any item or its result
                        cannot be pickled (then it committed: in doubt)
@@ -82,7 +82,7 @@ def run_worker(conn: Connection, task: Any) -> None:
     from bulkpool.work import Worker
 
     commit = CommitWatch(then=lambda: conn.send(("committing", None)))
-    worker = Worker(task, before_commit=commit, progress=lambda *settled: conn.send(("settled", settled)))
+    worker = Worker(task, before_commit=commit, progress=_telling_progress(conn))
     try:
         try:
             worker.start()
@@ -103,6 +103,18 @@ def run_worker(conn: Connection, task: Any) -> None:
         return  # the parent is gone or gave up on this worker, or SIGTERM found us idle
     finally:
         worker.close()
+
+
+def _telling_progress(conn: Connection) -> Any:
+    """Tell the parent each item of an each_item chunk as it settles. The value travels
+    pickled on its own, so that a value the parent cannot rebuild fails that item there,
+    not the message (which would leave the parent unsure how far the chunk got)."""
+
+    def settled(offset: int, error: Any, value: Any) -> None:
+        blob = None if value is None else pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        conn.send(("settled", (offset, error, blob)))
+
+    return settled
 
 
 def _run_and_report(conn: Connection, worker: Any, commit: Any, chunk: Any) -> None:

@@ -14,16 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo
-from bulkpool.retrying import Retry, Transient, is_transient
+from bulkpool.retrying import Transient, is_transient
 from bulkpool.work.calling import Calls
 from bulkpool.work.timing import Stopwatch
-
-
-class LoadFailed(Exception):
-    """The chunk's items could not be loaded, after every retry."""
-
-    def __init__(self, error: ErrorInfo) -> None:
-        self.error = error
 
 
 @dataclass(frozen=True)
@@ -62,24 +55,6 @@ class Inputs:
                 except BaseException as error:
                     prepared.append(PrepareFailed(ErrorInfo.from_exception(error)))
         self._prepared = prepared
-
-    def load_outside(self, retry: Retry) -> None:
-        """With ``task.load``: load the whole chunk now, outside any transaction, for its
-        pieces to share (as prepared values). Raises ``LoadFailed``."""
-        if self._prepared is not None or self._calls.task.load is None:
-            return
-        while True:
-            loaded = ChunkResult(self._chunk.number, None)
-            try:
-                inputs = dict(self._load(self._chunk, loaded))
-                break
-            except Transient as transient:
-                if not retry.again():
-                    raise LoadFailed(ErrorInfo.from_exception(transient.error)) from None
-        self._prepared = [
-            inputs[offset] if offset in inputs else PrepareFailed(loaded.errors[offset])
-            for offset in range(len(self._chunk))
-        ]
 
     def for_piece(self, piece: Chunk, result: ChunkResult) -> list[tuple[int, Any]]:
         """(offset in ``piece``, argument) pairs to call func with; items that failed to

@@ -19,8 +19,9 @@ Data flow of one chunk (each attempt is ``attempt.attempt``):
       the journal fails    --> roll back; the items fail, saying so
 
 ``chunk.each_item`` (SQLite, heavy items; the pool decides): each item a piece of its own,
-in its own transaction with its own journal row, begun DEFERRED, so that what the item does
-before its first write runs while other workers write. A first write that finds the
+in its own transaction with its own journal row (and its own retries), begun DEFERRED, so
+that what the item does before its first write runs while other workers write; its load
+(QuerySet input) runs inside, so that it reads what its write is checked against. A first write that finds the
 item's snapshot stale (another worker committed since) fails at once: the item runs again
 at once, IMMEDIATE, without spending a retry. Each item's outcome goes to the executor as
 it settles (``ChunkRun.item_settled``), so a worker that dies loses only its current item.
@@ -36,7 +37,6 @@ from bulkpool.retrying import Retry, Transient
 from bulkpool.transactions import CommitRefused, checks_constraints_per_item
 from bulkpool.work.attempt import CHECKED, FAST, SAVEPOINTS, Carefulness, Redo, attempt
 from bulkpool.work.chunk_run import ChunkRun, commit_unknown
-from bulkpool.work.inputs import LoadFailed
 from bulkpool.work.journaling import JournalFailed, recorded
 
 
@@ -49,26 +49,27 @@ class OneTransaction:
 
     def run(self) -> None:
         run = self._run
-        retry = Retry(run.task.retries, **run.where())
         if run.chunk.each_item:
-            self._run_each_item(retry)
+            self._run_each_item()
             return
+        retry = Retry(run.task.retries, **run.where())
         self._run_piece(run.chunk, retry, level=self._careful.level, whole=True)
         if not run.result.errors:
             self._careful.relax()
 
-    def _run_each_item(self, retry: Retry) -> None:
-        run, chunk = self._run, self._run.chunk
-        try:
-            run.inputs.load_outside(retry)  # a load inside would start the item's snapshot early
-        except LoadFailed as failed:
-            run.settle(chunk, ChunkResult(chunk.number, None, dict.fromkeys(range(len(chunk)), failed.error)))
-            return
+    def _run_each_item(self) -> None:
+        chunk = self._run.chunk
         for index in range(chunk.start, chunk.end):
-            # No savepoint: an item that fails rolls its transaction back, and its journal
-            # row (with its failure) goes in a second one, like a chunk's redo.
-            self._run_piece(chunk.piece(index, index + 1), retry, level=FAST, whole=True, deferred=True)
-            run.item_settled(index - chunk.start)
+            # Its own retries: N transactions must not share one chunk's budget. No
+            # savepoint: an item that fails rolls its transaction back, and its journal row
+            # (with its failure) goes in a second one, like a chunk's redo. A retried
+            # failure (retry_failed) begins IMMEDIATE: its journal row replaces the old
+            # failure instead of refusing a second delivery, so the journal must be asked
+            # inside the transaction.
+            retry = Retry(self._run.task.retries, **self._run.where())
+            piece = chunk.piece(index, index + 1)
+            self._run_piece(piece, retry, level=FAST, deferred=not chunk.retry)
+            self._run.item_settled(index - chunk.start)
 
     def _run_piece(
         self, piece: Chunk, retry: Retry, *, level: int, whole: bool = False, deferred: bool = False
@@ -135,12 +136,14 @@ class OneTransaction:
         run = self._run
         if in_doubt is not None:
             run.settle(piece, in_doubt[0])
-        elif whole:  # delivered again after it committed: the journal's outcome is its
+        elif whole or run.chunk.each_item:  # delivered again after it committed: the journal's outcome is its
             outcome = recorded(run.task, piece)
-            if outcome is None:  # the journal cannot say: done, values unknown
+            if outcome is not None:
+                run.settle(piece, outcome)
+            elif whole:  # the journal cannot say: done, values unknown
                 run.result.skipped, run.result.values = True, None
             else:
-                run.settle(piece, outcome)
+                run.settle(piece, ChunkResult(piece.number, None))
         else:  # a piece committed by an earlier delivery of this chunk
             run.settle(piece, ChunkResult(piece.number, None))
 

@@ -56,11 +56,22 @@ class Stopwatch:
             self._item_started = None
 
     def watching_writes(self, execute: Callable[..., Any], sql: str, *args: Any) -> Any:
-        """A Django execute wrapper (SQLite): notes the running item's first write."""
+        """A Django execute wrapper (SQLite in WAL mode): notes the running item's first write."""
         if self._item_started is not None and sql.lstrip()[:7].upper().startswith(_WRITES):
-            self._unlocked += time.perf_counter() - self._item_started
-            self._item_started = None
+            self._end_unlocked()
         return execute(sql, *args)
+
+    def watching_statements(self, execute: Callable[..., Any], sql: str, *args: Any) -> Any:
+        """The same in SQLite's rollback-journal mode, where a read in a transaction holds a
+        lock that keeps every other writer from committing: the item's first statement."""
+        if self._item_started is not None:
+            self._end_unlocked()
+        return execute(sql, *args)
+
+    def _end_unlocked(self) -> None:
+        assert self._item_started is not None
+        self._unlocked += time.perf_counter() - self._item_started
+        self._item_started = None
 
     def timings(self) -> Timings:
         return Timings(

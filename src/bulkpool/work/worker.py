@@ -110,12 +110,27 @@ class Worker:
 
 
 def _watching_writes(database: str, run: ChunkRun) -> AbstractContextManager[Any]:
-    """On SQLite, note when each item first writes: the work before it needs no write lock,
-    which is what the pool decides ``each_item`` chunks from (sizing.py)."""
+    """On SQLite, note when each item first takes a lock that holds other workers back (its
+    first write in WAL mode, its first statement in rollback-journal mode): the work before
+    it is what the pool decides ``each_item`` chunks from (sizing.py)."""
     connection = connections[database]
     if connection.vendor != "sqlite":
         return contextlib.nullcontext()
-    return connection.execute_wrapper(run.clock.watching_writes)
+    clock = run.clock
+    return connection.execute_wrapper(
+        clock.watching_writes if _in_wal_mode(connection) else clock.watching_statements
+    )
+
+
+def _in_wal_mode(connection: Any) -> bool:
+    """Whether the SQLite database is in WAL mode (asked once per connection)."""
+    known = getattr(connection, "_bulkpool_wal", None)
+    if known is None or known[0] is not connection.connection:
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA journal_mode")
+            known = (connection.connection, cursor.fetchone()[0].lower() == "wal")
+        connection._bulkpool_wal = known
+    return known[1]
 
 
 def _tune_connection(database: str) -> None:
