@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 from django.db import connections, transaction
@@ -47,6 +48,13 @@ def test_heavy_work_before_the_first_write_gets_each_item_and_a_pool():
     choice = choose_workers(measured(0.003, 0.0027), left=10_000, limits=SQLITE)
     assert choice is not None and choice.each_item and choice.workers == 2, choice
     assert EACH_ITEM in choice.why
+
+
+def test_a_lock_free_for_one_and_a_half_workers_gets_two():
+    pace = measured(0.003, 0.0013, commit=0.0005)
+    assert 1.5 <= pace.each_item_gain() < 2.5
+    choice = choose_workers(pace, left=10_000, limits=replace(SQLITE, cpus=8))
+    assert choice is not None and (choice.workers, choice.each_item) == (2, True), choice
 
 
 def test_work_after_the_first_write_stays_on_one_worker_in_chunk_transactions():
