@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import os
 from collections import Counter
@@ -19,6 +18,7 @@ from bulkpool.sizing import (
     FIRST_CHUNK,
     GROWTH,
     MEASURING_FIRST_CHUNK,
+    STEADY_SAMPLE,
     ChunkSizer,
     Limits,
     Pace,
@@ -46,15 +46,36 @@ def pace(per_item: float, items: int = 50, *, locked: float = 1.0, cpu: float = 
 # -- chunk sizes -------------------------------------------------------------------------
 
 
-def test_chunk_sizes_start_small_grow_by_steps_and_stop_at_the_ceiling():
+def test_chunk_sizes_start_small_and_stop_at_the_ceiling():
     sizer = ChunkSizer()
     light = pace(0.00001)  # 10 microseconds an item: a chunk of 0.2 s would be 20,000
-    sizes = [sizer.next(Pace())] + [sizer.next(light) for _ in range(5)]
-    assert sizes == [FIRST_CHUNK, FIRST_CHUNK * GROWTH, FIRST_CHUNK * GROWTH**2, 640, CEILING, CEILING]
+    sizes = [sizer.next(Pace())] + [sizer.next(light) for _ in range(3)]
+    # Even a quarter of the target is 5,000 items at that pace: the ceiling at once.
+    assert sizes == [FIRST_CHUNK, CEILING, CEILING, CEILING]
     for size in sizes:
         sizer.read(size)
     expected = f"chunks of {FIRST_CHUNK} to {CEILING:,} items, each about 0.2 s at the pace measured"
     assert sizer.summary() == f"chunk_size=auto: {expected}"
+
+
+def test_chunk_sizes_grow_by_steps_past_a_quarter_of_the_target():
+    """0.5 ms an item: a quarter of the target (100 items) at once, then GROWTH-fold (400,
+    the target) -- never a chunk much longer than the pace measured says."""
+    sizer = ChunkSizer()
+    medium = pace(0.0005)
+    sizes = [sizer.next(Pace())] + [sizer.next(medium) for _ in range(3)]
+    assert sizes == [FIRST_CHUNK, 100, 400, 400]
+
+
+def test_a_sample_of_fewer_items_grows_only_by_steps():
+    """Until STEADY_SAMPLE items are measured, a chunk grows GROWTH-fold at most: one cheap
+    item does not make a chunk of a thousand."""
+    sizer = ChunkSizer(first=MEASURING_FIRST_CHUNK)
+    sizer.next(Pace())
+    one_item = Pace()
+    one_item.add(1, Timings(work=0.00001, total=0.00001, cpu=0.00001))
+    assert sizer.next(one_item) == MEASURING_FIRST_CHUNK * GROWTH
+    assert STEADY_SAMPLE > 1
 
 
 def test_heavy_items_get_chunks_of_about_the_target_time():
@@ -67,8 +88,8 @@ def test_heavy_items_get_chunks_of_about_the_target_time():
 def test_with_a_pool_the_rest_of_a_known_input_is_shared_out():
     sizer = ChunkSizer()
     sizer.next(Pace())
-    assert sizer.next(pace(0.00001), left=400, workers=2) == FIRST_CHUNK * GROWTH  # growth caps it
     assert sizer.next(pace(0.00001), left=400, workers=2) == 50  # 400 items / (2 workers * 4 chunks)
+    assert sizer.next(pace(0.00001), left=200, workers=2) == 25
 
 
 def test_a_fixed_chunk_size_is_kept():
@@ -94,7 +115,7 @@ def test_a_measuring_pool_starts_with_chunks_of_one_item_and_ramps_up():
     """On a pool's first worker, heavy items show in the first chunk, not after ten of them."""
     sizer = ChunkSizer(first=MEASURING_FIRST_CHUNK)
     light = pace(0.00001)
-    assert [sizer.next(Pace())] + [sizer.next(light) for _ in range(3)] == [1, 4, 16, 64]
+    assert [sizer.next(Pace())] + [sizer.next(light) for _ in range(2)] == [1, CEILING, CEILING]
 
 
 def test_a_small_run_stays_serial():
@@ -187,11 +208,10 @@ def test_a_small_light_run_stays_on_one_worker_and_says_why(backend, caplog):
         RunChunk.objects.filter(run__run_id="small").order_by("start").values_list("size", flat=True)
     )
     # The first chunk pays for the new worker's database connection, so the second may
-    # not grow at all on a loaded machine; later ones do, GROWTH-fold at most.
+    # not grow at all on a loaded machine (one item measured: GROWTH-fold at most).
     first = MEASURING_FIRST_CHUNK
     assert sizes[0] == first and first <= sizes[1] <= first * GROWTH
-    assert max(sizes) > first and all(b <= a * GROWTH for a, b in itertools.pairwise(sizes[:-1]))
-    assert max(sizes) <= CEILING and sum(sizes) == items
+    assert max(sizes) > first * GROWTH and max(sizes) <= CEILING and sum(sizes) == items
 
 
 @pytestmark_db
@@ -260,8 +280,8 @@ def test_a_serial_run_with_a_known_length_is_not_shared_out_among_cpus():
     sizes = list(
         RunChunk.objects.filter(run__run_id="one-worker").order_by("start").values_list("size", flat=True)
     )
-    assert sizes[:2] == [FIRST_CHUNK, FIRST_CHUNK * GROWTH] and sum(sizes) == 300
-    assert sizes[2] > 250 // 8  # shared out among 2 CPUs it would be at most 32
+    assert sizes[0] == FIRST_CHUNK and sum(sizes) == 300
+    assert sizes[1] > 290 // 8  # shared out among 2 CPUs it would be at most 37
 
 
 @pytestmark_db

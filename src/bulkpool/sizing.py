@@ -7,18 +7,20 @@ the worker), and the next choice is made from the pace so far:
     The first chunk is small (``FIRST_CHUNK``; ``MEASURING_FIRST_CHUNK`` while
     ``workers="auto"`` measures on a pool's first worker, so that heavy items show before
     many of them queue there); each next one is sized to take about
-    ``TARGET_SECONDS`` at the pace measured, growing at most ``GROWTH``-fold per chunk and
-    never past ``CEILING`` items. Commits stay rare (light work gets chunks of hundreds of
-    items) and transactions short (heavy work gets a few): joblib's auto-batching, with the
-    ceiling its users ask for. With a pool and an input of known length, chunks are also
-    small enough to share the rest of the input out evenly.
+    ``TARGET_SECONDS`` at the pace measured, growing at most ``GROWTH``-fold per chunk
+    (or, once ``STEADY_SAMPLE`` items are measured, as far as a quarter of the target at
+    their pace: light work gets its big chunks at once) and never past ``CEILING`` items.
+    Commits stay rare (light work gets chunks of hundreds of items) and transactions short
+    (heavy work gets a few): joblib's auto-batching, with the ceiling its users ask for.
+    With a pool and an input of known length, chunks are also small enough to share the
+    rest of the input out evenly.
 
 ``workers="auto"`` (thread and process backends)
     The pool starts with one worker -- never the caller, whose process an item may kill --
     which runs the first chunks, one at a time, while they are measured. Then the run
     either stays on that worker -- the items left would take less time than more workers
     save, or the database writes one transaction at a time (SQLite) and nearly all of each
-    item's time is spent inside it -- or grows the pool, as wide as the work can use: one
+    item's time comes from its first write on -- or grows the pool, as wide as the work can use: one
     worker per CPU the process may really use (affinity, cgroup quota), more when the items
     mostly wait (I/O, the database), never more than the database's free connection slots
     allow, and on SQLite no more than the work outside the write lock can keep busy. With
@@ -55,6 +57,7 @@ AUTO = "auto"
 FIRST_CHUNK = 10
 MEASURING_FIRST_CHUNK = 1
 GROWTH = 4
+STEADY_SAMPLE = 10  # items measured before a chunk may grow past GROWTH-fold
 CEILING = 1000  # items: what a chunk holds in memory, and the most a redo repeats
 TARGET_SECONDS = 0.2  # a chunk's time: commits rare, transactions short, Ctrl-C quick to drain
 REMOTE_TARGET_SECONDS = 0.5  # on workers elsewhere (celery): a broker's round trip is dearer
@@ -136,8 +139,13 @@ class ChunkSizer:
             return self.fixed
         per_item = pace.per_item
         size = float(self.first) if per_item is None else self.target / max(per_item, 1e-7)
-        if self._last:
-            size = min(size, self._last * GROWTH)
+        if self._last and per_item is not None:
+            # At most GROWTH-fold -- or, once a few items are measured, as far as a quarter
+            # of the target at their pace: every chunk is a COMMIT that a short run pays for.
+            growth = self._last * GROWTH
+            if pace.items >= STEADY_SAMPLE:
+                growth = max(growth, self.target / GROWTH / max(per_item, 1e-7))
+            size = min(size, growth)
         if left is not None and workers > 1:
             size = min(size, math.ceil(left / (workers * BALANCE)))
         self._last = max(1, min(int(size), CEILING))
