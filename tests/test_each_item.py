@@ -83,6 +83,25 @@ def test_servers_never_get_each_item():
 # -- the worker ---------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["rollback journal", "WAL"])
+def journal_mode(request):
+    """The SQLite test database in its default rollback-journal mode, or in WAL mode (what
+    a careful user sets), for the test, then back: each takes locks its own way."""
+    if request.param == "rollback journal":
+        yield request.param
+        return
+    connections.close_all()
+    with connections["default"].cursor() as cursor:
+        cursor.execute("PRAGMA journal_mode=WAL")
+    try:
+        yield request.param
+    finally:
+        connections.close_all()
+        with connections["default"].cursor() as cursor:
+            cursor.execute("PRAGMA journal_mode=DELETE")
+            assert cursor.fetchone()[0] == "delete", "the test database stayed in WAL mode"
+
+
 def task(func, **fields) -> Task:
     return Task(
         func=func,
@@ -162,7 +181,7 @@ class WriterBetweenReadAndWrite:
 
 @pytest.mark.vendor("sqlite")
 @pytest.mark.django_db(transaction=True)
-def test_a_stale_snapshot_runs_the_item_again_holding_the_lock():
+def test_a_stale_snapshot_runs_the_item_again_holding_the_lock(journal_mode):
     func = WriterBetweenReadAndWrite()
     worker = Worker(task(func))
     worker.start()
@@ -179,7 +198,7 @@ def test_a_stale_snapshot_runs_the_item_again_holding_the_lock():
 
 @pytest.mark.vendor("sqlite")
 @pytest.mark.django_db(transaction=True)
-def test_the_first_write_is_measured():
+def test_the_first_write_is_measured(journal_mode):
     """Timings.unlocked: the time func ran before each item's first write."""
 
     def think_then_write(i: int) -> None:
@@ -210,7 +229,7 @@ def think_then_mark_failing_at_100(i: int) -> int:
 @pytest.mark.vendor("sqlite")
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("backend", ["thread", "process"])
-def test_a_fixed_pool_on_sqlite_takes_each_item_once_measured(backend):
+def test_a_fixed_pool_on_sqlite_takes_each_item_once_measured(backend, journal_mode):
     """workers=2: after the first chunks, the items run each in a transaction of its own,
     each with its own journal record (a failure too); every other item is written once,
     and a resume runs nothing again."""
@@ -240,7 +259,7 @@ def think_read_think_mark(i: int) -> int:
 
 @pytest.mark.vendor("sqlite")
 @pytest.mark.django_db(transaction=True)
-def test_items_that_read_before_writing_go_back_to_chunk_transactions():
+def test_items_that_read_before_writing_go_back_to_chunk_transactions(journal_mode):
     """Items that think, read, think again, then write: with other workers writing
     meanwhile, their first write finds the snapshot stale (WAL) or another writer waiting
     for their read lock (rollback journal), so they run again; the pool goes back to a
