@@ -94,7 +94,7 @@ TASKS: dict[str, dict[str, Any]] = {
 }
 if importlib.util.find_spec("django_tasks_db") is not None:
     INSTALLED_APPS.append("django_tasks_db")
-    TASKS["database"] = {"BACKEND": "django_tasks_db.DatabaseBackend"}
+    TASKS["database"] = {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []}  # any queue
 
 # The admin, for the journal's pages (tests/test_admin.py and the browser test).
 ROOT_URLCONF = "tests.urls"
