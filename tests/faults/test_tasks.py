@@ -1,13 +1,16 @@
-"""The tasks backend with real workers: django-tasks-db's ``db_worker`` on the test database.
+"""The tasks backend with real workers: django-tasks-db's ``db_worker`` on the test
+database, and django-tasks-rq's ``rqworker`` on Redis.
 
 Each test gets two workers (``python -m django db_worker --backend database --queue-name
-<queue of its own>``, subprocesses, SIGTERMed or SIGKILLed at the end) writing to this
-session's test database, on whichever database the session runs (SQLite, PostgreSQL,
-MariaDB). Every test counts the Marker rows: each item written exactly once.
+<queue of its own>``, or ``rqworker --job-class django_tasks_rq.Job <the checkout's
+queue>``: subprocesses, SIGTERMed or SIGKILLed at the end) writing to this session's test
+database, on whichever database the session runs (SQLite, PostgreSQL, MariaDB). Every test
+counts the Marker rows: each item written exactly once.
 
 - ``BULKPOOL_TASKS_TESTS=0``: skipped (CI runs them on one leg only);
-- django-tasks-db not installed: skipped with the reason, except under ``CI=true``, where
-  that is an error, since a CI run that skipped them would test nothing.
+- django-tasks-db or django-tasks-rq not installed, or Redis not answering: skipped with
+  the reason, except under ``CI=true``, where that is an error, since a CI run that skipped
+  them would test nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ pytestmark = [
     pytest.mark.skipif(OFF, reason="BULKPOOL_TASKS_TESTS=0"),
     pytest.mark.django_db(transaction=True),
     pytest.mark.slow,
+    pytest.mark.timeout(120),  # a run waits for workers that never come: fail, do not hang
 ]
 
 
@@ -49,28 +53,51 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
 
-@pytest.fixture(scope="module", autouse=True)
+def _missing(message: str) -> None:
+    if _in_ci():
+        pytest.fail(f"{message} (CI=true: the leg that runs these tests installs and starts it)")
+    pytest.skip(message)
+
+
+@pytest.fixture
 def _django_tasks_db() -> None:
     if importlib.util.find_spec("django_tasks_db") is None:
-        message = "django-tasks-db is not installed (pip install 'django-tasks-db[compat]' on Django 5.2)"
-        if _in_ci():
-            pytest.fail(f"{message} (CI=true: the leg that runs these tests installs it)")
-        pytest.skip(message)
+        _missing("django-tasks-db is not installed (pip install 'django-tasks-db[compat]' on Django 5.2)")
+
+
+@pytest.fixture
+def _django_tasks_rq() -> None:
+    from django.conf import settings
+
+    if "rq" not in settings.TASKS:
+        _missing("django-tasks-rq is not installed (pip install django-tasks-rq, on Django 5.2 or before)")
+    import django_rq
+
+    queue = django_rq.get_queue(settings.RQ_QUEUE)
+    try:
+        queue.empty()  # what an earlier session left
+    except Exception as error:
+        _missing(f"Redis does not answer for the rq queue ({error})")
 
 
 class DbWorker:
-    """One ``db_worker`` process of django-tasks-db, on ``queue``, writing to ``database``."""
+    """One worker process: django-tasks-db's ``db_worker`` on ``queue`` (or, with ``rq``,
+    ``rqworker`` on the checkout's rq queue), writing to ``database``."""
 
-    def __init__(self, queue: str, database: str, log: Path) -> None:
+    def __init__(self, queue: str, database: str, log: Path, *, rq: bool = False) -> None:
         env = {
             **os.environ,
             "BULKPOOL_FAULTS_DB_NAME": database,
+            "DJANGO_SETTINGS_MODULE": "tests.settings_subprocess",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         }
-        command = [sys.executable, "-m", "django", "db_worker", "--settings=tests.settings_subprocess"]
-        command += ["--backend", "database", "--queue-name", queue, "--interval", "0.05"]
         self.id = uuid.uuid4().hex[:16]
-        command += ["--no-startup-delay", "--no-reload", "--worker-id", self.id]
+        command = [sys.executable, "-m", "django"]
+        if rq:
+            command += ["rqworker", "--job-class", "django_tasks_rq.Job", "--name", self.id, queue]
+        else:
+            command += ["db_worker", "--backend", "database", "--queue-name", queue, "--interval", "0.05"]
+            command += ["--no-startup-delay", "--no-reload", "--worker-id", self.id]
         self.log = log
         with open(log, "ab") as out:
             self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -84,18 +111,40 @@ class DbWorker:
                 self.kill()
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
+        """SIGKILL it, and the work-horse it forked for a task (rq), as a machine that dies."""
+        import psutil
+
+        try:
+            everyone = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children()]
+        except psutil.NoSuchProcess:
+            everyone = []
+        for process in everyone:
+            try:
+                process.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
         self.process.wait(timeout=30)
+
+    def horse(self) -> bool:
+        """Whether an rq worker has a work-horse running a task (for 0.1 s at least)."""
+        import psutil
+
+        try:
+            children = psutil.Process(self.process.pid).children()
+        except psutil.NoSuchProcess:
+            return False
+        return any(time.time() - child.create_time() > 0.1 for child in children)
 
 
 class Workers:
-    def __init__(self, queue: str, database: str, logs: Path) -> None:
-        self.queue, self.database, self.logs = queue, database, logs
+    def __init__(self, queue: str, database: str, logs: Path, *, rq: bool = False) -> None:
+        self.queue, self.database, self.logs, self.rq = queue, database, logs, rq
+        self.backend = "rq" if rq else "database"
         self.started: list[DbWorker] = []
 
     def start(self) -> DbWorker:
-        worker = DbWorker(self.queue, self.database, self.logs / f"worker-{len(self.started)}.log")
+        log = self.logs / f"worker-{len(self.started)}.log"
+        worker = DbWorker(self.queue, self.database, log, rq=self.rq)
         self.started.append(worker)
         return worker
 
@@ -104,10 +153,21 @@ class Workers:
 
 
 @pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
+def workers(_django_tasks_db: None, tmp_path: Path) -> Iterator[Workers]:
     """Two db_workers on a queue of this test's own; every worker started is stopped after."""
-    queue = f"bulkpool-{uuid.uuid4().hex[:8]}"
-    found = Workers(queue, str(connection.settings_dict["NAME"]), tmp_path)
+    yield from _two_workers(f"bulkpool-{uuid.uuid4().hex[:8]}", tmp_path, rq=False)
+
+
+@pytest.fixture
+def rq_workers(_django_tasks_rq: None, tmp_path: Path) -> Iterator[Workers]:
+    """Two rqworkers on the checkout's rq queue (emptied first); stopped after."""
+    from django.conf import settings
+
+    yield from _two_workers(settings.RQ_QUEUE, tmp_path, rq=True)
+
+
+def _two_workers(queue: str, logs: Path, *, rq: bool) -> Iterator[Workers]:
+    found = Workers(queue, str(connection.settings_dict["NAME"]), logs, rq=rq)
     found.start()
     found.start()
     try:
@@ -118,7 +178,9 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
 
 
 def _executor(workers: Workers, **extra: Any) -> TasksExecutor:
-    return TasksExecutor(2, backend="database", queue_name=workers.queue, lease=3.0, heartbeat=0.5, **extra)
+    return TasksExecutor(
+        2, backend=workers.backend, queue_name=workers.queue, lease=3.0, heartbeat=0.5, **extra
+    )
 
 
 def _queued(workers: Workers) -> int:
@@ -271,3 +333,51 @@ def test_ctrl_c_then_resume_writes_every_item_once_and_late_chunks_nothing(worke
     assert 0 < report.skipped < 400
     assert report.skipped == len(before), "a chunk of the interrupted attempt committed after it ended"
     assert report.failed == 0
+
+
+# -- django-tasks-rq on Redis ----------------------------------------------------------------
+
+
+def test_every_item_is_written_once_by_two_rq_workers(rq_workers):
+    """200 items through two rqworkers (a work-horse forked per task): each written once."""
+    report = bulkpool.run(
+        functools.partial(jobs.slow_marker, 0.0), range(200), backend=_executor(rq_workers), chunk_size=10
+    )
+    found = tally(range(200))
+    record("tasks rqworker: clean run", found, report)
+    assert found.exactly_once, found
+    assert (report.ok, report.failed) == (200, 0)
+
+
+def test_an_rq_worker_killed_mid_chunk_and_replaced_loses_and_doubles_nothing(rq_workers):
+    """SIGKILL an rqworker and its work-horse mid-chunk: the lease expires, the chunk is sent
+    again, a new worker takes over; every item once."""
+    import threading
+
+    killed: list[int] = []
+
+    def kill_one_then_replace() -> None:
+        victim = rq_workers.started[0]
+        _wait("100 items written", lambda: len(marker_counts()) >= 100, rq_workers)
+        _wait("the first worker to be in a chunk", victim.horse, rq_workers)
+        connection.close()
+        victim.kill()
+        killed.append(victim.process.pid)
+        rq_workers.start()
+
+    killer = threading.Thread(target=kill_one_then_replace)
+    killer.start()
+    try:
+        report = bulkpool.run(
+            functools.partial(jobs.slow_marker, 0.05),
+            range(300),
+            backend=_executor(rq_workers),
+            chunk_size=10,
+        )
+    finally:
+        killer.join()
+    found = tally(range(300))
+    record("tasks rqworker: worker SIGKILL, replaced", found, report)
+    assert killed and rq_workers.started[0].process.returncode == -signal.SIGKILL
+    assert found.exactly_once, (found, str(report))
+    assert (report.ok, report.failed) == (300, 0)
