@@ -83,7 +83,7 @@ INSTALLED_APPS = [
 # Django's Tasks framework (the tasks backend): django.tasks on Django 6.0+, else the
 # django-tasks backport, which is an app. django-tasks-db, where it is installed (Django
 # 5.2+), for the real-worker tests (tests/faults/test_tasks.py).
-if importlib.util.find_spec("django.tasks") is None:
+if importlib.util.find_spec("django.tasks") is None and importlib.util.find_spec("django_tasks"):
     INSTALLED_APPS.append("django_tasks")
 _TASKS_ROOT = "django.tasks" if importlib.util.find_spec("django.tasks") else "django_tasks"
 TASKS: dict[str, dict[str, Any]] = {
