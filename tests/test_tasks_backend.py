@@ -135,3 +135,45 @@ def test_a_partial_with_json_arguments_travels():
     func = functools.partial(jobs.wait_then_pass, 0.0)
     report = bulkpool.run(func, range(12), backend=executor, chunk_size=4)
     assert report.ok == 12
+
+
+@pytest.mark.django_db(transaction=True)
+def test_max_failures_stops_the_run_and_the_rejects_file_names_each_failure(tmp_path):
+    """max_failures and rejects as on every backend: the run stops, the file lists the failures."""
+    import json
+
+    rejects = tmp_path / "rejects.jsonl"
+    executor = TasksExecutor(1, backend="threaded", ahead=1)
+    with pytest.raises(bulkpool.TooManyFailures) as stopped:
+        bulkpool.run(
+            jobs.fail_multiples_of_7,
+            range(200),
+            backend=executor,
+            chunk_size=10,
+            max_failures=2,
+            rejects=rejects,
+        )
+    report = stopped.value.report
+    assert report.failed >= 2
+    assert report.ok + report.failed < 200  # stopped before the end
+    lines = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [line["index"] for line in lines] == [f.index for f in report.failures]
+    assert Marker.objects.count() == report.ok
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_chunks_in_flight_are_capped_at_ahead_per_worker():
+    """Enqueue has no back-pressure: the caller never has more than ahead x workers out."""
+    executor = TasksExecutor(2, backend="threaded", ahead=2)
+    out_at_each_send: list[int] = []
+    send = executor._send
+
+    def counting(payload: str, key: str) -> None:
+        out_at_each_send.append(len(executor._leases))  # sent and not finished, before this one
+        send(payload, key)
+
+    executor._send = counting  # type: ignore[method-assign]
+    report = bulkpool.run(jobs.write_marker, range(100), backend=executor, chunk_size=5)
+    assert report.ok == 100
+    assert len(out_at_each_send) == 20
+    assert max(out_at_each_send) == 3  # the window filled (4 out with this one), never past it
