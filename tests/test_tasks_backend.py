@@ -177,3 +177,13 @@ def test_the_chunks_in_flight_are_capped_at_ahead_per_worker():
     assert report.ok == 100
     assert len(out_at_each_send) == 20
     assert max(out_at_each_send) == 3  # the window filled (4 out with this one), never past it
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_queue_the_backend_does_not_serve_is_refused_before_anything_is_enqueued():
+    """The backend's own validation (its QUEUES) speaks before item one."""
+    with pytest.raises(ConfigurationError, match=r"refuses bulkpool's task: .*Queue 'elsewhere'"):
+        bulkpool.run(
+            jobs.identity, range(3), backend=TasksExecutor(backend="recording", queue_name="elsewhere")
+        )
+    assert Recording.enqueued == []

