@@ -191,15 +191,22 @@ def _queued(workers: Workers) -> int:
 
 
 def _in_a_chunk(worker: DbWorker) -> bool:
-    """Whether ``worker`` has been running a task for 0.1 s (its chunks take 0.5 s)."""
-    import datetime
-
-    from django.utils import timezone
+    """Whether ``worker`` runs a chunk now: a task it claimed whose chunk has started (its
+    start is counted in the journal) and not committed. Its chunks take 0.5 s."""
     from django_tasks_db.models import DBTaskResult
 
-    since = timezone.now() - datetime.timedelta(seconds=0.1)
-    running = DBTaskResult.objects.filter(status="RUNNING", started_at__lte=since)
-    return any(worker.id in ids for ids in running.values_list("worker_ids", flat=True))
+    from bulkpool.models import RunChunk
+    from bulkpool.protocol import JSON
+
+    running = DBTaskResult.objects.filter(status="RUNNING").values_list("worker_ids", "args_kwargs")
+    for ids, arguments in running:
+        if worker.id not in ids:
+            continue
+        chunk = JSON.decode(arguments["args"][1])
+        started = ChunkDelivery.objects.filter(start=chunk.start, size=len(chunk)).exists()
+        if started and not RunChunk.objects.filter(start=chunk.start).exists():
+            return True
+    return False
 
 
 def _wait(what: str, done: Any, workers: Workers) -> None:
