@@ -187,3 +187,15 @@ def test_a_queue_the_backend_does_not_serve_is_refused_before_anything_is_enqueu
             jobs.identity, range(3), backend=TasksExecutor(backend="recording", queue_name="elsewhere")
         )
     assert Recording.enqueued == []
+
+
+def test_without_the_tasks_framework_the_message_says_what_to_install(monkeypatch):
+    """Before Django 6.0 without the django-tasks backport: how to get it."""
+    from bulkpool.executors.tasks import framework
+
+    def missing(name: str) -> None:
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(framework, "_import", missing)
+    with pytest.raises(ConfigurationError, match=r"pip install 'django-bulkpool\[tasks\]'"):
+        bulkpool.run(jobs.write_marker, range(3), backend="tasks")

@@ -21,11 +21,14 @@ INSTALL = (
 )
 
 
+_import = importlib.import_module  # one name, for the test without the framework
+
+
 def module(name: str = "") -> ModuleType:
     """``django.tasks`` or ``django_tasks`` (``name``: one of its submodules, "base"...)."""
     root = "django.tasks" if importlib.util.find_spec("django.tasks") else "django_tasks"
     try:
-        return importlib.import_module(f"{root}.{name}" if name else root)
+        return _import(f"{root}.{name}" if name else root)
     except ImportError as error:
         raise ConfigurationError(
             f"backend='tasks' needs Django's Tasks framework, not found. {INSTALL}"
