@@ -17,6 +17,7 @@ drop and recreate each other's ``test_test`` mid-run.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,29 @@ INSTALLED_APPS = [
     "auditlog",
     "tests.thirdparty",
 ]
+
+# Django's Tasks framework (the tasks backend): django.tasks on Django 6.0+, else the
+# django-tasks backport, which is an app. django-tasks-db, where it is installed (Django
+# 5.2+), for the real-worker tests (tests/faults/test_tasks.py).
+if importlib.util.find_spec("django.tasks") is None and importlib.util.find_spec("django_tasks"):
+    INSTALLED_APPS.append("django_tasks")
+_TASKS_ROOT = "django.tasks" if importlib.util.find_spec("django.tasks") else "django_tasks"
+TASKS: dict[str, dict[str, Any]] = {
+    "default": {"BACKEND": f"{_TASKS_ROOT}.backends.immediate.ImmediateBackend"},
+    "dummy": {"BACKEND": f"{_TASKS_ROOT}.backends.dummy.DummyBackend"},
+    "recording": {"BACKEND": "tests.tasks_backends.Recording"},
+    "threaded": {"BACKEND": "tests.tasks_backends.Threaded"},
+}
+if importlib.util.find_spec("django_tasks_db") is not None:
+    INSTALLED_APPS.append("django_tasks_db")
+    TASKS["database"] = {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []}  # any queue
+
+# django-tasks-rq (the backport's: Django 5.2 and before) on Redis, where it is installed.
+RQ_QUEUE = f"bulkpool-tests-{CHECKOUT_ID}"
+if importlib.util.find_spec("django_tasks_rq") is not None and _TASKS_ROOT == "django_tasks":
+    INSTALLED_APPS += ["django_rq", "django_tasks_rq"]
+    RQ_QUEUES = {RQ_QUEUE: {"URL": os.environ.get("BULKPOOL_TASKS_REDIS", "redis://127.0.0.1:6379/3")}}
+    TASKS["rq"] = {"BACKEND": "django_tasks_rq.RQBackend", "QUEUES": [RQ_QUEUE]}
 
 # The admin, for the journal's pages (tests/test_admin.py and the browser test).
 ROOT_URLCONF = "tests.urls"

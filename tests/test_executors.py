@@ -75,7 +75,7 @@ def test_local_executors_declare_delivery_and_loss_detection():
     for executor in local:
         assert (executor.delivery, executor.detects_loss) == ("exactly_once", True), executor
     assert (Executor.delivery, Executor.detects_loss) == ("at_least_once", False)
-    assert set(EXECUTORS) == {"serial", "thread", "process", "celery"}
+    assert set(EXECUTORS) == {"serial", "thread", "process", "celery", "tasks"}
 
 
 @pytest.mark.django_db(transaction=True)

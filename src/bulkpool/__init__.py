@@ -12,9 +12,10 @@ Entry points:
 
 ``items`` may be a QuerySet: it is split by primary key and each worker loads its own rows.
 
-Executors: ``backend="serial" | "thread" | "process" | "celery"``, or an instance such as
-``ProcessExecutor(start_method="spawn")`` or ``CeleryExecutor(app=..., queue=...)`` (imported
-only when used: Celery is an optional dependency). Errors derive from ``BulkpoolError``.
+Executors: ``backend="serial" | "thread" | "process" | "celery" | "tasks"``, or an instance such
+as ``ProcessExecutor(start_method="spawn")``, ``CeleryExecutor(app=..., queue=...)`` or
+``TasksExecutor(backend="default", queue_name=None)`` (imported only when used: Celery and
+Django's Tasks framework are optional dependencies). Errors derive from ``BulkpoolError``.
 """
 
 import importlib as _importlib
@@ -48,9 +49,10 @@ from bulkpool.outcomes import Failure, Outcome, Report
 
 if _typing.TYPE_CHECKING:
     from bulkpool.executors.celery import CeleryExecutor
+    from bulkpool.executors.tasks import TasksExecutor
 
 # Public names imported when first used, so that their optional dependencies stay optional.
-_LAZY = {"CeleryExecutor": "bulkpool.executors.celery"}
+_LAZY = {"CeleryExecutor": "bulkpool.executors.celery", "TasksExecutor": "bulkpool.executors.tasks"}
 
 
 def __getattr__(name: str) -> object:
@@ -85,6 +87,7 @@ __all__ = [
     "RunInProgress",
     "RunInterrupted",
     "SerialExecutor",
+    "TasksExecutor",
     "ThreadExecutor",
     "TooManyFailures",
     "WorkerDied",

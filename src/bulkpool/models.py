@@ -136,6 +136,25 @@ class ChunkDelivery(models.Model):
         return f"{self.run_id}: items {self.start}..{self.start + self.size - 1}, started {self.starts}x"
 
 
+class ChunkReply(models.Model):
+    """A message from a worker of the tasks backend to the caller that sent it a chunk
+    (started, heartbeat, done with its result...): Django's Tasks framework has no reply
+    channel, so the run's database carries them (``bulkpool.executors.tasks.mailbox``). The
+    caller deletes each one it reads; a run's leftovers are deleted a day later."""
+
+    channel = models.CharField(max_length=32, help_text="The caller's: one per run attempt.")
+    key = models.CharField(max_length=32, help_text="The chunk's, as sent.")
+    kind = models.CharField(max_length=20)
+    body = models.TextField(help_text="The message's fields, as JSON.")
+    sent_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["channel"], name="bulkpool_reply_channel")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} of {self.key} to {self.channel}"
+
+
 class RunFailure(models.Model):
     """A failed item of a journaled chunk, committed with the chunk."""
 

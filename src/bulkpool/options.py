@@ -23,7 +23,7 @@ EARLY_STOP_AFTER = 100  # items that all fail alike before early_stop stops the 
 Atomic = Literal["chunk", "item", False]
 OnError = Literal["collect", "raise"]
 
-BACKEND_NAMES = ("serial", "thread", "process", "celery")
+BACKEND_NAMES = ("serial", "thread", "process", "celery", "tasks")
 Size = int | Literal["auto"]
 
 
@@ -42,7 +42,9 @@ class Options:
     backend: Any = field(
         default="process",
         metadata=_meta(
-            "Where calls run: serial, thread, process or celery.", choices=BACKEND_NAMES, metavar="NAME"
+            "Where calls run: serial, thread, process, celery or tasks.",
+            choices=BACKEND_NAMES,
+            metavar="NAME",
         ),
     )
     workers: Size = field(

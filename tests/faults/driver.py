@@ -38,6 +38,8 @@ def main() -> int:
     parser.add_argument("--setup-pause", type=float, help="seconds each worker's setup takes")
     parser.add_argument("--celery-broker", help="run on the celery backend, with this broker")
     parser.add_argument("--celery-queue", help="the celery workers' queue")
+    parser.add_argument("--tasks-backend", help="run on the tasks backend, with this alias of TASKS")
+    parser.add_argument("--tasks-queue", help="the task workers' queue")
     parser.add_argument("--poison", type=int, help="the item that SIGKILLs every worker that runs it")
     args = parser.parse_args()
 
@@ -47,8 +49,12 @@ def main() -> int:
     import bulkpool
     from tests.faults.jobs import slow_marker, slow_marker_with_state, slow_setup, think_then_mark
 
-    backend: bulkpool.ProcessExecutor | bulkpool.CeleryExecutor
-    if args.celery_broker:
+    backend: bulkpool.ProcessExecutor | bulkpool.CeleryExecutor | bulkpool.TasksExecutor
+    if args.tasks_backend:
+        backend = bulkpool.TasksExecutor(
+            backend=args.tasks_backend, queue_name=args.tasks_queue, lease=3.0, heartbeat=0.5
+        )
+    elif args.celery_broker:
         from tests.celery_app import make_app
 
         app = make_app(args.celery_broker)

@@ -1,7 +1,8 @@
 """Where chunks run. Names resolve through one fixed map; an executor instance is used as is.
 
-``celery`` is in the map as a dotted path, imported only when asked for: Celery need not be
-installed for the other backends.
+``celery`` and ``tasks`` are in the map as dotted paths, imported only when asked for: Celery
+and Django's Tasks framework need not be installed for the other backends. An executor may
+hand the run to another (``Executor.resolved``: tasks on Django's ImmediateBackend is serial).
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ EXECUTORS: dict[str, type[Executor] | str] = {
     "thread": ThreadExecutor,
     "process": ProcessExecutor,
     "celery": "bulkpool.executors.celery.CeleryExecutor",
+    "tasks": "bulkpool.executors.tasks.TasksExecutor",
 }
 
 
 def resolve(backend: Any) -> Executor:
     """An executor for ``backend``: a name from ``EXECUTORS``, or an executor instance."""
     if isinstance(backend, Executor):
-        return backend
+        return backend.resolved()
     kind = EXECUTORS[backend]
     executor: type[Executor] = import_string(kind) if isinstance(kind, str) else kind
-    return executor()
+    return executor().resolved()
 
 
 __all__ = [

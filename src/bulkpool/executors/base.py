@@ -63,6 +63,11 @@ class Executor(ABC):
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers
 
+    def resolved(self) -> Executor:
+        """The executor that runs the job: this one, or one it hands the run to (the tasks
+        executor on Django's ImmediateBackend is serial). Refuses a backend that cannot run."""
+        return self
+
     def check_options(self, options: Options) -> None:  # noqa: B027 - optional hook
         """Refuse, with a ``ConfigurationError``, options this executor cannot run with.
         Executors never change the options: what a run needs (a ``run_id`` for an

@@ -20,13 +20,16 @@ Data flow (every message is JSON; nothing is pickled):
 
 The parts, each in its own module, composed here:
 
+- ``bulkpool.executors.brokered``: what every executor over a task queue shares (leases,
+  poison counting, the messages read back); this class gives it the Celery transport.
 - ``bulkpool.executors.wire``: the job and its chunks as JSON (``func``, ``setup`` and
   ``prepare`` by dotted path; QuerySet input as its model label); what cannot travel is
   refused before anything is sent.
 - ``transport``: kombu -- ``send_task``, the reply queue, ``revoke``, reconnecting.
 - ``bulkpool.executors.leases``: which chunks in flight will not come back.
 - ``bulkpool.executors.poison``: chunks that kill the workers that take them.
-- ``remote``: what a celery worker process does with a chunk (``bulkpool.tasks`` calls it).
+- ``bulkpool.executors.remote``: what a worker process does with a chunk; ``remote`` here
+  sends its messages to the reply queue (``bulkpool.tasks`` calls it).
 
 Exactly once. Every celery run is journaled (``delivery = "at_least_once"``; the engine
 makes a ``run_id`` up when none is given). The task is ``acks_late`` with
@@ -56,19 +59,13 @@ messages of each key.)
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
-from bulkpool.errors import ConfigurationError, WorkerStartupError
-from bulkpool.executors import poison
-from bulkpool.executors.base import Executor
+from bulkpool.errors import ConfigurationError
+from bulkpool.executors.brokered import NOBODY_TAKES, BrokeredExecutor
 from bulkpool.executors.celery.remote import run_here
 from bulkpool.executors.celery.transport import TASK_NAME, CeleryTransport
-from bulkpool.executors.leases import Leases
 from bulkpool.executors.poison import MAX_STARTS
-from bulkpool.executors.wire import encode_chunk, job_of
-from bulkpool.protocol import JSON, Chunk, ChunkDone, ChunkLost, Event, Task
 
 if TYPE_CHECKING:
     from bulkpool.options import Options
@@ -76,12 +73,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("bulkpool")
 
 WORKERS = "celery workers"  # how the messages name them
-NOBODY_TAKES = 10.0  # seconds without a chunk taken before the caller says that no worker takes them
 
-__all__ = ["MAX_STARTS", "TASK_NAME", "CeleryExecutor", "run_here"]
+__all__ = ["MAX_STARTS", "NOBODY_TAKES", "TASK_NAME", "CeleryExecutor", "run_here"]
 
 
-class CeleryExecutor(Executor):
+class CeleryExecutor(BrokeredExecutor):
     """Chunks as Celery tasks of ``app`` (the project's current app by default) on ``queue``.
 
     ``lease``: seconds a started chunk may go without a heartbeat before it counts as lost
@@ -90,8 +86,7 @@ class CeleryExecutor(Executor):
     """
 
     name = "celery"
-    delivery = "at_least_once"
-    detects_loss = True
+    workers_named = WORKERS
 
     def __init__(
         self,
@@ -103,24 +98,12 @@ class CeleryExecutor(Executor):
         heartbeat: float | None = None,
         ahead: int = 2,
     ) -> None:
-        super().__init__(workers)
-        heartbeat = lease / 6 if heartbeat is None else heartbeat
-        if not 0 < heartbeat < lease:
-            raise ConfigurationError(
-                f"heartbeat ({heartbeat}) must be more than 0 and less than lease ({lease})."
-            )
-        if ahead < 1:
-            raise ConfigurationError(f"ahead must be 1 or more, not {ahead!r}.")
+        super().__init__(workers, lease=lease, heartbeat=heartbeat, ahead=ahead)
         self.app = app
         self.queue = queue
-        self.lease = lease
-        self.heartbeat = heartbeat
-        self.ahead = ahead
 
     def __repr__(self) -> str:
         return f"CeleryExecutor(workers={self.workers!r}, queue={self.queue!r}, lease={self.lease!r})"
-
-    # -- before the run --------------------------------------------------------------------
 
     def check_options(self, options: Options) -> None:
         from django.apps import apps
@@ -132,108 +115,27 @@ class CeleryExecutor(Executor):
                 "and run `python manage.py migrate bulkpool`."
             )
 
-    def check(self, task: Task) -> None:
-        # Refuses what cannot travel, before anything is sent.
-        job_of(task, heartbeat=self.heartbeat, to=WORKERS)
+    # -- the transport: kombu ------------------------------------------------------------------
 
-    # -- the Executor interface ------------------------------------------------------------
-
-    def start(self, task: Task, workers: int) -> None:
-        self._job = JSON.encode(job_of(task, heartbeat=self.heartbeat, to=WORKERS)).decode()
-        self._capacity = self.ahead * workers
-        self._leases = Leases(self.lease)
-        self._starts = poison.StartTally()
-        self._received: list[Event] = []
-        self._setup_failed: str | None = None
-        self._told_untaken = False
+    def _open(self) -> None:
         self._transport = CeleryTransport(self.app or _current_app(), self.queue, self._on_reply)
         self._transport.open()
 
-    def capacity(self) -> int:
-        return self._capacity
-
-    def submit(self, chunk: Chunk) -> None:
-        payload = encode_chunk(chunk, to=WORKERS)
-        key = uuid.uuid4().hex
+    def _send(self, payload: str, key: str) -> None:
         self._transport.send(self._job, payload, key)
-        self._leases.sent(key, chunk, time.monotonic())
 
-    def events(self, timeout: float | None = None) -> list[Event]:
-        deadline = time.monotonic() + (self.heartbeat if timeout is None else timeout)
-        while True:
-            wait = max(0.0, min(deadline - time.monotonic(), self.heartbeat))
-            self._transport.drain(wait)
-            self._expire()
-            self._say_if_untaken()
-            if self._setup_failed is not None:
-                raise WorkerStartupError("A celery worker failed in setup.", self._setup_failed)
-            if self._received or time.monotonic() >= deadline:
-                break
-        received, self._received = self._received, []
-        return received
+    def _drain(self, wait: float) -> None:
+        self._transport.drain(wait)
 
-    def withdraw(self) -> None:
-        """Revoke the chunks still queued in the broker, so a stopping run does not wait for
-        them. One a worker starts all the same commits with its journal record: a resume
-        skips it."""
-        waiting = self._leases.waiting()
-        if waiting:
-            self._transport.revoke(waiting)
-        for key in waiting:
-            chunk = self._leases.pop(key).chunk
-            self._received.append(ChunkLost(chunk, "withdrawn: the run is stopping", started=False))
+    def _cancel(self, keys: list[str]) -> None:
+        self._transport.revoke(keys)
 
-    def stop(self, *, cancel: bool = False) -> None:
-        if cancel and len(self._leases):
-            self._transport.revoke(list(self._leases))
-        self._leases.clear()
+    def _close(self) -> None:
         self._transport.close()
 
-    # -- replies and leases ----------------------------------------------------------------
-
-    def _on_reply(self, body: dict[str, Any]) -> None:
-        kind, key = body.get("kind"), body.get("key", "")
-        if kind == "setup_failed":
-            self._setup_failed = body.get("traceback", "")
-            return
-        now = time.monotonic()
-        if kind == "started":
-            lease = self._leases.started(key, f"{body.get('host')} pid {body.get('pid')}", now)
-        else:
-            lease = self._leases.heard(key, now)
-        if lease is None:  # a key declared lost, or another run's: never reported twice
-            return
-        if kind == "started":
-            starts = self._starts.started(key)
-            if poison.kills_its_workers(starts):
-                self._lose(key, poison.reason(starts, WORKERS))
-        elif kind == "crashed":
-            reason = f"the celery worker running it crashed outside any item: {body.get('error')}"
-            self._lose(key, reason, traceback=body.get("traceback", ""))
-        elif kind == "refused":
-            self._lose(key, poison.reason(int(body.get("starts", 0)), WORKERS))
-        elif kind == "done":
-            self._forget(key)
-            self._received.append(ChunkDone(lease.chunk, JSON.decode(body["result"])))
-
-    def _expire(self) -> None:
-        for expiry in self._leases.expired(time.monotonic()):
-            if expiry.started:
-                reason = f"the celery worker running it ({expiry.lease.host}) went silent for {self.lease:g}s"
-            else:
-                reason = (
-                    f"chunks sent after it started {self.lease:g}s ago and it did not: a celery node "
-                    "that died had taken it"
-                )
-            self._lose(expiry.key, reason, started=expiry.started)
-
-    def _say_if_untaken(self) -> None:
-        """Once a run: no worker took any chunk for ``NOBODY_TAKES`` seconds. Say where they
-        wait and how to start a worker there; the run goes on waiting (Ctrl-C ends it)."""
-        since = self._leases.untaken_since()
-        if self._told_untaken or since is None or time.monotonic() - since < NOBODY_TAKES:
-            return
-        self._told_untaken = True
+    def _untaken_hint(self) -> None:
+        """No worker took any chunk for ``NOBODY_TAKES`` seconds. Say where they wait and how
+        to start a worker there; the run goes on waiting (Ctrl-C ends it)."""
         queue, app = self._transport.queue_name, self._transport.app
         logger.warning(
             "No celery worker has taken a chunk for %gs from queue %r on %s: none consumes that "
@@ -245,16 +147,6 @@ class CeleryExecutor(Executor):
             app.main or "proj",
             queue,
         )
-
-    def _lose(self, key: str, reason: str, *, started: bool = True, traceback: str = "") -> None:
-        chunk = self._forget(key)
-        self._transport.revoke([key])
-        lost = ChunkLost(chunk, reason, in_doubt=started, traceback=traceback, started=started)
-        self._received.append(lost)
-
-    def _forget(self, key: str) -> Chunk:
-        self._starts.forget(key)
-        return self._leases.pop(key).chunk
 
 
 def _current_app() -> Any:
