@@ -142,7 +142,7 @@ class ChunkSizer:
         if self._last and per_item is not None:
             # At most GROWTH-fold -- or, once a few items are measured, as far as a quarter
             # of the target at their pace: every chunk is a COMMIT that a short run pays for.
-            growth = self._last * GROWTH
+            growth: float = self._last * GROWTH
             if pace.items >= STEADY_SAMPLE:
                 growth = max(growth, self.target / GROWTH / max(per_item, 1e-7))
             size = min(size, growth)
