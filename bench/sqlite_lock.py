@@ -7,10 +7,14 @@ creates a "profile" row (an ``auth.Group``), on a SQLite file in WAL mode with
 method uses ``--processes`` processes and writes every item once; the rows are counted.
 
     blog_script        the SPEC's script: ProcessPoolExecutor, a future per item, autocommit
+    loop_atomic500     one process, an atomic() block per 500 items
+    pool_atomic500     --processes processes over atomic() blocks of 500 items
     bulkpool_untuned   bulkpool.run(job, items)
     bulkpool_untuned_generator  the same, the items from a generator (length unknown)
     bulkpool_process   bulkpool.run(job, items, backend="process", workers=P): design (a), today
     bulkpool_prepare   the same with the work moved to prepare= (tuning, for reference)
+    bulkpool_fast_prepare  bulkpool.create(User, items, fast=True, prepare=work): the bulk
+                       path with the work in prepare= (tuning, for reference)
     chunk_immediate    by hand, as (a) does it: 50 items per BEGIN IMMEDIATE transaction
     item_immediate     one BEGIN IMMEDIATE transaction per item, with a journal row
     item_deferred      design (b): one BEGIN DEFERRED transaction per item, with a journal
@@ -102,6 +106,29 @@ def blog_script(items: Items, processes: int) -> dict[str, Any]:
     return {}
 
 
+def loop_atomic500(items: Items, processes: int) -> dict[str, Any]:
+    from bench import jobs
+
+    for start in range(0, len(items), 500):
+        jobs.run_atomically(jobs.create_user_after_spin, items[start : start + 500])
+    return {}
+
+
+def pool_atomic500(items: Items, processes: int) -> dict[str, Any]:
+    import functools
+
+    from django.db import connections
+
+    from bench import jobs
+
+    connections.close_all()
+    blocks = [items[start : start + 500] for start in range(0, len(items), 500)]
+    run_block = functools.partial(jobs.run_atomically, jobs.create_user_after_spin)
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        list(pool.imap_unordered(run_block, blocks))
+    return {}
+
+
 def bulkpool_untuned(items: Items, processes: int) -> dict[str, Any]:
     import bulkpool
     from bench import jobs
@@ -132,6 +159,18 @@ def bulkpool_prepare(items: Items, processes: int) -> dict[str, Any]:
     prepare = functools.partial(jobs.prepare_item, jobs.spin_work)
     report = bulkpool.run(jobs.create_user, items, prepare=prepare, backend="process", workers=processes)
     return _report(report)
+
+
+def bulkpool_fast_prepare(items: Items, processes: int) -> dict[str, Any]:
+    import functools
+
+    from django.contrib.auth.models import User
+
+    import bulkpool
+    from bench import jobs
+
+    prepare = functools.partial(jobs.prepare_item, jobs.spin_work)
+    return _report(bulkpool.create(User, items, fast=True, prepare=prepare))
 
 
 def _report(report: Any) -> dict[str, Any]:
@@ -298,10 +337,13 @@ def measure(
 
 METHODS: list[Method] = [
     blog_script,
+    loop_atomic500,
+    pool_atomic500,
     bulkpool_untuned,
     bulkpool_untuned_generator,
     bulkpool_process,
     bulkpool_prepare,
+    bulkpool_fast_prepare,
     *[by_hand(design) for design in DESIGNS],
     ceiling,
 ]
