@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import signal
+import time
 
 import psutil
 import pytest
@@ -31,12 +33,12 @@ from tests.faults.support import (
     wait_for_rows,
     worker_processes,
 )
-from tests.faults.test_worker_deaths import kill_a_worker
 
 pytestmark = [pytest.mark.vendor("sqlite"), pytest.mark.django_db(transaction=True)]
 
-ITEMS = 600
-THINK = 0.02  # seconds before each item's write: 12 s of it in all, a few on 8 workers
+ITEMS = 1000
+THINK = 0.02  # seconds before each item's write: 20 s of it in all, a few on 8 workers
+UP_FOR = 0.5  # seconds a worker has run before it is struck: the pool has grown, not growing
 EACH_ITEM = "each item in a transaction of its own"
 UNTUNED = ("--items", str(ITEMS), "--think", str(THINK), "--workers", "0", "--chunk-size", "0")
 
@@ -45,12 +47,34 @@ def took_the_each_item_path(notes: object) -> bool:
     return EACH_ITEM in str(notes)
 
 
+def kill_a_running_worker() -> int:
+    """SIGKILL one of this process's workers that has been up UP_FOR seconds, chosen at
+    random. Not one still starting: a worker that dies before it is ready is a worker that
+    could not start, and the pool goes on without growing (so the path under test would
+    not be taken)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        running = [p for p in worker_processes() if _up_for(p) > UP_FOR]
+        if len(running) >= 2:
+            random.choice(running).send_signal(signal.SIGKILL)
+            return 1
+        time.sleep(0.02)
+    return 0
+
+
+def _up_for(process: psutil.Process) -> float:
+    try:
+        return time.time() - process.create_time()
+    except psutil.Error:  # gone meanwhile
+        return 0.0
+
+
 @pytest.mark.parametrize("run_id", [None, "each-item-kills"], ids=["plain", "journaled"])
 def test_workers_killed_mid_chunk(run_id):
     """Three workers SIGKILLed mid-item: the items they settled stay written once, the rest
     of their chunks runs on the replacements."""
     func = functools.partial(jobs.think_then_mark, THINK)
-    with injecting(kill_a_worker, times=3, interval=0.3, workers=2) as injector:
+    with injecting(kill_a_running_worker, times=3, interval=0.3, workers=2) as injector:
         report = bulkpool.run(func, range(ITEMS), progress=False, run_id=run_id)
     mode = "journaled" if run_id else "plain"
     record(f"each_item: 3 workers SIGKILLed ({mode})", tally(range(ITEMS)), report)
@@ -66,7 +90,7 @@ def test_item_that_kills_every_worker_fails_alone_and_resume_runs_past_it(run_id
     every other item is written once, and a resume does not run it again."""
     # Without a journal this also shows that the worker's progress counts: the items of the
     # poison's chunk settled before it would otherwise be sent again and written twice.
-    poison = 450
+    poison = 750
     func = functools.partial(jobs.think_then_mark_dying_at, poison, THINK)
     report = bulkpool.run(func, range(ITEMS), progress=False, run_id=run_id)
     assert took_the_each_item_path(report.notes), report.notes
