@@ -342,6 +342,8 @@ def test_a_value_the_caller_cannot_read_fails_its_item_alone():
     assert [o.index for o in outcomes] == list(range(140))
     failed = [(o.index, o.error.exc_type) for o in outcomes if o.error is not None]
     assert failed == [(105, "RuntimeError")], failed
-    assert "it was written, but its return value could not be read here" in outcomes[105].error.message
+    unreadable = outcomes[105].error
+    assert unreadable is not None
+    assert "it was written, but its return value could not be read here" in unreadable.message
     assert all(o.value == o.index for o in outcomes if o.index != 105)
     assert sorted(Marker.objects.values_list("value", flat=True)) == list(range(140))
