@@ -56,8 +56,11 @@ def kill_a_running_worker() -> int:
     while time.monotonic() < deadline:
         running = [p for p in worker_processes() if _up_for(p) > UP_FOR]
         if len(running) >= 2:
-            random.choice(running).send_signal(signal.SIGKILL)
-            return 1
+            try:
+                random.choice(running).send_signal(signal.SIGKILL)
+                return 1
+            except psutil.Error:  # it ended meanwhile: choose again
+                continue
         time.sleep(0.02)
     return 0
 
