@@ -318,6 +318,21 @@ def wait_for_rows(process: subprocess.Popen[str], rows: int, within: float = 60.
         time.sleep(0.02)
 
 
+def kill_with_children(process: subprocess.Popen[Any]) -> None:
+    """SIGKILL a worker command and the children it forked (a pool's processes, rq's
+    work-horse) at once, as when their machine dies, and collect it."""
+    try:
+        everyone = [psutil.Process(process.pid), *psutil.Process(process.pid).children()]
+    except psutil.NoSuchProcess:
+        everyone = []
+    for member in everyone:
+        try:
+            member.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    process.wait(timeout=30)
+
+
 def kill(process: subprocess.Popen[str]) -> None:
     """SIGKILL the driver alone (not its workers) and collect it."""
     process.kill()

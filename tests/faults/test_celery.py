@@ -36,7 +36,16 @@ from bulkpool import CeleryExecutor, ConfigurationError
 from tests.celery_app import RABBITMQ, REDIS, make_app
 from tests.celery_jobs import marker, marker_failing_every, marker_killing_at
 from tests.faults import jobs
-from tests.faults.support import finish, kill, marker_counts, record, start_driver, tally, wait_for_rows
+from tests.faults.support import (
+    finish,
+    kill,
+    kill_with_children,
+    marker_counts,
+    record,
+    start_driver,
+    tally,
+    wait_for_rows,
+)
 
 REPO = Path(__file__).resolve().parent.parent.parent
 OFF = os.environ.get("BULKPOOL_CELERY_TESTS", "").strip() == "0"
@@ -116,16 +125,7 @@ class Node:
     def kill(self) -> None:
         if self.process.poll() is not None:
             return
-        try:
-            everyone = [psutil.Process(self.process.pid), *self.children()]
-        except psutil.NoSuchProcess:
-            everyone = []
-        for process in everyone:
-            try:
-                process.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        self.process.wait(timeout=30)
+        kill_with_children(self.process)
 
 
 @pytest.fixture(scope="module", params=list(BROKERS))

@@ -35,7 +35,15 @@ from bulkpool import TasksExecutor
 from bulkpool.models import ChunkDelivery, ChunkReply, Run
 from tests.celery_jobs import marker_failing_every
 from tests.faults import jobs
-from tests.faults.support import finish, marker_counts, record, start_driver, tally, wait_for_rows
+from tests.faults.support import (
+    finish,
+    kill_with_children,
+    marker_counts,
+    record,
+    start_driver,
+    tally,
+    wait_for_rows,
+)
 
 REPO = Path(__file__).resolve().parent.parent.parent
 OFF = os.environ.get("BULKPOOL_TASKS_TESTS", "").strip() == "0"
@@ -112,18 +120,7 @@ class DbWorker:
 
     def kill(self) -> None:
         """SIGKILL it, and the work-horse it forked for a task (rq), as a machine that dies."""
-        import psutil
-
-        try:
-            everyone = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children()]
-        except psutil.NoSuchProcess:
-            everyone = []
-        for process in everyone:
-            try:
-                process.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        self.process.wait(timeout=30)
+        kill_with_children(self.process)
 
     def horse(self) -> bool:
         """Whether an rq worker has a work-horse running a task (for 0.1 s at least)."""
