@@ -183,8 +183,10 @@ class Injector(threading.Thread):
     The connection is opened only once the workers are running, and a strike that kills
     workers uses none: a process forked while another thread holds a MySQL connection
     closes that connection (the child discards the thread's state, and mysqlclient sends
-    COM_QUIT on the socket both share). Workers are forked when the run starts and when
-    one is replaced.
+    COM_QUIT on the socket both share). Workers are forked when the run starts, as the
+    pool grows and when one is replaced. On SQLite, a run whose pool grows must not
+    count rows here (``uses_db=False``): a worker forked while this thread holds SQLite's
+    read lock inherits SQLite's record of it, and never commits.
     """
 
     def __init__(

@@ -77,13 +77,16 @@ def test_workers_killed_mid_chunk(run_id):
     """Three workers SIGKILLed mid-item: the items they settled stay written once, the rest
     of their chunks runs on the replacements."""
     func = functools.partial(jobs.think_then_mark, THINK)
-    with injecting(kill_a_running_worker, times=3, interval=0.3, workers=2) as injector:
+    # Not uses_db: the pool forks as it grows, and a worker forked while a thread of this
+    # process holds SQLite's read lock inherits SQLite's record of that lock and can never
+    # commit (see docs/guides/backends.md). Worker processes exist only while the run goes
+    # on, so three kills are three kills mid-run.
+    with injecting(kill_a_running_worker, times=3, interval=0.3, workers=2, uses_db=False) as injector:
         report = bulkpool.run(func, range(ITEMS), progress=False, run_id=run_id)
     mode = "journaled" if run_id else "plain"
     record(f"each_item: 3 workers SIGKILLed ({mode})", tally(range(ITEMS)), report)
     assert took_the_each_item_path(report.notes), report.notes
     assert injector.faults == 3
-    assert injector.rows_at_first_strike < ITEMS  # the kills came mid-run
     assert_nothing_lost_or_doubled(report, ITEMS, run_id)
 
 
