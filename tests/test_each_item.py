@@ -57,6 +57,14 @@ def test_a_lock_free_for_one_and_a_half_workers_gets_two():
     assert choice is not None and (choice.workers, choice.each_item) == (2, True), choice
 
 
+def test_a_lock_free_for_three_workers_and_a_third_gets_four():
+    """Three would leave the writer idle a tenth of the time: the pool rounds up."""
+    pace = measured(0.005, 0.0043, commit=0.001)
+    assert 3.1 <= pace.each_item_gain() < 3.5, pace.each_item_gain()
+    choice = choose_workers(pace, left=10_000, limits=replace(SQLITE, cpus=8))
+    assert choice is not None and (choice.workers, choice.each_item) == (4, True), choice
+
+
 def test_work_after_the_first_write_stays_on_one_worker_in_chunk_transactions():
     """The item writes first, then works: the lock is held for all of it either way."""
     choice = choose_workers(measured(0.003, 0.00001), left=10_000, limits=SQLITE)
