@@ -225,12 +225,16 @@ def setup_fails_outside(pid: int) -> None:
         raise RuntimeError("this setup works in the calling process only")
 
 
-def setup_works_once(flag_path: str) -> None:
-    """setup: works in the first process to run it (it creates ``flag_path``), fails in any other."""
-    try:
-        os.close(os.open(flag_path, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        raise RuntimeError("this setup works in one worker only") from None
+def setup_works_in_the_first(workers: int, flag_dir: str) -> None:
+    """setup: works in the first ``workers`` processes to run it (each creates a file in
+    ``flag_dir``), fails in any other."""
+    for n in range(workers):
+        try:
+            os.close(os.open(os.path.join(flag_dir, str(n)), os.O_CREAT | os.O_EXCL))
+            return
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"this setup works in the first {workers} workers only")
 
 
 def busy_then_write_marker_pid(i: int) -> int:

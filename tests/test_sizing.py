@@ -6,9 +6,10 @@ import functools
 import logging
 import os
 from collections import Counter
+from dataclasses import replace
 
 import pytest
-from django.db import connection  # noqa: F401  # read by the skipif conditions
+from django.db import connection
 
 import bulkpool
 from bulkpool.models import RunChunk
@@ -25,6 +26,7 @@ from bulkpool.sizing import (
     _cgroup_cpus,
     choose_workers,
     cpu_quota,
+    measuring_width,
 )
 from tests import jobs
 from tests.testapp.models import Marker
@@ -121,7 +123,15 @@ def test_a_measuring_pool_starts_with_chunks_of_one_item_and_ramps_up():
 def test_a_small_run_stays_serial():
     choice = choose_workers(pace(0.0003), left=1_000, limits=SERVER)  # 0.3 s of work left
     assert choice is not None and choice.workers == 1
-    assert "too little for starting workers to pay" in choice.why
+    assert "too little for starting more workers to pay" in choice.why
+
+
+def test_a_pool_measures_on_two_workers_where_a_second_is_cheap_and_the_database_has_writers_to_spare():
+    assert measuring_width(SERVER) == 2
+    assert measuring_width(SQLITE) == 1  # its one writer would keep the second waiting
+    assert measuring_width(replace(SERVER, cpus=1)) == 1
+    assert measuring_width(replace(SERVER, start_seconds=1.0)) == 1  # spawn: a fresh interpreter
+    assert measuring_width(replace(SERVER, free_connections=6)) == 1  # 5 slots left for others
 
 
 def test_a_long_run_on_a_server_gets_a_worker_per_cpu():
@@ -187,23 +197,31 @@ def assert_each_once(count: int) -> None:
     assert len(keys) == count and set(keys.values()) == {1}
 
 
+def measuring_workers() -> int:
+    """The workers a pool measures on here: one on SQLite, two on a server with 2 CPUs."""
+    return 1 if connection.vendor == "sqlite" else min(2, cpu_quota())
+
+
 @pytestmark_db
 @pytest.mark.parametrize("backend", ["thread", "process"])
-def test_a_small_light_run_stays_on_one_worker_and_says_why(backend, caplog):
-    """No option given: a light run of 200 items runs on one worker (a process of the pool,
-    not the caller, on the process backend), in growing chunks. (Small enough that even on
-    a loaded machine its items take well under the second that would pay for a pool.)"""
+def test_a_small_light_run_stays_on_the_workers_that_measured_it_and_says_why(backend, caplog):
+    """No option given: a light run of 200 items runs on the workers that measured it (one
+    on SQLite, two on a server; processes of the pool, not the caller, on the process
+    backend), in growing chunks. (Small enough that even on a loaded machine its items
+    take well under the second that would pay for more workers.)"""
     items = 200
     with caplog.at_level(logging.INFO, logger="bulkpool"):
         report = bulkpool.run(jobs.write_marker_pid, range(items), backend=backend, run_id="small")
     assert report.ok == items
     assert_each_once(items)
+    workers = measuring_workers()
     if backend == "process":
-        assert len(writers()) == 1 and os.getpid() not in writers()
+        assert len(writers()) == workers and os.getpid() not in writers()
     sizing = [note for note in report.notes if note.startswith("Sizing: ")]
     # The smallest chunk may be the last (what is left of the input): sizes are checked below.
-    assert sizing[0].startswith("Sizing: workers=1: ") and "chunk_size=auto: chunks of " in sizing[1]
-    assert "Sizing: workers=1" in str(report) and "Sizing: workers=1" in caplog.text
+    chosen = f"Sizing: workers={workers}: "
+    assert sizing[0].startswith(chosen) and "chunk_size=auto: chunks of " in sizing[1]
+    assert chosen in str(report) and chosen in caplog.text
     sizes = list(
         RunChunk.objects.filter(run__run_id="small").order_by("start").values_list("size", flat=True)
     )
@@ -231,20 +249,22 @@ def test_a_run_that_waits_on_a_slow_service_grows_the_pool_after_measuring():
 
 
 @pytestmark_db
-def test_a_pool_that_cannot_grow_after_measuring_goes_on_with_its_one_worker(tmp_path, caplog):
-    """If the workers the pool grows by fail to start once its first worker measured the
-    first chunks, the run goes on with that worker, says so, and loses nothing."""
+def test_a_pool_that_cannot_grow_after_measuring_goes_on_with_the_workers_that_measured(tmp_path, caplog):
+    """If the workers the pool grows by fail to start once its first workers measured the
+    first chunks, the run goes on with those, says so, and loses nothing."""
+    workers = measuring_workers()
     prepare = functools.partial(jobs.wait_then_pass_with_state, 0.003)
-    setup = functools.partial(jobs.setup_works_once, str(tmp_path / "started"))
+    setup = functools.partial(jobs.setup_works_in_the_first, workers, str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="bulkpool"):
         report = bulkpool.run(
             jobs.write_marker_pid_with_state, range(1_200), backend="process", prepare=prepare, setup=setup
         )
     assert report.ok == 1_200
     assert_each_once(1_200)
-    assert len(writers()) == 1 and os.getpid() not in writers()
+    assert len(writers()) == workers and os.getpid() not in writers()
     assert "Could not start more process workers" in caplog.text
-    assert any("Sizing: workers=1: the process workers could not start" in note for note in report.notes)
+    chosen = f"Sizing: workers={workers}: the process workers could not start"
+    assert any(chosen in note for note in report.notes), report.notes
 
 
 @pytestmark_db

@@ -5,10 +5,11 @@ chunk sizer; the engine only asks it:
 
     send_to(task, interrupts)    the executor to submit the next chunk to. The first call
                                  starts it; with ``workers="auto"`` on a pool that can grow
-                                 (thread, process), with one worker, which runs the first
-                                 chunks one at a time while they are measured -- never the
-                                 caller, so an item that kills its process kills a worker --
-                                 until ``choose_workers`` answers: stay at one worker, or grow
+                                 (thread, process), with one worker or two
+                                 (``measuring_width``), which run the first chunks one at a
+                                 time each while they are measured -- never the caller, so an
+                                 item that kills its process kills a worker -- until
+                                 ``choose_workers`` answers: stay at that, or grow
     shape(chunk)                 the chunk as it goes out: with ``each_item`` set when the
                                  pool chose a transaction per item (SQLite, heavy items)
     next_size(start)             the size of the chunk read from ``start`` on
@@ -48,6 +49,7 @@ from bulkpool.sizing import (
     cpu_quota,
     each_item_pays,
     free_connections,
+    measuring_width,
 )
 
 logger = logging.getLogger("bulkpool")
@@ -140,7 +142,8 @@ class Pool:
     def close(self, *, stopped: bool, cancel: bool) -> None:
         """Say what was chosen, then stop the executor in use."""
         if self._measuring and self.started and not stopped:
-            self._say("workers=1: the whole input ran on the one worker that measured it")
+            measured_on = "the one worker" if self.workers == 1 else f"the {self.workers} workers"
+            self._say(f"workers={self.workers}: the whole input ran on {measured_on} that measured it")
         if chunks := self.sizer.summary():
             self._say(chunks)
         if self.started:
@@ -150,23 +153,26 @@ class Pool:
 
     def _start(self, task: Task, interrupts: Interrupts) -> None:
         self.started = True
+        if self._measuring:
+            self.workers = measuring_width(self._limits)
         with interrupts.raising():  # no work is in flight yet: Ctrl-C need not wait for setup
             self.executor.start(task, self.workers)
-        # While measuring, one chunk at a time: none waits behind another on the one worker
+        # While measuring, one chunk at a time on each worker: none waits behind another
         # when the pool grows.
-        self.capacity = 1 if self._measuring else self.executor.capacity()
+        self.capacity = self.workers if self._measuring else self.executor.capacity()
 
     def _choose_pool(self, interrupts: Interrupts) -> None:
-        """Once the first chunks are measured, stay at one worker or grow the pool."""
+        """Once the first chunks are measured, stay at the workers that measured them or
+        grow the pool."""
         choice = choose_workers(self._deciding, self._left(self._read), self._limits)
         if choice is None:
             return
         self._measuring = False
-        if choice.workers > 1:
+        if choice.workers > self.workers:
             choice = self._grow(choice, interrupts)
         self.capacity = self.executor.capacity()
-        self._say(f"workers={choice.workers}: {choice.why}")
-        if choice.workers > 1 and choice.each_item:
+        self._say(f"workers={self.workers}: {choice.why}")
+        if self.workers > 1 and choice.each_item:
             self._set_each_item(True)
 
     def _grow(self, choice: Choice, interrupts: Interrupts) -> Choice:
@@ -175,9 +181,12 @@ class Pool:
             with interrupts.raising():  # nothing is in flight while measuring, between two chunks
                 executor.grow(choice.workers)
         except WorkerStartupError as error:
-            logger.warning("Could not start more %s workers: going on with one.\n%s", executor.name, error)
+            going_on = "one" if self.workers == 1 else f"the {self.workers} that measured"
+            logger.warning(
+                "Could not start more %s workers: going on with %s.\n%s", executor.name, going_on, error
+            )
             why = f"the {executor.name} workers could not start ({str(error).splitlines()[0]})"
-            return Choice(1, why)
+            return Choice(self.workers, why)
         self.workers = choice.workers
         return choice
 

@@ -17,8 +17,9 @@ the worker), and the next choice is made from the pace so far:
 
 ``workers="auto"`` (thread and process backends)
     The pool starts with one worker -- never the caller, whose process an item may kill --
-    which runs the first chunks, one at a time, while they are measured. Then the run
-    either stays on that worker -- the items left would take less time than more workers
+    or two on a database server when a worker starts in a moment (``measuring_width``),
+    which run the first chunks, one at a time each, while they are measured. Then the run
+    either stays on those workers -- the items left would take less time than more workers
     save, or the database writes one transaction at a time (SQLite) and nearly all of each
     item's time comes from its first write on -- or grows the pool, as wide as the work can use: one
     worker per CPU the process may really use (affinity, cgroup quota), more when the items
@@ -66,6 +67,8 @@ PROBE_CHUNKS = 2  # chunks measured on the first worker before the pool is chose
 PROBE_ITEMS = 50  # ...holding this many items at least...
 PROBE_SECONDS = 0.2  # ...or seconds of them, whichever comes first
 PAYS_AFTER_SECONDS = 1.0  # work left (on one worker) below which growing the pool does not pay
+MEASURING_WORKERS = 2  # a pool measures on this many where a worker starts in a moment...
+CHEAP_START_SECONDS = 0.1  # ...(a fork, a thread) and the database takes more than one writer
 WAITING_WIDTH = 4  # at most this many workers per CPU when the items mostly wait
 SINGLE_WRITER_GAIN = 1.5  # on SQLite, a pool must promise this speed-up to be worth it
 SPARE_CONNECTIONS = 5  # database connection slots left free for everyone else
@@ -179,9 +182,21 @@ class Limits:
 
 @dataclass(frozen=True)
 class Choice:
-    workers: int  # 1: stay on the one worker that measured
+    workers: int  # 1: no more than the workers that measured
     why: str
     each_item: bool = False  # SQLite: each item in a transaction of its own (see above)
+
+
+def measuring_width(limits: Limits) -> int:
+    """How many workers a pool measures the first chunks on: two on a database server where
+    a worker starts in a moment -- the second costs a fork and halves the time a short run
+    spends measuring -- else one (SQLite's one writer would keep a second waiting)."""
+    if limits.single_writer or limits.start_seconds > CHEAP_START_SECONDS:
+        return 1
+    room = limits.cpus
+    if limits.free_connections is not None:
+        room = min(room, limits.free_connections - SPARE_CONNECTIONS)
+    return max(1, min(MEASURING_WORKERS, room))
 
 
 def choose_workers(pace: Pace, left: int | None, limits: Limits) -> Choice | None:
@@ -211,7 +226,7 @@ def choose_workers(pace: Pace, left: int | None, limits: Limits) -> Choice | Non
         return Choice(
             1,
             f"{pace_text}: the {left:,} items left take about {serial_left:.1f} s on one worker, "
-            "too little for starting workers to pay",
+            "too little for starting more workers to pay",
         )
     return Choice(width, f"{pace_text}, {left:,} items left: {width} workers ({bound})", each_item)
 
