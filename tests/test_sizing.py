@@ -5,8 +5,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import subprocess
+import sys
+import time
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from django.db import connection
@@ -28,6 +32,7 @@ from bulkpool.sizing import (
     cpu_quota,
     measuring_width,
 )
+from bulkpool.work.timing import runnable_seconds
 from tests import jobs
 from tests.testapp.models import Marker
 
@@ -35,13 +40,19 @@ SERVER = Limits(cpus=2, free_connections=100, single_writer=False, start_seconds
 SQLITE = Limits(cpus=2, free_connections=None, single_writer=True, start_seconds=0.1)
 
 
-def pace(per_item: float, items: int = 50, *, locked: float = 1.0, cpu: float = 1.0) -> Pace:
-    """A pace of ``items`` measured at ``per_item`` seconds each; ``locked`` and ``cpu`` are
-    the shares of that time spent in the transaction and on the CPU."""
+def pace(
+    per_item: float, items: int = 50, *, locked: float = 1.0, cpu: float = 1.0, runnable: float = 0.0
+) -> Pace:
+    """A pace of ``items`` measured at ``per_item`` seconds each; ``locked``, ``cpu`` and
+    ``runnable`` are the shares of that time spent in the transaction, on the CPU, and
+    waiting for a CPU."""
     measured = Pace()
-    seconds = per_item * items
-    measured.add(items, Timings(work=seconds * locked, total=seconds, cpu=seconds * cpu))
-    measured.add(1, Timings(work=per_item * locked, total=per_item, cpu=per_item * cpu))
+    for n in (items, 1):
+        seconds = per_item * n
+        timings = Timings(
+            work=seconds * locked, total=seconds, cpu=seconds * cpu, runnable=seconds * runnable
+        )
+        measured.add(n, timings)
     return measured
 
 
@@ -144,6 +155,31 @@ def test_items_that_mostly_wait_get_more_workers_than_cpus():
     choice = choose_workers(pace(0.005, cpu=0.1), left=10_000, limits=SERVER)  # 90% waiting
     assert choice is not None and choice.workers == 8  # capped at 4 per CPU
     assert "90% waiting" in choice.why
+
+
+def test_time_spent_waiting_for_a_cpu_is_not_the_items_waiting():
+    """Half the time off the CPU, all of it waiting for a CPU (two workers measuring on two
+    CPUs beside the caller): CPU-bound items, a worker per CPU, not more."""
+    choice = choose_workers(pace(0.0003, cpu=0.5, runnable=0.5), left=100_000, limits=SERVER)
+    assert choice is not None and choice.workers == 2 and "waiting" not in choice.why, choice
+
+
+@pytest.mark.skipif(not Path("/proc/thread-self/schedstat").exists(), reason="Linux's schedstat only")
+def test_a_thread_that_shares_too_few_cpus_is_measured_waiting_for_one():
+    """More busy processes than CPUs: a busy thread here waits for a CPU part of the time."""
+    spin = "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range((os.cpu_count() or 1) + 2)]
+    try:
+        time.sleep(0.2)  # the spinners are running
+        before, end = runnable_seconds(), time.monotonic() + 0.5
+        while time.monotonic() < end:
+            pass
+        waited = runnable_seconds() - before
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert 0.05 < waited < 1.0, waited
 
 
 def test_free_connection_slots_bound_the_pool():

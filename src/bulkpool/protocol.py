@@ -163,6 +163,7 @@ class Timings:
     commit: float = 0.0  # the constraint checks and COMMIT
     total: float = 0.0  # all of it, retries and redos included
     cpu: float = 0.0  # the worker thread's own CPU time in it (the rest was waiting)
+    runnable: float = 0.0  # waiting for a CPU that other processes had (Linux): not the work's
     # SQLite: the part of ``work`` before each item's first write, which needs no write lock
     unlocked: float = 0.0
     commits: int = 0  # COMMITs, to price one

@@ -84,6 +84,7 @@ class Pace:
     seconds: float = 0.0  # in the worker, all of it
     locked: float = 0.0  # inside the chunk's transaction: loading, func, COMMIT
     cpu: float = 0.0  # of the worker's own CPU
+    runnable: float = 0.0  # waiting for a CPU other processes had
     unlocked: float = 0.0  # SQLite: func's time before each item's first write
     commit: float = 0.0
     commits: int = 0
@@ -97,6 +98,7 @@ class Pace:
         self.seconds += timings.total
         self.locked += timings.load + timings.work + timings.commit
         self.cpu += timings.cpu
+        self.runnable += timings.runnable
         self.unlocked += timings.unlocked
         self.commit += timings.commit
         self.commits += timings.commits
@@ -247,7 +249,9 @@ def _chunk_gain(pace: Pace) -> float:
 def _useful_width(pace: Pace, limits: Limits) -> tuple[int, str, bool]:
     """How many workers the work can keep busy, what bounds it, and whether on SQLite
     each item gets a transaction of its own."""
-    waiting = pace.seconds / pace.cpu if pace.cpu > 0 else 1.0  # 1: all CPU; 4: a quarter
+    # 1: all CPU; 4: a quarter. Time spent waiting for a CPU is not the items' waiting: two
+    # workers measuring on two CPUs, beside the caller reading the input, wait so.
+    waiting = (pace.seconds - pace.runnable) / pace.cpu if pace.cpu > 0 else 1.0
     width = float(limits.cpus)
     bound = f"{limits.cpus} CPU{'s' if limits.cpus != 1 else ''}"
     if waiting > 1.5:

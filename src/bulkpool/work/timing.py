@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from bulkpool.protocol import Timings
@@ -18,6 +19,7 @@ class Stopwatch:
     def __init__(self) -> None:
         self._started = time.perf_counter()
         self._cpu_started = time.thread_time()  # this thread's own CPU: the rest was waiting
+        self._runnable_started = runnable_seconds()  # ...for I/O, or for a CPU
         self._spent = dict.fromkeys(PHASES, 0.0)
         self._unlocked = 0.0
         self._commits = 0
@@ -78,6 +80,7 @@ class Stopwatch:
             **self._spent,
             total=time.perf_counter() - self._started,
             cpu=time.thread_time() - self._cpu_started,
+            runnable=runnable_seconds() - self._runnable_started,
             unlocked=self._unlocked,
             commits=self._commits,
             stale=self._stale,
@@ -85,3 +88,14 @@ class Stopwatch:
 
 
 _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+_SCHEDSTAT = Path("/proc/thread-self/schedstat")
+
+
+def runnable_seconds() -> float:
+    """How long this thread has waited, ready to run, for a CPU (Linux's run queue delay;
+    0 where the kernel does not say). Workers that share too few CPUs wait so: their
+    time off the CPU is then not the items' waiting, and more workers would not help."""
+    try:
+        return int(_SCHEDSTAT.read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
