@@ -142,6 +142,7 @@ def test_a_pool_measures_on_two_workers_where_a_second_is_cheap_and_the_database
     assert measuring_width(SQLITE) == 1  # its one writer would keep the second waiting
     assert measuring_width(replace(SERVER, cpus=1)) == 1
     assert measuring_width(replace(SERVER, start_seconds=1.0)) == 1  # spawn: a fresh interpreter
+    assert measuring_width(replace(SERVER, shared_interpreter=True)) == 1  # threads: one GIL
     assert measuring_width(replace(SERVER, free_connections=6)) == 1  # 5 slots left for others
 
 
@@ -233,9 +234,10 @@ def assert_each_once(count: int) -> None:
     assert len(keys) == count and set(keys.values()) == {1}
 
 
-def measuring_workers() -> int:
-    """The workers a pool measures on here: one on SQLite, two on a server with 2 CPUs."""
-    return 1 if connection.vendor == "sqlite" else min(2, cpu_quota())
+def measuring_workers(backend: str = "process") -> int:
+    """The workers a pool measures on here: one on SQLite or in threads, two processes on a
+    server with 2 CPUs."""
+    return 1 if connection.vendor == "sqlite" or backend == "thread" else min(2, cpu_quota())
 
 
 @pytestmark_db
@@ -250,7 +252,7 @@ def test_a_small_light_run_stays_on_the_workers_that_measured_it_and_says_why(ba
         report = bulkpool.run(jobs.write_marker_pid, range(items), backend=backend, run_id="small")
     assert report.ok == items
     assert_each_once(items)
-    workers = measuring_workers()
+    workers = measuring_workers(backend)
     if backend == "process":
         assert len(writers()) == workers and os.getpid() not in writers()
     sizing = [note for note in report.notes if note.startswith("Sizing: ")]

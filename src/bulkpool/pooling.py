@@ -219,6 +219,7 @@ class Pool:
             single_writer=connections[self._database].vendor == "sqlite",
             start_seconds=self.executor.start_seconds,
             chunk_transactions=self._may_each_item,
+            shared_interpreter=self.executor.shares_interpreter,
         )
 
     def _left(self, read: int) -> int | None:

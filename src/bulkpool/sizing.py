@@ -17,7 +17,7 @@ the worker), and the next choice is made from the pace so far:
 
 ``workers="auto"`` (thread and process backends)
     The pool starts with one worker -- never the caller, whose process an item may kill --
-    or two on a database server when a worker starts in a moment (``measuring_width``),
+    or two processes on a database server when one starts in a moment (``measuring_width``),
     which run the first chunks, one at a time each, while they are measured. Then the run
     either stays on those workers -- the items left would take less time than more workers
     save, or the database writes one transaction at a time (SQLite) and nearly all of each
@@ -180,6 +180,7 @@ class Limits:
     single_writer: bool  # SQLite: one write transaction at a time
     start_seconds: float  # about what starting the pool costs
     chunk_transactions: bool = True  # atomic="chunk": each_item may replace them
+    shared_interpreter: bool = False  # threads: the workers take turns on one interpreter lock
 
 
 @dataclass(frozen=True)
@@ -190,10 +191,12 @@ class Choice:
 
 
 def measuring_width(limits: Limits) -> int:
-    """How many workers a pool measures the first chunks on: two on a database server where
-    a worker starts in a moment -- the second costs a fork and halves the time a short run
-    spends measuring -- else one (SQLite's one writer would keep a second waiting)."""
-    if limits.single_writer or limits.start_seconds > CHEAP_START_SECONDS:
+    """How many workers a pool measures the first chunks on: two processes on a database
+    server where a worker starts in a moment -- the second costs a fork and halves the time
+    a short run spends measuring -- else one (SQLite's one writer would keep a second
+    waiting; two threads would take turns on the interpreter lock, and their CPU work would
+    look like waiting)."""
+    if limits.single_writer or limits.shared_interpreter or limits.start_seconds > CHEAP_START_SECONDS:
         return 1
     room = limits.cpus
     if limits.free_connections is not None:

@@ -48,6 +48,9 @@ class Executor(ABC):
         ``workers="auto"`` starts as many workers as the CPUs at once.
     ``start_seconds``
         About what starting its workers costs: a pool must save more than that to pay.
+    ``shares_interpreter``
+        Its workers are threads of the caller's process, taking turns on one interpreter
+        lock: two of them measuring CPU work would slow each other, so one measures.
     """
 
     name: str = ""
@@ -59,6 +62,7 @@ class Executor(ABC):
     local: bool = False
     grows: bool = False
     start_seconds: float = 0.5
+    shares_interpreter: bool = False
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers

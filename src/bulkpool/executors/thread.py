@@ -37,6 +37,7 @@ class ThreadExecutor(Executor):
     local = True
     grows = True
     start_seconds = 0.01
+    shares_interpreter = True
 
     def start(self, task: Task, workers: int) -> None:
         self._task = replace(task, own_connections=True)
