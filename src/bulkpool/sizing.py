@@ -67,8 +67,8 @@ PROBE_CHUNKS = 2  # chunks measured on the first worker before the pool is chose
 PROBE_ITEMS = 50  # ...holding this many items at least...
 PROBE_SECONDS = 0.2  # ...or seconds of them, whichever comes first
 PAYS_AFTER_SECONDS = 1.0  # work left (on one worker) below which growing the pool does not pay
-MEASURING_WORKERS = 2  # a pool measures on this many where a worker starts in a moment...
-CHEAP_START_SECONDS = 0.1  # ...(a fork, a thread) and the database takes more than one writer
+MEASURING_WORKERS = 2  # processes a pool measures on where one starts in a moment...
+CHEAP_START_SECONDS = 0.1  # ...(a fork) and the database takes more than one writer
 WAITING_WIDTH = 4  # at most this many workers per CPU when the items mostly wait
 SINGLE_WRITER_GAIN = 1.5  # on SQLite, a pool must promise this speed-up to be worth it
 SPARE_CONNECTIONS = 5  # database connection slots left free for everyone else
@@ -205,7 +205,8 @@ def measuring_width(limits: Limits) -> int:
 
 
 def choose_workers(pace: Pace, left: int | None, limits: Limits) -> Choice | None:
-    """The pool for the rest of the run, or None to measure (on one worker) a while longer.
+    """The pool for the rest of the run, or None to measure (on the workers that measure) a
+    while longer.
 
     ``left``: items not read yet, when the input's length is known. When it is not, the
     pool grows once the work measured has cost as much as its new workers cost to start
