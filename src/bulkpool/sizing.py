@@ -198,9 +198,8 @@ def measuring_width(limits: Limits) -> int:
     look like waiting)."""
     if limits.single_writer or limits.shared_interpreter or limits.start_seconds > CHEAP_START_SECONDS:
         return 1
-    room = limits.cpus
-    if limits.free_connections is not None:
-        room = min(room, limits.free_connections - SPARE_CONNECTIONS)
+    slots = _free_slots(limits)
+    room = limits.cpus if slots is None else min(limits.cpus, slots)
     return max(1, min(MEASURING_WORKERS, room))
 
 
@@ -275,11 +274,16 @@ def _useful_width(pace: Pace, limits: Limits) -> tuple[int, str, bool]:
             where = "each item in a transaction of its own, holding" if each_item else "in"
             width = max(2, math.ceil(gain))
             bound = f"SQLite's one writer: {100 / gain:.0f}% of the time is {where} the write lock"
-    if limits.free_connections is not None:
-        free = limits.free_connections - SPARE_CONNECTIONS
-        if free < width:
-            width, bound = free, f"{limits.free_connections} free database connections"
+    slots = _free_slots(limits)
+    if slots is not None and slots < width:
+        width, bound = slots, f"{limits.free_connections} free database connections"
     return max(1, int(width)), bound, each_item
+
+
+def _free_slots(limits: Limits) -> int | None:
+    """The database connections a pool may open: its free slots but SPARE_CONNECTIONS
+    (None: the database does not say)."""
+    return None if limits.free_connections is None else limits.free_connections - SPARE_CONNECTIONS
 
 
 def _writer_bound(pace: Pace) -> str:
