@@ -21,12 +21,13 @@ flat however long the input.
 
 One way to finish. Every end of a run goes through ``_stop()`` and the ``finally`` of
 ``chunks()``: done; Ctrl-C or SIGTERM; ``on_error="raise"``; ``max_failures``; the input
-raising; a journal that refuses the input; a worker that cannot be replaced; an ``imap``
-consumer that stops reading. After a stop nothing more is sent, the chunks in flight are
-drained (they commit or roll back, and are counted), the journal gets the status of what
-happened (``finished`` only when every item ran), and one exception carrying the partial
-report is raised: a ``RunAborted`` subclass, or ``RunInterrupted`` for Ctrl-C / SIGTERM.
-A second Ctrl-C abandons the chunks in flight (their transactions roll back).
+raising, or holding SQLite's read lock (``sqlite_locks``); a journal that refuses the
+input; a worker that cannot be replaced; an ``imap`` consumer that stops reading. After a
+stop nothing more is sent, the chunks in flight are drained (they commit or roll back, and
+are counted), the journal gets the status of what happened (``finished`` only when every
+item ran), and one exception carrying the partial report is raised: a ``RunAborted``
+subclass, or ``RunInterrupted`` for Ctrl-C / SIGTERM. A second Ctrl-C abandons the chunks
+in flight (their transactions roll back).
 
 Signal handlers only set a flag (``Interrupts``); the engine reads it between events.
 """
@@ -43,7 +44,7 @@ from typing import Any
 
 from django.db import DatabaseError, connections, transaction
 
-from bulkpool import stopping
+from bulkpool import sqlite_locks, stopping
 from bulkpool.chunking import chunked, known_length
 from bulkpool.errors import ConfigurationError, WorkerStartupError
 from bulkpool.executors import Executor, resolve
@@ -100,6 +101,12 @@ class Engine:
         self.resume_hint = resume_hint or _default_resume_hint(options)
         _check_preconditions(options, executor)
         executor.check(self.task)
+        # Workers in other processes can be kept from committing by a read the input holds
+        # open (SQLite): looked for after each chunk is read. With threads, only before the
+        # pool starts: once it has, the process's locks may be its workers'.
+        in_caller = executor.supports_caller_transaction
+        self._lock_watch = None if in_caller else sqlite_locks.watch(options.database)
+        self._watch_running_pool = not executor.shares_interpreter
         self.journal = (
             Journal.open(options, job_identity(func), self.pool.ceiling) if options.run_id else None
         )
@@ -152,7 +159,8 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------
 
     def _pump(self) -> Iterator[tuple[Chunk, ChunkResult]]:
-        fresh = chunked(self.items, self._next_size)
+        self._input = iter(self.items)
+        fresh = chunked(self._input, self._next_size)
         pending: deque[Chunk] = deque()  # planned pieces not yet sent
         exhausted = False
         scheduler = self._scheduler
@@ -191,6 +199,8 @@ class Engine:
         if chunk is None:
             return True, []
         self.report.total += len(chunk)
+        if self._holds_a_read_lock(fresh):
+            return True, []
         self.pool.read(len(chunk))
         try:
             pieces = self.journal.plan(chunk) if self.journal else [(chunk, None)]
@@ -210,6 +220,21 @@ class Engine:
                     self.journal.record_lost(part, result.errors)  # a failure like any other
                 settled += self._settle(part, result)
         return False, settled
+
+    def _holds_a_read_lock(self, fresh: Iterator[Chunk]) -> bool:
+        """After a chunk was read: if reading left this process holding SQLite's read lock,
+        the run stops with that chunk not run, and the input is closed (a generator's
+        ``close()``), which ends its read, so that the chunks in flight can commit."""
+        watch = self._lock_watch
+        if watch is None or (self.pool.started and not self._watch_running_pool) or not watch.held():
+            return False
+        self._stop(stopping.input_holds_lock(watch.explain()))
+        for reader in (fresh, self._input):
+            close = getattr(reader, "close", None)
+            if callable(close):
+                with contextlib.suppress(Exception):
+                    close()
+        return True
 
     def _next_size(self, start: int) -> int:
         """The pool's next chunk size, stretched to the journal's ranges when resuming."""

@@ -6,8 +6,9 @@ The engine tells it what happened, and asks whether that stops the run:
                                    failure): ``on_error="raise"``, ``max_failures``, and the
                                    early stop when the first items all fail alike
     interrupted / input_failed /   the other ways a run ends: Ctrl-C or SIGTERM, the input
-    input_refused / workers_lost / raising or not being the journal's, a worker that cannot be
-    consumer_stopped / crashed     replaced, an imap consumer that stopped, bulkpool failing
+    input_holds_lock /             raising, holding SQLite's read lock or not being the
+    input_refused / workers_lost / journal's, a worker that cannot be replaced, an imap
+    consumer_stopped / crashed     consumer that stopped, bulkpool failing
 
 Each answer is a ``Stop``; ``decide`` keeps the first one (the first reason to stop wins),
 and at the end ``conclude()`` gives the status the journal records and ``error`` the one exception,
@@ -161,6 +162,12 @@ def input_failed(error: Exception) -> Stop:
     else:
         reason = f"the input raised {type(error).__name__}: {error}"
     return Stop(reason, Status.STOPPED, raise_it)
+
+
+def input_holds_lock(explanation: str) -> Stop:
+    """Reading the input left a read open that keeps the workers from committing (SQLite)."""
+    message = f"The input cannot be read while the run writes: {explanation}."
+    return Stop("the input holds SQLite's read lock", Status.STOPPED, lambda r: InputFailed(message, r))
 
 
 def input_refused(message: str) -> Stop:

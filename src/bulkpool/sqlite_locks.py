@@ -1,0 +1,104 @@
+"""Whether the calling process holds SQLite's read lock while the run's workers must commit.
+
+In SQLite's rollback-journal mode (Django's default) a read in progress holds the
+database's SHARED lock until it ends, and no other connection can COMMIT while it is held.
+An input that reads the same database lazily -- a generator over ``QuerySet.iterator()``, an
+open cursor -- holds it between the chunks the run reads from it, so every worker would wait
+out its busy timeout and fail with "database is locked", chunk after chunk. A ``QuerySet``
+given as the input itself does not: bulkpool reads it in pages, each read to its end.
+
+SQLite's unix VFS takes that lock with POSIX locks on bytes of the database file, one set
+per process (``PENDING_BYTE`` at 1 GiB, then RESERVED, then the SHARED range: os_unix.c), and
+Linux lists every POSIX lock, with its process, in ``/proc/locks``. Elsewhere ``watch``
+returns None and nothing is checked (the backends guide says so). WAL mode needs no watch:
+its readers never keep a writer from committing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.db import connections
+
+PROC_LOCKS = Path("/proc/locks")
+PENDING_BYTE = 0x40000000  # SQLite's lock bytes: PENDING, RESERVED, then 510 SHARED bytes
+LOCK_BYTES = range(PENDING_BYTE, PENDING_BYTE + 512)
+HELD_SECONDS = 0.2  # a lock held this long is a read left open, not another thread's query
+
+
+@dataclass(frozen=True)
+class ReadLockWatch:
+    """Looks for this process's locks on one SQLite database file."""
+
+    database: str  # the alias
+    path: str
+    device: tuple[int, int]  # major, minor: /proc/locks names a file by its device and inode
+    inode: int
+
+    def held(self) -> bool:
+        """This process holds a lock on the database now, and still does ``HELD_SECONDS``
+        later (a query that another of its threads was running has ended by then)."""
+        deadline = time.monotonic() + HELD_SECONDS
+        while self._holds_now():
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(HELD_SECONDS / 4)
+        return False
+
+    def explain(self) -> str:
+        return (
+            f"this process holds SQLite's read lock on database {self.database!r} ({self.path}) "
+            "while the run's workers must commit to it: in SQLite's rollback-journal mode no one "
+            "can commit while a read is open. The input most likely reads that database lazily "
+            "(a generator over QuerySet.iterator(), or a cursor not read to its end). Pass the "
+            "QuerySet itself as the input (bulkpool reads it in pages, each to its end), read "
+            "the input into a list first, switch the database to WAL mode (PRAGMA "
+            "journal_mode=WAL, in which readers never block a commit), or use backend='serial'"
+        )
+
+    def _holds_now(self) -> bool:
+        try:
+            lines = PROC_LOCKS.read_text().splitlines()
+        except OSError:
+            return False
+        pid = str(os.getpid())
+        for line in lines:
+            # "1: POSIX  ADVISORY  READ 7013 fe:00:2146342 1073741826 1073742335"; a line
+            # with "->" is a lock still waited for, not held.
+            fields = line.split()
+            if len(fields) < 8 or "->" in fields or fields[1] != "POSIX" or fields[4] != pid:
+                continue
+            if _file_of(fields[5]) == (*self.device, self.inode) and int(fields[6]) in LOCK_BYTES:
+                return True
+        return False
+
+
+def watch(database: str) -> ReadLockWatch | None:
+    """A watch over ``database`` when it is an SQLite file in rollback-journal mode and this
+    platform lists its locks; else None: nothing to watch, or no way to."""
+    connection = connections[database]
+    if connection.vendor != "sqlite" or connection.is_in_memory_db() or not PROC_LOCKS.exists():  # type: ignore[attr-defined]
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA journal_mode")
+        (mode,) = cursor.fetchone()
+    path = str(connection.settings_dict["NAME"])
+    if str(mode).lower() == "wal":
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return ReadLockWatch(database, path, (os.major(stat.st_dev), os.minor(stat.st_dev)), stat.st_ino)
+
+
+def _file_of(field: str) -> tuple[int, int, int] | None:
+    """``08:01:1234567`` (major and minor in hex, then the inode) as numbers."""
+    try:
+        major, minor, inode = field.split(":")
+        return int(major, 16), int(minor, 16), int(inode)
+    except ValueError:
+        return None
