@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
-from django.db import transaction
+from django.db import connections
 
 from bulkpool.journal import AlreadyDone
 from bulkpool.protocol import Chunk, ChunkResult, ErrorInfo
@@ -109,6 +109,7 @@ def attempt(
 
 def _run_items(run: ChunkRun, txn: Transaction, piece: Chunk, result: ChunkResult, level: int) -> None:
     database = run.task.database
+    connection = connections[database]  # this thread's, looked up once: it is asked after every item
     for offset, item in run.inputs.for_piece(piece, result):
         index = piece.start + offset
         if index in run.failed_before:  # it ran once and failed: do not run it twice
@@ -121,7 +122,7 @@ def _run_items(run: ChunkRun, txn: Transaction, piece: Chunk, result: ChunkResul
             else contextlib.nullcontext()
         )
         ok, _ = run.caller.run_item(result, offset, item, scope, atomic=level > FAST)
-        if level == FAST and (not ok or transaction.get_rollback(using=database)):
+        if level == FAST and (not ok or connection.get_rollback()):
             raise Redo(index, result.errors.get(offset))
         if ok:
             txn.claim_callbacks(mark, offset)

@@ -77,16 +77,20 @@ class ItemCaller:
         database = self._task.database
         entered: Any = None
         try:
-            with self._clock.item_work(), scope as entered:
-                value = self._calls.call(item)
-                if self._task.check_value is not None and self._task.keep_values:
-                    self._check_value(value)
-                if atomic and transaction.get_rollback(using=database):
-                    raise RuntimeError(
-                        "a database error was caught inside the item, so its work was rolled "
-                        "back; let the error propagate, or wrap the failing query in "
-                        "transaction.atomic()"
-                    )
+            started = self._clock.start_item()
+            try:
+                with scope as entered:
+                    value = self._calls.call(item)
+                    if self._task.check_value is not None and self._task.keep_values:
+                        self._check_value(value)
+                    if atomic and transaction.get_rollback(using=database):
+                        raise RuntimeError(
+                            "a database error was caught inside the item, so its work was rolled "
+                            "back; let the error propagate, or wrap the failing query in "
+                            "transaction.atomic()"
+                        )
+            finally:
+                self._clock.end_item(started)
         except Transient:
             raise
         except KeyboardInterrupt as error:
