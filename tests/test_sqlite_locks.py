@@ -22,7 +22,7 @@ from tests.testapp.models import Author, Marker
 pytestmark = [
     pytest.mark.vendor("sqlite"),
     pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the watch reads Linux's /proc/locks"),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the watch reads /proc/self/fdinfo"),
 ]
 
 ROWS = 3000  # more than one fetchmany() of QuerySet.iterator() (2,000): the read stays open
