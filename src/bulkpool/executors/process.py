@@ -1,8 +1,11 @@
 """The process executor: a pool of worker processes that the parent feeds chunk by chunk.
 
 Data flow: every worker has one duplex pipe to the parent (see ``process_worker`` for the
-messages). The parent keeps at most ``PREFETCH`` chunks in each worker's pipe, so a worker
-never waits for work and the parent never holds more than a few chunks. ``events`` waits
+messages). A worker is sent one chunk at a time, when it has none: the parent holds up to
+``PREFETCH`` chunks per worker ready, pickled, and sends the next the moment a worker
+reports its last one. (Sent ahead into a busy worker's pipe, a chunk would wait there while
+another worker sat idle: at the end of a run, up to a chunk's time of one worker alone.)
+A stopping run still runs the chunks it submitted, as the chunks in flight. ``events`` waits
 on every pipe at once; end-of-file on a pipe means its worker died: the chunks it held
 come back as ``ChunkLost`` and a new worker takes its place (when work is next sent). A
 worker says "committing" just before it commits a chunk, so a chunk whose worker died
@@ -47,7 +50,7 @@ from bulkpool.protocol import PICKLE, Chunk, ChunkDone, ChunkLost, ChunkResult, 
 START_METHODS = ("fork", "forkserver", "spawn")
 START_TIMEOUT = 120.0  # seconds for a worker to import Django and run setup
 STOP_TIMEOUT = 30.0  # seconds for a worker to close its connections and exit
-PREFETCH = 2  # chunks per worker: one running, one waiting in the pipe
+PREFETCH = 2  # chunks per worker: one running, one ready in the parent to send when it ends
 _LAUNCH_CODE = "from bulkpool.executors.process_worker import main; main()"
 
 
@@ -135,6 +138,7 @@ class ProcessExecutor(Executor):
             self._zygote = self._start_zygote()
         self._size = workers
         self._handles: list[_WorkerHandle] = []
+        self._ready: deque[tuple[Chunk, bytes]] = deque()  # submitted, pickled, not sent yet
         launched: list[_WorkerHandle] = []
         try:
             launched.extend(self._launch() for _ in range(workers))
@@ -153,23 +157,20 @@ class ProcessExecutor(Executor):
         except BaseException:
             self._size = previous
             raise
+        self._send_ready()
 
     def capacity(self) -> int:
         return PREFETCH * self._size
 
     def submit(self, chunk: Chunk) -> None:
         self._replace_the_dead()
-        handle = min(self._handles, key=lambda h: len(h.in_flight))
         try:
             payload = pickle.dumps(chunk)
         except Exception as error:
             self._local_events.append(ChunkDone(chunk, _unpicklable_chunk(chunk, error)))
             return
-        handle.in_flight.append(chunk)
-        try:
-            handle.conn.send_bytes(payload)
-        except OSError:
-            pass  # the worker is dead; events() notices and hands the chunk back as lost
+        self._ready.append((chunk, payload))
+        self._send_ready()
 
     def events(self, timeout: float | None = None) -> list[Event]:
         found, self._local_events = self._local_events, []
@@ -184,7 +185,24 @@ class ProcessExecutor(Executor):
                 found.extend(self._bury(handle))
                 continue
             found.extend(self._receive(handle, data))
+        if self._ready and len(self._handles) < self._size:
+            self._replace_the_dead()  # chunks are ready and no worker may be left to run them
+        self._send_ready()
         return found
+
+    def _send_ready(self) -> None:
+        """Each worker with no chunk gets the next one ready, in the order they were submitted."""
+        for handle in self._handles:
+            if not self._ready:
+                return
+            if handle.in_flight:
+                continue
+            chunk, payload = self._ready.popleft()
+            handle.in_flight.append(chunk)
+            try:
+                handle.conn.send_bytes(payload)
+            except OSError:
+                pass  # the worker is dead; events() notices and hands the chunk back as lost
 
     def _receive(self, handle: _WorkerHandle, data: bytes) -> list[Event]:
         """What one message from a worker means for the chunk it is running."""
