@@ -343,6 +343,34 @@ def test_a_serial_run_with_a_known_length_is_not_shared_out_among_cpus():
 
 
 @pytestmark_db
+@pytest.mark.parametrize("items", [list(range(7)), (i for i in range(7))], ids=["list", "generator"])
+def test_the_end_of_an_input_is_shared_out_among_the_workers_whether_its_length_was_known_or_not(items):
+    """A list's length shares its last items out among the workers from the start; a
+    generator's end is known once a chunk read comes short, and that chunk is then shared
+    out the same way (sent whole, its 7 items would run on one worker, the other idle)."""
+    report = bulkpool.run(jobs.write_marker_pid, items, backend="process", workers=2, run_id="ends")
+    assert report.ok == 7
+    sizes = list(RunChunk.objects.filter(run__run_id="ends").order_by("start").values_list("size", flat=True))
+    assert sizes == [1] * 7  # 7 items / (2 workers x 4 pieces each), rounded up
+
+
+@pytestmark_db
+def test_a_fixed_chunk_size_is_not_shared_out_at_the_end():
+    bulkpool.run(
+        jobs.write_marker_pid,
+        (i for i in range(7)),
+        backend="process",
+        workers=2,
+        chunk_size=10,
+        run_id="fixed",
+    )
+    sizes = list(
+        RunChunk.objects.filter(run__run_id="fixed").order_by("start").values_list("size", flat=True)
+    )
+    assert sizes == [7]
+
+
+@pytestmark_db
 def test_an_input_longer_than_its_length_said_is_sized_as_one_of_unknown_length():
     """A length that falls behind the input (a QuerySet that grew) is no longer trusted."""
 

@@ -111,6 +111,7 @@ class Engine:
             Journal.open(options, job_identity(func), self.pool.ceiling) if options.run_id else None
         )
         self._started = False
+        self._asked = 0  # the size of the chunk read last: one read short, the input has ended
 
     # -- the public drivers --------------------------------------------------------------
 
@@ -210,11 +211,12 @@ class Engine:
             return True, []
         if self.journal is not None:
             self.journal.begin(self.resume_hint)  # the input checks out: this is an attempt
+        ended = len(chunk) < self._asked  # the input ended within it: the rest is known
         settled = []
         for piece, done_before in pieces:
             for part, result in [(piece, done_before)] if done_before else _unreadable_apart(piece):
                 if result is None:
-                    pending.append(part)
+                    pending.extend(self.pool.share_out(part) if ended else [part])
                     continue
                 if done_before is None and self.journal is not None:  # a line it could not read
                     self.journal.record_lost(part, result.errors)  # a failure like any other
@@ -239,12 +241,13 @@ class Engine:
     def _next_size(self, start: int) -> int:
         """The pool's next chunk size, stretched to the journal's ranges when resuming."""
         size = self.pool.next_size(start)
-        if self.journal is None:
-            return size
-        try:
-            return self.journal.aligned(start, size)
-        except DatabaseError as error:  # the journal's failure, not the input's
-            raise _JournalUnreadable(error) from error
+        if self.journal is not None:
+            try:
+                size = self.journal.aligned(start, size)
+            except DatabaseError as error:  # the journal's failure, not the input's
+                raise _JournalUnreadable(error) from error
+        self._asked = size
+        return size
 
     def _send(self, chunk: Chunk) -> None:
         if not self.pool.started and self.journal is not None:

@@ -13,6 +13,7 @@ chunk sizer; the engine only asks it:
     shape(chunk)                 the chunk as it goes out: with ``each_item`` set when the
                                  pool chose a transaction per item (SQLite, heavy items)
     next_size(start)             the size of the chunk read from ``start`` on
+    share_out(piece)             the input's last chunk, in pieces for every worker
     read(items) / measured(...)  a chunk was read from the input / came back with its timings
     close(stopped=, cancel=)     the notes on what was chosen, then stop the executor
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -35,6 +37,7 @@ from bulkpool.options import Options
 from bulkpool.protocol import Chunk, Task, Timings
 from bulkpool.sizing import (
     AUTO,
+    BALANCE,
     FIRST_CHUNK,
     MEASURING_FIRST_CHUNK,
     PROBE_CHUNKS,
@@ -113,6 +116,17 @@ class Pool:
 
     def next_size(self, start: int) -> int:
         return self.sizer.next(self.pace, left=self._left(start), workers=self.workers)
+
+    def share_out(self, piece: Chunk) -> list[Chunk]:
+        """The input ended within the chunk ``piece`` is of: what is left of the run is now
+        known, so it goes out in pieces for every worker to share (``BALANCE`` each), as it
+        would with an input of known length. Sent whole, it could keep one worker busy
+        for a chunk's time while the others had nothing left to do."""
+        if self.workers < 2 or self.sizer.fixed is not None or self._left(self._read) is not None:
+            return [piece]  # one worker, the user's size, or a known length already shared out
+        size = max(1, math.ceil(len(piece) / (self.workers * BALANCE)))
+        starts = range(piece.start, piece.end, size)
+        return [piece.piece(start, min(start + size, piece.end)) for start in starts]
 
     def read(self, items: int) -> None:
         """A chunk of ``items`` was read from the input."""
