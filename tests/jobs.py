@@ -252,3 +252,10 @@ def wait_then_pass_with_state(seconds: float, i: int, state: Any) -> int:
 
 def write_marker_pid_with_state(i: int, state: Any) -> int:
     return write_marker_pid(i)
+
+
+def worker_pid_of(i: int) -> int:
+    """The process that ran the item; items 0-2 wait half a second first."""
+    if i < 3:
+        time.sleep(0.5)
+    return os.getpid()

@@ -274,3 +274,37 @@ def test_big_chunks_and_big_results_do_not_deadlock_the_pipes(start_method, tmp_
     # The report keeps the first 1,000 failures (about 20 MB of rows and messages here); the
     # chunks themselves are let go once they are reported.
     assert grown_mb < 400, f"the parent grew by {grown_mb:.0f} MB"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_process_worker_gets_a_chunk_only_when_it_has_none():
+    """Three chunks on two workers, the first slow: the third goes to the worker that ran the
+    second, once it is done, not into the slow worker's pipe behind the first."""
+    executor = ProcessExecutor(start_method="fork")
+    executor.start(make_task(func=jobs.worker_pid_of, atomic=False), 2)  # no lock to wait for (SQLite)
+    try:
+        for chunk in chunks(3):
+            executor.submit(chunk)
+        found = collect(executor, 3)
+    finally:
+        executor.stop()
+    pids = {n: set(found[n].result.values or ()) for n in range(3)}  # type: ignore[union-attr]
+    assert pids[2] == pids[1] != pids[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_chunks_ready_for_workers_that_all_died_come_back_unstarted():
+    """The one worker dies on its chunk: the chunks the parent held ready for it come back
+    lost and unstarted (to be sent again), not left waiting for a worker that is gone."""
+    executor = ProcessExecutor(start_method="fork")
+    executor.start(make_task(func=functools.partial(jobs.die_always_at, 1)), 1)
+    try:
+        for chunk in chunks(3):
+            executor.submit(chunk)
+        found = collect(executor, 3)
+    finally:
+        executor.stop()
+    assert all(isinstance(found[n], ChunkLost) for n in range(3))
+    assert found[0].started is True  # type: ignore[union-attr]
+    assert [found[n].started for n in (1, 2)] == [False, False]  # type: ignore[union-attr]
+    assert "no worker is left to run it" in found[1].reason  # type: ignore[union-attr]

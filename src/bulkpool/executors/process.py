@@ -185,8 +185,13 @@ class ProcessExecutor(Executor):
                 found.extend(self._bury(handle))
                 continue
             found.extend(self._receive(handle, data))
-        if self._ready and len(self._handles) < self._size:
-            self._replace_the_dead()  # chunks are ready and no worker may be left to run them
+        if self._ready and not self._handles:
+            # Every worker died: the chunks ready for them come back unstarted, to be sent
+            # again, which starts new workers (or stops the run, saying why none can start).
+            found.extend(
+                ChunkLost(chunk, "no worker is left to run it", started=False) for chunk, _ in self._ready
+            )
+            self._ready.clear()
         self._send_ready()
         return found
 

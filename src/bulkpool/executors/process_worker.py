@@ -16,7 +16,7 @@ Inside the worker, a reader thread takes the parent's chunks off the pipe as soo
 arrive and queues them for the main thread, which runs them. So the parent's send of a
 big chunk never waits for the worker to finish sending a big result: without the reader,
 each would block on a full pipe, waiting for the other to read. The queue stays small:
-the parent sends at most ``PREFETCH`` chunks ahead. Only the main thread handles signals.
+the parent sends a chunk only to a worker that has none. Only the main thread handles signals.
 
 A worker never imports the caller's ``__main__``: functions defined there travel by value
 (cloudpickle), so scripts without an ``if __name__ == "__main__":`` guard are safe.
