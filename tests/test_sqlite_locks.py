@@ -9,13 +9,16 @@ per chunk, and failed with "database is locked".
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Generator, Iterator
 
 import pytest
+from django.db import connections
 
 import bulkpool
 from bulkpool import sqlite_locks
 from bulkpool.errors import InputFailed
+from bulkpool.models import Run
 from tests.jobs import write_marker
 from tests.testapp.models import Author, Marker
 
@@ -74,6 +77,48 @@ def test_a_read_left_open_mid_run_stops_it_and_the_chunks_in_flight_commit():
     assert Marker.objects.count() == report.ok
     written = set(Marker.objects.values_list("value", flat=True))
     assert written == set(range(-2000, -2000 + report.ok))  # the items before the read, in order
+
+
+def test_a_finished_run_read_again_through_an_open_read_is_not_stopped():
+    """A rerun of a finished run_id sends nothing (the journal says it is done), so a
+    read the input keeps open stops nothing: every item is reported done before."""
+    make_authors(50)
+    first = bulkpool.run(write_marker, list(Author.objects.values_list("pk", flat=True)), run_id="rerun")
+    assert first.ok == 50
+    again = bulkpool.run(write_marker, author_pks(), run_id="rerun", progress=False)
+    assert (again.total, again.failures) == (50, [])
+    assert Marker.objects.count() == 50
+    assert Run.objects.get(run_id="rerun").status == Run.Status.FINISHED
+
+
+def test_a_read_another_thread_began_before_is_not_blamed_on_the_input():
+    """The lock is the whole process's: one held before the chunk was read is not the
+    input's doing, and the run goes on (it commits once that thread's read ends)."""
+    make_authors()
+    reading, done = threading.Event(), threading.Event()
+
+    def hold_a_read() -> None:
+        try:
+            rows = Author.objects.iterator()
+            next(rows)
+            reading.set()
+            done.wait(1.5)
+            rows.close()
+        finally:
+            connections.close_all()
+
+    reader = threading.Thread(target=hold_a_read)
+    reader.start()
+    try:
+        assert reading.wait(10)
+        # forkserver: a worker forked from this process while the thread reads would
+        # inherit its lock (the backends guide says so)
+        forkserver = bulkpool.ProcessExecutor(start_method="forkserver")
+        report = bulkpool.run(write_marker, list(range(300)), backend=forkserver, progress=False)
+    finally:
+        done.set()
+        reader.join()
+    assert (report.ok, report.failures) == (300, [])
 
 
 def test_a_queryset_input_is_read_in_pages_and_never_holds_the_lock():

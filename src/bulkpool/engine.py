@@ -190,6 +190,7 @@ class Engine:
 
     def _read(self, fresh: Iterator[Chunk], pending: deque[Chunk]) -> tuple[bool, list[Any]]:
         """Read one chunk of input and plan it; returns (input exhausted, settled pieces)."""
+        locked_before = self._caller_holds_a_lock(at_once=True)
         try:
             chunk = next(fresh, None)
         except _JournalUnreadable as unreadable:
@@ -200,43 +201,67 @@ class Engine:
         if chunk is None:
             return True, []
         self.report.total += len(chunk)
-        if self._holds_a_read_lock(fresh):
-            return True, []
         self.pool.read(len(chunk))
+        pieces: list[tuple[Chunk, ChunkResult | None]] = [(chunk, None)]
         try:
-            pieces = self.journal.plan(chunk) if self.journal else [(chunk, None)]
+            if self.journal is not None:
+                pieces = self.journal.plan(chunk)
         except InputChanged as error:
             self.report.total -= len(chunk)
             self._stop(stopping.input_refused(str(error)))
             return True, []
         if self.journal is not None:
             self.journal.begin(self.resume_hint)  # the input checks out: this is an attempt
-        ended = len(chunk) < self._asked  # the input ended within it: the rest is known
+        to_send, settled = self._apart(pieces, ended=len(chunk) < self._asked)
+        if to_send and not locked_before and self._caller_holds_a_lock():
+            self._stop_reading_locked_input(fresh)  # what it would send counts as not run
+            return True, settled
+        pending.extend(to_send)
+        return False, settled
+
+    def _apart(
+        self, pieces: list[tuple[Chunk, ChunkResult | None]], *, ended: bool
+    ) -> tuple[list[Chunk], list[Any]]:
+        """A planned chunk's pieces to send, and those settled already (done before, or
+        lines the input could not read). ``ended``: the input ended within the chunk, so
+        the rest of the run is known, and it is shared out among the workers."""
+        to_send: list[Chunk] = []
         settled = []
         for piece, done_before in pieces:
             for part, result in [(piece, done_before)] if done_before else _unreadable_apart(piece):
                 if result is None:
-                    pending.extend(self.pool.share_out(part) if ended else [part])
+                    to_send.extend(self.pool.share_out(part) if ended else [part])
                     continue
                 if done_before is None and self.journal is not None:  # a line it could not read
                     self.journal.record_lost(part, result.errors)  # a failure like any other
                 settled += self._settle(part, result)
-        return False, settled
+        return to_send, settled
 
-    def _holds_a_read_lock(self, fresh: Iterator[Chunk]) -> bool:
-        """After a chunk was read: if reading left this process holding SQLite's read lock,
-        the run stops with that chunk not run, and the input is closed (a generator's
-        ``close()``), which ends its read, so that the chunks in flight can commit."""
+    def _caller_holds_a_lock(self, *, at_once: bool = False) -> bool:
+        """This process holds SQLite's read lock (``sqlite_locks``): now, or (by default)
+        still after ``HELD_SECONDS``. Looked at before and after each chunk is read: a lock
+        that reading the chunk took, and kept, is the input's; one held before it began is
+        another thread's. With threads, only until the pool starts: its workers' locks are
+        the process's too."""
         watch = self._lock_watch
-        if watch is None or (self.pool.started and not self._watch_running_pool) or not watch.held():
+        if watch is None or (self.pool.started and not self._watch_running_pool):
             return False
-        self._stop(stopping.input_holds_lock(watch.explain()))
+        return watch.holds_now() if at_once else watch.held()
+
+    def _stop_reading_locked_input(self, fresh: Iterator[Chunk]) -> None:
+        """The input keeps a read open that no worker can commit past: the run stops, and
+        the input is closed (a generator's ``close()``), which ends its read, so that the
+        chunks in flight can commit. (An input with no ``close()``, a ``map()`` say, keeps
+        it: those chunks wait out their busy timeout, and fail as "database is locked".
+        Closing the caller's connection would not end it: SQLite keeps a connection whose
+        statements are still open until they are finalized.)"""
+        assert self._lock_watch is not None
+        self._stop(stopping.input_holds_lock(self._lock_watch.explain()))
         for reader in (fresh, self._input):
             close = getattr(reader, "close", None)
             if callable(close):
                 with contextlib.suppress(Exception):
                     close()
-        return True
 
     def _next_size(self, start: int) -> int:
         """The pool's next chunk size, stretched to the journal's ranges when resuming."""

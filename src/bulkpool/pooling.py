@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -37,7 +36,6 @@ from bulkpool.options import Options
 from bulkpool.protocol import Chunk, Task, Timings
 from bulkpool.sizing import (
     AUTO,
-    BALANCE,
     FIRST_CHUNK,
     MEASURING_FIRST_CHUNK,
     PROBE_CHUNKS,
@@ -53,6 +51,7 @@ from bulkpool.sizing import (
     each_item_pays,
     free_connections,
     measuring_width,
+    shared_out,
 )
 
 logger = logging.getLogger("bulkpool")
@@ -119,12 +118,12 @@ class Pool:
 
     def share_out(self, piece: Chunk) -> list[Chunk]:
         """The input ended within the chunk ``piece`` is of: what is left of the run is now
-        known, so it goes out in pieces for every worker to share (``BALANCE`` each), as it
+        known, so it goes out in pieces for every worker to share (``sizing.shared_out``), as it
         would with an input of known length. Sent whole, it could keep one worker busy
         for a chunk's time while the others had nothing left to do."""
         if self.workers < 2 or self.sizer.fixed is not None or self._left(self._read) is not None:
             return [piece]  # one worker, the user's size, or a known length already shared out
-        size = max(1, math.ceil(len(piece) / (self.workers * BALANCE)))
+        size = shared_out(len(piece), self.workers)
         starts = range(piece.start, piece.end, size)
         return [piece.piece(start, min(start + size, piece.end)) for start in starts]
 

@@ -207,7 +207,7 @@ class ChunkLost:
     reason: str
     in_doubt: bool = False
     traceback: str = ""
-    started: bool = True  # False: it was queued behind the chunk that killed its worker, never run
+    started: bool = True  # False: it never began (queued for workers that died, or withdrawn)
     # A chunk of ``each_item`` transactions: the outcome of its first items, settled (each
     # committed with its journal row, or failed) before the worker was lost.
     settled: ChunkResult | None = None

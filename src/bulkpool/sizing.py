@@ -152,7 +152,7 @@ class ChunkSizer:
                 growth = max(growth, self.target / GROWTH / max(per_item, 1e-7))
             size = min(size, growth)
         if left is not None and workers > 1:
-            size = min(size, math.ceil(left / (workers * BALANCE)))
+            size = min(size, shared_out(left, workers))
         self._last = max(1, min(int(size), CEILING))
         return self._last
 
@@ -169,6 +169,12 @@ class ChunkSizer:
         if self.largest != self.smallest:
             sizes += f" to {self.largest:,}"
         return f"chunk_size=auto: chunks of {sizes} items, each about {self.target:g} s at the pace measured"
+
+
+def shared_out(items: int, workers: int) -> int:
+    """The chunk size that shares the last ``items`` of a run out among ``workers``:
+    ``BALANCE`` chunks each, so none finishes much after the others."""
+    return max(1, math.ceil(items / (workers * BALANCE)))
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ class ReadLockWatch:
         """This process holds a lock on the database now, and still does ``HELD_SECONDS``
         later (a query that another of its threads was running has ended by then)."""
         deadline = time.monotonic() + HELD_SECONDS
-        while self._holds_now():
+        while self.holds_now():
             if time.monotonic() >= deadline:
                 return True
             time.sleep(HELD_SECONDS / 4)
@@ -60,7 +60,7 @@ class ReadLockWatch:
             "journal_mode=WAL, in which readers never block a commit), or use backend='serial'"
         )
 
-    def _holds_now(self) -> bool:
+    def holds_now(self) -> bool:
         """Any of this process's descriptors of the database file holds one of SQLite's
         locks: ``lock:\t1: POSIX  ADVISORY  READ 7013 fe:00:2146342 1073741826 1073742335``."""
         for descriptor in self._descriptors():
@@ -81,9 +81,9 @@ class ReadLockWatch:
             return []
         for name in names:
             try:
-                stat = os.stat(OPEN_FILES / name)
-            except OSError:
-                continue
+                stat = os.fstat(int(name))
+            except (OSError, ValueError):
+                continue  # closed since it was listed (the listing's own descriptor, say)
             if (stat.st_dev, stat.st_ino) == self.file:
                 found.append(name)
         return found

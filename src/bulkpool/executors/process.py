@@ -1,11 +1,12 @@
 """The process executor: a pool of worker processes that the parent feeds chunk by chunk.
 
 Data flow: every worker has one duplex pipe to the parent (see ``process_worker`` for the
-messages). A worker is sent one chunk at a time, when it has none: the parent holds up to
-``PREFETCH`` chunks per worker ready, pickled, and sends the next the moment a worker
-reports its last one. (Sent ahead into a busy worker's pipe, a chunk would wait there while
-another worker sat idle: at the end of a run, up to a chunk's time of one worker alone.)
-A stopping run still runs the chunks it submitted, as the chunks in flight. ``events`` waits
+messages). A worker is sent one chunk at a time, when it has none: the parent holds the
+chunks submitted beyond those (``AHEAD`` per worker in all) ready, pickled, and sends the
+next the moment a worker reports its last one. (Sent ahead into a busy worker's pipe, a
+chunk would wait there while another worker sat idle: at the end of a run, up to a
+chunk's time of one worker alone.) A stopping run still runs the chunks it submitted, as
+the chunks in flight. ``events`` waits
 on every pipe at once; end-of-file on a pipe means its worker died: the chunks it held
 come back as ``ChunkLost`` and a new worker takes its place (when work is next sent). A
 worker says "committing" just before it commits a chunk, so a chunk whose worker died
@@ -50,7 +51,7 @@ from bulkpool.protocol import PICKLE, Chunk, ChunkDone, ChunkLost, ChunkResult, 
 START_METHODS = ("fork", "forkserver", "spawn")
 START_TIMEOUT = 120.0  # seconds for a worker to import Django and run setup
 STOP_TIMEOUT = 30.0  # seconds for a worker to close its connections and exit
-PREFETCH = 2  # chunks per worker: one running, one ready in the parent to send when it ends
+AHEAD = 2  # chunks submitted per worker: one running, one ready in the parent to send when it ends
 _LAUNCH_CODE = "from bulkpool.executors.process_worker import main; main()"
 
 
@@ -156,11 +157,10 @@ class ProcessExecutor(Executor):
             self._replace_the_dead()
         except BaseException:
             self._size = previous
-            raise
-        self._send_ready()
+            raise  # (the new workers get chunks at the next submit or events: not under Ctrl-C's raising)
 
     def capacity(self) -> int:
-        return PREFETCH * self._size
+        return AHEAD * self._size
 
     def submit(self, chunk: Chunk) -> None:
         self._replace_the_dead()
@@ -314,9 +314,8 @@ class ProcessExecutor(Executor):
         dead.conn.close()
         self._handles.remove(dead)
         reason = f"the worker process (pid {dead.pid}) died: {ended}"
-        # The worker runs its chunks in the order they were sent: only the first had started.
-        lost: list[Event] = [dead.lose_first(reason, in_doubt=dead.committing)] if dead.in_flight else []
-        return lost + [ChunkLost(chunk, reason, started=False) for chunk in dead.in_flight]
+        # A worker holds one chunk at a time (``_send_ready``): the one it had started.
+        return [dead.lose_first(reason, in_doubt=dead.committing)] if dead.in_flight else []
 
     def _stop_zygote(self) -> None:
         assert self._zygote is not None
