@@ -6,9 +6,9 @@ chunks submitted beyond those (``AHEAD`` per worker in all) ready, pickled, and 
 next the moment a worker reports its last one. (Sent ahead into a busy worker's pipe, a
 chunk would wait there while another worker sat idle: at the end of a run, up to a
 chunk's time of one worker alone.) A stopping run still runs the chunks it submitted, as
-the chunks in flight. ``events`` waits
-on every pipe at once; end-of-file on a pipe means its worker died: the chunks it held
-come back as ``ChunkLost`` and a new worker takes its place (when work is next sent). A
+the chunks in flight. ``events`` waits on every pipe at once; end-of-file on a pipe means
+its worker died: the chunk it held comes back as ``ChunkLost`` (and those ready with no
+worker left to run them) and a new worker takes its place (when work is next sent). A
 worker says "committing" just before it commits a chunk, so a chunk whose worker died
 during COMMIT comes back ``in_doubt``; a worker that crashed outside any item, or could
 not send a result, says "lost" with the traceback, and goes on with the next chunk. In a
