@@ -49,6 +49,17 @@ def collect(executor: Executor, count: int, within: float = 60.0) -> dict[int, E
     return found
 
 
+def run_chunks(executor: Executor, task: Task, *, workers: int, count: int) -> dict[int, Event]:
+    """Start ``executor``, submit ``count`` chunks at once, and collect their events."""
+    executor.start(task, workers)
+    try:
+        for chunk in chunks(count):
+            executor.submit(chunk)
+        return collect(executor, count)
+    finally:
+        executor.stop()
+
+
 def make_executor(backend: str) -> Executor:
     """The executor named ``backend``; process workers are forked, so they inherit test patches."""
     if backend == "process":
@@ -82,14 +93,7 @@ def test_local_executors_declare_delivery_and_loss_detection():
 @pytest.mark.parametrize("backend", ["thread", "process"])
 def test_crash_outside_items_comes_back_lost_with_its_traceback(backend, crashing_worker):
     """A Worker that raises SystemExit outside any item: its chunk comes back lost, with the traceback."""
-    executor = make_executor(backend)
-    executor.start(make_task(), 1)
-    try:
-        for chunk in chunks(3):
-            executor.submit(chunk)
-        found = collect(executor, 3)
-    finally:
-        executor.stop()
+    found = run_chunks(make_executor(backend), make_task(), workers=1, count=3)
     lost = found[CRASHING_CHUNK]
     assert isinstance(lost, ChunkLost)
     assert "SystemExit: the worker bailed out" in lost.reason
@@ -174,14 +178,7 @@ def unpicklable_result(worker, original, chunk):
 def test_result_that_cannot_be_sent_back_is_lost_in_doubt(monkeypatch):
     """A result that cannot be pickled: its chunk (committed) comes back lost in doubt; the worker goes on."""
     monkeypatch.setattr(Worker, "run", functools.partialmethod(unpicklable_result, Worker.run))
-    executor = ProcessExecutor(start_method="fork")
-    executor.start(make_task(), 1)
-    try:
-        for chunk in chunks(3):
-            executor.submit(chunk)
-        found = collect(executor, 3)
-    finally:
-        executor.stop()
+    found = run_chunks(ProcessExecutor(start_method="fork"), make_task(), workers=1, count=3)
     lost = found[CRASHING_CHUNK]
     assert isinstance(lost, ChunkLost)
     assert lost.in_doubt is True
@@ -280,14 +277,8 @@ def test_big_chunks_and_big_results_do_not_deadlock_the_pipes(start_method, tmp_
 def test_a_process_worker_gets_a_chunk_only_when_it_has_none():
     """Three chunks on two workers, the first slow: the third goes to the worker that ran the
     second, once it is done, not into the slow worker's pipe behind the first."""
-    executor = ProcessExecutor(start_method="fork")
-    executor.start(make_task(func=jobs.worker_pid_of, atomic=False), 2)  # no lock to wait for (SQLite)
-    try:
-        for chunk in chunks(3):
-            executor.submit(chunk)
-        found = collect(executor, 3)
-    finally:
-        executor.stop()
+    task = make_task(func=jobs.worker_pid_of, atomic=False)  # no lock to wait for (SQLite)
+    found = run_chunks(ProcessExecutor(start_method="fork"), task, workers=2, count=3)
     pids = {n: set(found[n].result.values or ()) for n in range(3)}  # type: ignore[union-attr]
     assert pids[2] == pids[1] != pids[0]
 
@@ -296,14 +287,8 @@ def test_a_process_worker_gets_a_chunk_only_when_it_has_none():
 def test_chunks_ready_for_workers_that_all_died_come_back_unstarted():
     """The one worker dies on its chunk: the chunks the parent held ready for it come back
     lost and unstarted (to be sent again), not left waiting for a worker that is gone."""
-    executor = ProcessExecutor(start_method="fork")
-    executor.start(make_task(func=functools.partial(jobs.die_always_at, 1)), 1)
-    try:
-        for chunk in chunks(3):
-            executor.submit(chunk)
-        found = collect(executor, 3)
-    finally:
-        executor.stop()
+    task = make_task(func=functools.partial(jobs.die_always_at, 1))
+    found = run_chunks(ProcessExecutor(start_method="fork"), task, workers=1, count=3)
     assert all(isinstance(found[n], ChunkLost) for n in range(3))
     assert found[0].started is True  # type: ignore[union-attr]
     assert [found[n].started for n in (1, 2)] == [False, False]  # type: ignore[union-attr]
