@@ -17,6 +17,10 @@ chunk sizer; the engine only asks it:
     read(items) / measured(...)  a chunk was read from the input / came back with its timings
     close(stopped=, cancel=)     the notes on what was chosen, then stop the executor
 
+On SQLite, the workers of a pool that may hold more than one queue for the write lock
+(``sqlite_writers``): the pool makes the queue's file when it starts, and removes it when
+it stops.
+
 Nothing here knows the journal, the input or the report: what it chose goes to ``note``.
 """
 
@@ -53,6 +57,7 @@ from bulkpool.sizing import (
     measuring_width,
     shared_out,
 )
+from bulkpool.sqlite_writers import new_queue, remove_queue
 
 logger = logging.getLogger("bulkpool")
 
@@ -93,6 +98,13 @@ class Pool:
             self._may_each_item and not self._measuring and self.workers > 1 and backend.local
         )
         self._each_item_pace = Pace()  # of the each_item chunks: how many items ran stale
+        # SQLite: several workers of this machine may write (not the caller's one, nor a broker's)
+        self._queues_writers = (
+            backend.local
+            and not backend.supports_caller_transaction
+            and (self._measuring or self.workers > 1)
+        )
+        self._writer_queue: str | None = None
 
     @property
     def ceiling(self) -> int:
@@ -160,7 +172,10 @@ class Pool:
         if chunks := self.sizer.summary():
             self._say(chunks)
         if self.started:
-            self.executor.stop(cancel=cancel)
+            try:
+                self.executor.stop(cancel=cancel)
+            finally:
+                remove_queue(self._writer_queue)
 
     # -- starting, and growing ----------------------------------------------------------------
 
@@ -168,6 +183,9 @@ class Pool:
         self.started = True
         if self._measuring:
             self.workers = measuring_width(self._limits)
+        if self._queues_writers and self._limits.single_writer:
+            self._writer_queue = new_queue(connections[self._database])
+            task = replace(task, writer_queue=self._writer_queue)
         with interrupts.raising():  # no work is in flight yet: Ctrl-C need not wait for setup
             self.executor.start(task, self.workers)
         # While measuring, one chunk at a time on each worker: none waits behind another

@@ -146,6 +146,8 @@ class Task:
     # Values must cross a pipe or a broker: one that cannot be encoded fails its item
     # before its chunk commits (None: values stay in the process, as on serial and thread).
     check_value: Callable[[Any], Any] | None = None
+    # SQLite: the file the run's workers queue on for the write lock (sqlite_writers.py)
+    writer_queue: str | None = None
 
     @property
     def batch(self) -> Callable[..., list[Any]] | None:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from django.db import connections
 
+from bulkpool.sqlite_writers import in_wal_mode
+
 OPEN_FILES = Path("/proc/self/fd")
 PENDING_BYTE = 0x40000000  # SQLite's lock bytes: PENDING, RESERVED, then 510 SHARED bytes
 LOCK_BYTES = range(PENDING_BYTE, PENDING_BYTE + 512)
@@ -97,10 +99,7 @@ def watch(database: str) -> ReadLockWatch | None:
         return None
     if connection.is_in_memory_db():  # type: ignore[attr-defined]
         return None
-    with connection.cursor() as cursor:
-        cursor.execute("PRAGMA journal_mode")
-        (mode,) = cursor.fetchone()
-    if str(mode).lower() == "wal":
+    if in_wal_mode(connection):
         return None
     path = str(connection.settings_dict["NAME"])
     try:

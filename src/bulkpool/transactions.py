@@ -57,6 +57,7 @@ the caller's transaction (not ours) are the caller's, and are left alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -66,6 +67,7 @@ from django.db import DatabaseError, OperationalError, connections, transaction
 
 from bulkpool.protocol import ErrorInfo
 from bulkpool.retrying import Transient, is_lost_connection, is_transient
+from bulkpool.sqlite_writers import WriterQueue, holds_back_writers, in_wal_mode, queue_of
 
 
 class CommitRefused(Exception):
@@ -143,9 +145,11 @@ def open_transaction(
     before_commit: Callable[[], None] | None = None,
     in_caller_thread: bool = False,
     deferred: bool = False,
+    writer_queue: str | None = None,
 ) -> Iterator[Transaction]:
     """``transaction.atomic`` for a chunk or an item, with the commit phase drawn above;
-    ``deferred``: on SQLite, the write lock is taken at the first write, not at BEGIN.
+    ``deferred``: on SQLite, the write lock is taken at the first write, not at BEGIN;
+    ``writer_queue``: on SQLite, the run's workers queue for that lock (``sqlite_writers``).
 
     Raises ``Transient`` (retry it), ``CommitRefused`` (nothing was committed), or what
     the body raised (after rolling back).
@@ -162,8 +166,12 @@ def open_transaction(
     may_be_in_doubt = connection.vendor != "sqlite"
     committing = False
     started = 0.0
+    queue = queue_of(connection, writer_queue) if outermost and connection.vendor == "sqlite" else None
     try:
-        with writing_from_begin(connection, deferred=deferred), transaction.atomic(using=database):
+        with (
+            writing_from_begin(connection, deferred=deferred, queue=queue),
+            transaction.atomic(using=database),
+        ):
             yield txn
             if not outermost:  # a savepoint in the caller's transaction: the caller commits
                 if dry_run:
@@ -204,6 +212,8 @@ def open_transaction(
             raise CommitRefused(error) from error
         raise Transient(error, in_doubt=may_be_in_doubt) from error  # cannot tell what happened
     finally:
+        if queue is not None:
+            queue.leave()  # committed or rolled back: SQLite's lock is free
         if started:
             txn.commit_seconds += time.perf_counter() - started
 
@@ -238,11 +248,17 @@ def _check_constraints(connection: Any, wrap: type[CommitRefused] | None) -> Non
         raise wrap(error) from error
 
 
-def writing_from_begin(connection: Any, *, deferred: bool = False) -> AbstractContextManager[None]:
+def writing_from_begin(
+    connection: Any, *, deferred: bool = False, queue: WriterQueue | None = None
+) -> AbstractContextManager[None]:
     """On SQLite, transactions begun meanwhile take the write lock at BEGIN (IMMEDIATE), or
-    with ``deferred`` at their first write (whatever the database's ``transaction_mode``)."""
+    with ``deferred`` at their first write (whatever the database's ``transaction_mode``);
+    with a ``queue``, each takes its place in it just before (the caller leaves it)."""
     if connection.vendor != "sqlite":
         return connection.execute_wrapper(_pass_through)
+    if queue is not None:
+        wal = deferred and in_wal_mode(connection)  # asked before the wrapper is in place
+        return connection.execute_wrapper(functools.partial(_queued_begin, queue, deferred, wal))
     return connection.execute_wrapper(_begin_deferred if deferred else _begin_immediate)
 
 
@@ -254,6 +270,19 @@ def _begin_immediate(execute: Callable[..., Any], sql: str, *args: Any) -> Any:
 
 def _begin_deferred(execute: Callable[..., Any], sql: str, *args: Any) -> Any:
     return execute("BEGIN DEFERRED" if sql.startswith("BEGIN") else sql, *args)
+
+
+def _queued_begin(
+    queue: WriterQueue, deferred: bool, wal: bool, execute: Callable[..., Any], sql: str, *args: Any
+) -> Any:
+    if sql.startswith("BEGIN"):
+        if deferred:
+            return execute("BEGIN DEFERRED", *args)
+        queue.take()
+        return execute("BEGIN IMMEDIATE", *args)
+    if not queue.held and holds_back_writers(sql, wal=wal):
+        queue.take()
+    return execute(sql, *args)
 
 
 def _pass_through(execute: Callable[..., Any], sql: str, *args: Any) -> Any:

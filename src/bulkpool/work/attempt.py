@@ -92,6 +92,7 @@ def attempt(
             before_commit=run.about_to_commit,
             in_caller_thread=run.calls.in_caller_thread,
             deferred=deferred,
+            writer_queue=task.writer_queue,
         ) as txn:
             if task.journal and not deferred and journal_has(task, piece):
                 raise AlreadyDone

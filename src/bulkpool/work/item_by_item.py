@@ -60,6 +60,7 @@ class ItemByItem:
                 dry_run=task.dry_run,
                 before_commit=run.about_to_commit,
                 in_caller_thread=run.calls.in_caller_thread,
+                writer_queue=task.writer_queue,
             )
             try:
                 ok, txn = run.caller.run_item(result, offset, item, scope, atomic=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bulkpool.protocol import Timings
+from bulkpool.sqlite_writers import holds_back_writers
 
 PHASES = ("prepare", "load", "work", "commit")
 
@@ -61,7 +62,7 @@ class Stopwatch:
 
     def watching_writes(self, execute: Callable[..., Any], sql: str, *args: Any) -> Any:
         """A Django execute wrapper (SQLite in WAL mode): notes the running item's first write."""
-        if self._item_started is not None and sql.lstrip()[:7].upper().startswith(_WRITES):
+        if self._item_started is not None and holds_back_writers(sql, wal=True):
             self._end_unlocked()
         return execute(sql, *args)
 
@@ -89,7 +90,6 @@ class Stopwatch:
         )
 
 
-_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 _SCHEDSTAT = Path("/proc/thread-self/schedstat")
 
 

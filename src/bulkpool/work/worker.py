@@ -26,6 +26,7 @@ from typing import Any
 from django.db import connections
 
 from bulkpool.protocol import Chunk, ChunkResult, Task
+from bulkpool.sqlite_writers import close_queue, in_wal_mode
 from bulkpool.work.attempt import Carefulness
 from bulkpool.work.calling import Calls
 from bulkpool.work.chunk_run import ChunkRun, Progress
@@ -75,6 +76,7 @@ class Worker:
     def close(self) -> None:
         """Close the connections this worker opened in this thread (never the caller's)."""
         if self.task.own_connections:
+            close_queue(connections[self.task.database])
             connections.close_all()
 
     @property
@@ -118,19 +120,8 @@ def _watching_writes(database: str, run: ChunkRun) -> AbstractContextManager[Any
         return contextlib.nullcontext()
     clock = run.clock
     return connection.execute_wrapper(
-        clock.watching_writes if _in_wal_mode(connection) else clock.watching_statements
+        clock.watching_writes if in_wal_mode(connection) else clock.watching_statements
     )
-
-
-def _in_wal_mode(connection: Any) -> bool:
-    """Whether the SQLite database is in WAL mode (asked once per connection)."""
-    known = getattr(connection, "_bulkpool_wal", None)
-    if known is None or known[0] is not connection.connection:
-        with connection.cursor() as cursor:
-            cursor.execute("PRAGMA journal_mode")
-            known = (connection.connection, cursor.fetchone()[0].lower() == "wal")
-        connection._bulkpool_wal = known
-    return known[1]
 
 
 def _tune_connection(database: str) -> None:
