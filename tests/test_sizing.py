@@ -124,6 +124,16 @@ def test_nothing_is_chosen_before_the_first_chunks_are_measured():
     assert choose_workers(few_items, left=10_000, limits=SERVER) is None
 
 
+def test_a_tenth_of_a_second_of_heavy_items_is_enough_to_choose():
+    """Items of 6 ms: the chunks of 4 and 16 items measure them well enough; waiting for 50
+    would keep the pool's other workers idle for another 0.2 s."""
+    heavy = Pace()
+    heavy.add(4, Timings(work=0.024, total=0.024, cpu=0.024))
+    heavy.add(16, Timings(work=0.096, total=0.096, cpu=0.096))
+    choice = choose_workers(heavy, left=None, limits=SERVER)
+    assert choice is not None and choice.workers == 2, choice
+
+
 def test_a_measuring_pool_starts_with_chunks_of_one_item_and_ramps_up():
     """On a pool's first worker, heavy items show in the first chunk, not after ten of them."""
     sizer = ChunkSizer(first=MEASURING_FIRST_CHUNK)
