@@ -364,6 +364,58 @@ def test_the_end_of_an_input_is_shared_out_among_the_workers_whether_its_length_
     assert sizes == [1] * 7  # 7 items / (2 workers x 4 pieces each), rounded up
 
 
+def sizes_of(run_id: str) -> list[int]:
+    chunks = RunChunk.objects.filter(run__run_id=run_id).order_by("start")
+    return list(chunks.values_list("size", flat=True))
+
+
+@pytestmark_db
+@pytest.mark.parametrize("count", [12, 10], ids=["two items after a full chunk", "at a full chunk's end"])
+def test_a_generator_that_ends_just_after_a_full_chunk_has_that_chunk_shared_out_too(count):
+    """The engine reads a chunk ahead: the full first chunk (10 items) is known to be the
+    input's last but 2 (or its last) before it is sent, so it is shared out as well -- sent
+    whole, it would keep one worker busy while the other ran 2 items and waited."""
+    report = bulkpool.run(
+        jobs.write_marker_pid, (i for i in range(count)), backend="process", workers=2, run_id="ahead"
+    )
+    assert report.ok == count
+    assert sizes_of("ahead") == [2, 2, 2, 2, 2] + [1] * (count - 10)  # 10 items / 8 pieces, rounded up
+
+
+def numbers_then_broken(count: int, pulled: list[int]):
+    for i in range(count):
+        pulled.append(i)
+        yield i
+    raise ValueError("the input broke")
+
+
+@pytestmark_db
+def test_an_input_that_breaks_at_a_chunk_read_ahead_still_runs_the_chunk_before():
+    """The error reading the chunk ahead is raised at the next read, after the chunk before
+    it was sent: every item the input gave runs, then the run stops."""
+    pulled: list[int] = []
+    with pytest.raises(bulkpool.InputFailed) as failed:
+        bulkpool.run(jobs.write_marker_pid, numbers_then_broken(20, pulled), backend="process", workers=2)
+    report = failed.value.report
+    assert (report.total, report.ok, report.not_run) == (20, 20, 0)
+    assert sorted(Marker.objects.values_list("key", flat=True), key=int) == [str(i) for i in range(20)]
+
+
+@pytestmark_db
+def test_a_chunk_read_ahead_when_the_run_stops_is_counted_as_read_and_not_run():
+    """Failures stop the run early; the chunk it had read ahead was taken from the input,
+    so the report counts it, among the items not run."""
+    pulled: list[int] = []
+    with pytest.raises(bulkpool.TooManyFailures) as stopped:
+        bulkpool.run(
+            jobs.fail_always, numbers_then_broken(5000, pulled), backend="process", workers=2, max_failures=50
+        )
+    report = stopped.value.report
+    assert report.stopped_early and report.ok == 0
+    assert report.total == len(pulled) < 5000
+    assert report.not_run == len(pulled) - report.failed > 0
+
+
 @pytestmark_db
 def test_a_fixed_chunk_size_is_not_shared_out_at_the_end():
     bulkpool.run(

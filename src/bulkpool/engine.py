@@ -112,6 +112,8 @@ class Engine:
         )
         self._started = False
         self._asked = 0  # the size of the chunk read last: one read short, the input has ended
+        # A chunk read ahead of its turn, with the size asked for it (or what reading it raised)
+        self._ahead: tuple[Chunk, int] | Exception | None = None
 
     # -- the public drivers --------------------------------------------------------------
 
@@ -186,13 +188,15 @@ class Engine:
             if scheduler.in_flight:
                 released += self._collect()
             yield from released
+        if isinstance(self._ahead, tuple):  # a stop came between: read, so counted, but not run
+            yield from self._read(fresh, pending)[1]
         yield from scheduler.flush()
 
     def _read(self, fresh: Iterator[Chunk], pending: deque[Chunk]) -> tuple[bool, list[Any]]:
         """Read one chunk of input and plan it; returns (input exhausted, settled pieces)."""
         locked_before = self._caller_holds_a_lock(at_once=True)
         try:
-            chunk = next(fresh, None)
+            chunk, ended = self._next_chunk(fresh)
         except _JournalUnreadable as unreadable:
             raise unreadable.error from None  # as when planning fails: bulkpool's own failure
         except Exception as error:
@@ -212,12 +216,39 @@ class Engine:
             return True, []
         if self.journal is not None:
             self.journal.begin(self.resume_hint)  # the input checks out: this is an attempt
-        to_send, settled = self._apart(pieces, ended=len(chunk) < self._asked)
+        to_send, settled = self._apart(pieces, ended=ended)
         if to_send and not locked_before and self._caller_holds_a_lock():
             self._stop_reading_locked_input(fresh)  # what it would send counts as not run
             return True, settled
         pending.extend(to_send)
         return False, settled
+
+    def _next_chunk(self, fresh: Iterator[Chunk]) -> tuple[Chunk | None, bool]:
+        """The next chunk of input, and whether the input ends within it (it came back
+        shorter than asked for). Where the pool shares out the end of an input of unknown
+        length, a full chunk waits for the next to be read: if that one is short, or there
+        is none, the input ends within the two, and both are shared out -- else the last
+        full chunk could keep one worker busy while the others had nothing left. What
+        reading the next one raises is raised at the next read, after this chunk is sent."""
+        ahead, self._ahead = self._ahead, None
+        if isinstance(ahead, Exception):
+            raise ahead
+        chunk, asked = ahead if ahead is not None else (next(fresh, None), self._asked)
+        if chunk is None or len(chunk) < asked:
+            return chunk, True
+        if self._scheduler.stopping or not self.pool.shares_out_an_unknown_end:
+            return chunk, False
+        try:
+            follower = next(fresh, None)
+        except _JournalUnreadable:
+            raise
+        except Exception as error:
+            self._ahead = error
+            return chunk, False
+        if follower is None:
+            return chunk, True
+        self._ahead = (follower, self._asked)
+        return chunk, len(follower) < self._asked
 
     def _apart(
         self, pieces: list[tuple[Chunk, ChunkResult | None]], *, ended: bool
@@ -364,6 +395,8 @@ class Engine:
     def _finish(self, abandon: bool) -> None:
         """The one end of every run: stop the workers, close the bar, the log, the journal."""
         self.report.elapsed = time.monotonic() - self._clock
+        if isinstance(self._ahead, tuple):  # read ahead when the run broke off: not run
+            self.report.total += len(self._ahead[0])
         try:
             self.pool.close(stopped=self.stops.stop is not None, cancel=abandon)
         finally:

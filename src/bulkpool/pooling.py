@@ -128,12 +128,18 @@ class Pool:
     def next_size(self, start: int) -> int:
         return self.sizer.next(self.pace, left=self._left(start), workers=self.workers)
 
+    @property
+    def shares_out_an_unknown_end(self) -> bool:
+        """Whether the end of an input of unknown length would be shared out (``share_out``)
+        if it were known: the engine reads a chunk ahead to know it."""
+        return self.workers >= 2 and self.sizer.fixed is None and self._left(self._read) is None
+
     def share_out(self, piece: Chunk) -> list[Chunk]:
         """The input ended within the chunk ``piece`` is of: what is left of the run is now
         known, so it goes out in pieces for every worker to share (``sizing.shared_out``), as it
         would with an input of known length. Sent whole, it could keep one worker busy
         for a chunk's time while the others had nothing left to do."""
-        if self.workers < 2 or self.sizer.fixed is not None or self._left(self._read) is not None:
+        if not self.shares_out_an_unknown_end:
             return [piece]  # one worker, the user's size, or a known length already shared out
         size = shared_out(len(piece), self.workers)
         starts = range(piece.start, piece.end, size)
