@@ -56,6 +56,9 @@ HAND_WRITTEN = [
 ]
 CREATE_METHODS = [*HAND_WRITTEN, "bulkpool_untuned", "bulkpool_fast", "bulk_create"]
 FAST_METHODS = ["signalled_bulk_create", "bulkpool_fast_serial", "bulkpool_fast_process2"]
+# Run only when named in --methods: bulkpool's thread backend sized as untuned is (issue 14's
+# "threads when threads are faster": where do they beat untuned's processes?)
+ASKED_METHODS = ["bulkpool_thread_auto"]
 UPDATE_METHODS = ["update_loop_atomic500", "bulk_update", "bulkpool_update", "bulkpool_update_fast"]
 # Finish 100,000 items in a minute or two each; the plain loop (~100 s on SQLite) and the
 # per-item ProcessPoolExecutor (~2 KB a pending future, FINDINGS.md) are left out.
@@ -103,16 +106,17 @@ def plan(args: argparse.Namespace, database: str) -> list[Cell]:
     cell = functools.partial(Cell, database=database, operation="create", workload="trivial")
     every = {"repeat": args.repeat, "timeout": args.timeout}
     trivial = sorted(args.sizes, reverse=True) if "trivial" in args.workloads else []
-    create = _chosen([*CREATE_METHODS, *FAST_METHODS], args.methods)
+    create = _chosen([*CREATE_METHODS, *FAST_METHODS, *ASKED_METHODS], args.methods)
     planned = [cell(items=size, methods=create, **every) for size in trivial]
     if args.update_methods and args.sizes:
         updates = tuple(args.update_methods)
         planned.append(cell(operation="update", items=max(args.sizes), methods=updates, **every))
     work = {"repeat": args.work_repeat or args.repeat, "timeout": args.timeout}
+    with_work = [*CREATE_METHODS, *ASKED_METHODS]
     for workload in (name for name in args.workloads if name != "trivial"):
         for size in sorted({min(size, args.work_items) for size in args.sizes}):
             planned.append(
-                cell(workload=workload, items=size, methods=_chosen(CREATE_METHODS, args.methods), **work)
+                cell(workload=workload, items=size, methods=_chosen(with_work, args.methods), **work)
             )
     big = {"repeat": 1, "timeout": args.big_timeout}
     planned += [cell(items=size, methods=_chosen(BIG_METHODS, args.methods), **big) for size in args.big]
@@ -234,7 +238,9 @@ def _summary(run: dict[str, Any], items: int) -> str:
 
 
 def _chosen(methods: list[str], only: list[str] | None) -> tuple[str, ...]:
-    return tuple(name for name in methods if only is None or name in only)
+    if only is None:
+        return tuple(name for name in methods if name not in ASKED_METHODS)
+    return tuple(name for name in methods if name in only)
 
 
 def _load() -> list[float]:
@@ -288,7 +294,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--big", type=_sizes, default="100000", help="trivial-only sizes, BIG_METHODS, once")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--work-repeat", type=int, help="repeats of the cells with work (default: --repeat)")
-    all_create = [*CREATE_METHODS, *FAST_METHODS]
+    all_create = [*CREATE_METHODS, *FAST_METHODS, *ASKED_METHODS]
     parser.add_argument(
         "--methods", type=_names(all_create), default=None, help="a subset of the create methods"
     )

@@ -116,6 +116,11 @@ def bulkpool_thread(workload: Workload, items: Items) -> dict[str, Any]:
     return _bulkpool(workload, items, backend="thread", workers=2)
 
 
+def bulkpool_thread_auto(workload: Workload, items: Items) -> dict[str, Any]:
+    """``backend="thread"``, sized as untuned is: do threads beat untuned's processes anywhere?"""
+    return _bulkpool(workload, items, backend="thread")
+
+
 def bulkpool_process(workload: Workload, items: Items) -> dict[str, Any]:
     return _bulkpool(workload, items, backend="process", workers=2)
 
@@ -244,6 +249,7 @@ METHODS: dict[str, Callable[[Workload, Items], dict[str, Any] | None]] = {
     "pool_atomic500": pool_atomic500,
     "bulkpool_serial": bulkpool_serial,
     "bulkpool_thread": bulkpool_thread,
+    "bulkpool_thread_auto": bulkpool_thread_auto,
     "bulkpool_process": bulkpool_process,
     "bulkpool_process_500": bulkpool_process_500,
     "bulkpool_serial_prepare": bulkpool_serial_prepare,
