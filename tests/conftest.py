@@ -16,8 +16,10 @@ covers MariaDB).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 from django.db import DEFAULT_DB_ALIAS, connections
@@ -137,3 +139,29 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 def db_vendor() -> str:
     """The vendor of the default database: ``sqlite``, ``postgresql`` or ``mysql``."""
     return _vendor()
+
+
+@contextlib.contextmanager
+def sqlite_in_wal_mode() -> Iterator[None]:
+    """The SQLite test database in WAL mode (what a careful user sets) for a while, then back
+    in rollback-journal mode (Django's default)."""
+    connections.close_all()
+    with connections["default"].cursor() as cursor:
+        cursor.execute("PRAGMA journal_mode=WAL")
+    try:
+        yield
+    finally:
+        connections.close_all()
+        with connections["default"].cursor() as cursor:
+            cursor.execute("PRAGMA journal_mode=DELETE")
+            assert cursor.fetchone()[0] == "delete", "the test database stayed in WAL mode"
+
+
+@pytest.fixture
+def wal_on_sqlite(db_vendor: str) -> Iterator[None]:
+    """On SQLite, WAL mode for the test; on a server, nothing."""
+    if db_vendor != "sqlite":
+        yield
+        return
+    with sqlite_in_wal_mode():
+        yield

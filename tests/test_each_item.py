@@ -22,6 +22,7 @@ from bulkpool.models import RunChunk, RunFailure
 from bulkpool.protocol import Chunk, Task, Timings
 from bulkpool.sizing import Limits, Pace, choose_workers, each_item_pays
 from bulkpool.work import Worker
+from tests.conftest import sqlite_in_wal_mode
 from tests.testapp.models import Marker
 
 SQLITE = Limits(cpus=2, free_connections=None, single_writer=True, start_seconds=0.1)
@@ -99,16 +100,8 @@ def journal_mode(request):
     if request.param == "rollback journal":
         yield request.param
         return
-    connections.close_all()
-    with connections["default"].cursor() as cursor:
-        cursor.execute("PRAGMA journal_mode=WAL")
-    try:
+    with sqlite_in_wal_mode():
         yield request.param
-    finally:
-        connections.close_all()
-        with connections["default"].cursor() as cursor:
-            cursor.execute("PRAGMA journal_mode=DELETE")
-            assert cursor.fetchone()[0] == "delete", "the test database stayed in WAL mode"
 
 
 def task(func, **fields) -> Task:

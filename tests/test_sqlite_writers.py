@@ -8,6 +8,7 @@ timeout at all, so that a worker that met another's write lock would fail at onc
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import subprocess
@@ -159,8 +160,10 @@ def no_busy_timeout(monkeypatch):
 
 @pytest.mark.vendor("sqlite")
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("backend", ["thread", "process"])
-def test_workers_wait_in_the_queue_never_in_sqlite(backend, no_busy_timeout, monkeypatch):
+@pytest.mark.parametrize(
+    ("backend", "atomic"), [("thread", "chunk"), ("process", "chunk"), ("thread", "item")]
+)
+def test_workers_wait_in_the_queue_never_in_sqlite(backend, atomic, no_busy_timeout, monkeypatch):
     """Four workers writing at once, each chunk holding the lock a while: with no busy
     timeout, only the queue keeps them from meeting "database is locked" (retried, then
     failed). Every item is written once, none was retried, and the queue's file is gone."""
@@ -172,7 +175,56 @@ def test_workers_wait_in_the_queue_never_in_sqlite(backend, no_busy_timeout, mon
 
     monkeypatch.setattr(pooling, "new_queue", making)
     executor = ProcessExecutor(4, start_method="fork") if backend == "process" else "thread"
-    report = bulkpool.run(mark_slowly, range(200), backend=executor, workers=4, chunk_size=5, progress=False)
+    report = bulkpool.run(
+        mark_slowly, range(200), backend=executor, workers=4, chunk_size=5, atomic=atomic, progress=False
+    )
     assert (report.ok, report.failed, report.retried) == (200, 0, 0), str(report)
     assert sorted(Marker.objects.values_list("value", flat=True)) == list(range(200))
     assert len(made) == 1 and made[0] is not None and not os.path.exists(made[0])
+
+
+calls: collections.Counter[int] = collections.Counter()
+
+
+def think_then_mark(i: int) -> int:
+    calls[i] += 1
+    time.sleep(0.01)
+    Marker.objects.create(key=str(i), value=i)
+    return i
+
+
+@pytest.mark.vendor("sqlite")
+@pytest.mark.django_db(transaction=True)
+def test_in_wal_mode_each_item_queues_at_its_first_write(no_busy_timeout, wal_on_sqlite):
+    """Heavy items, each in a transaction of its own that takes the lock at its first write:
+    with no busy timeout, a first write that met another worker's lock would fail at once
+    and run its item again. Queued from the first write on, every item runs once."""
+    calls.clear()
+    report = bulkpool.run(think_then_mark, range(120), backend="thread", workers=4, chunk_size=10)
+    assert (report.ok, report.failed, report.retried) == (120, 0, 0), str(report)
+    assert any("each item in a transaction of its own" in note for note in report.notes), report.notes
+    assert set(calls) == set(range(120)) and set(calls.values()) == {1}, calls
+
+
+def test_a_waiter_that_runs_out_of_patience_goes_on_without_the_queue(queue_path, monkeypatch):
+    """A worker that wrote past Django's cursor holds SQLite's lock and waits in the queue,
+    while the queue's holder waits for that lock: the waiter goes on after PATIENCE, so
+    neither waits out its busy timeout; it does not wait again in the same transaction."""
+    monkeypatch.setattr("bulkpool.sqlite_writers.PATIENCE", 0.2)
+    holder, waiter = WriterQueue(queue_path), WriterQueue(queue_path)
+    try:
+        holder.take()
+        started = time.monotonic()
+        waiter.take()
+        assert not waiter.held and 0.2 <= time.monotonic() - started < 2
+        started = time.monotonic()
+        waiter.take()  # the same transaction: on at once
+        assert time.monotonic() - started < 0.1
+        waiter.leave()  # its transaction ended: the next one queues again
+        holder.leave()
+        waiter.take()
+        assert waiter.held
+    finally:
+        waiter.leave()
+        holder.close()
+        waiter.close()

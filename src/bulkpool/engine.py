@@ -212,6 +212,7 @@ class Engine:
                 pieces = self.journal.plan(chunk)
         except InputChanged as error:
             self.report.total -= len(chunk)
+            self._ahead = None  # refused with it: read, not counted, as the chunk before
             self._stop(stopping.input_refused(str(error)))
             return True, []
         if self.journal is not None:
@@ -229,22 +230,29 @@ class Engine:
         length, a full chunk waits for the next to be read: if that one is short, or there
         is none, the input ends within the two, and both are shared out -- else the last
         full chunk could keep one worker busy while the others had nothing left. What
-        reading the next one raises is raised at the next read, after this chunk is sent."""
+        reading the next one raises is raised at the next read, after this chunk is sent.
+        (Not while a read lock the input holds would be blamed on it: the chunk read ahead
+        would be the one that took it, and the clean chunk before it would be stopped with it.)"""
         ahead, self._ahead = self._ahead, None
         if isinstance(ahead, Exception):
             raise ahead
         chunk, asked = ahead if ahead is not None else (next(fresh, None), self._asked)
         if chunk is None or len(chunk) < asked:
             return chunk, True
-        if self._scheduler.stopping or not self.pool.shares_out_an_unknown_end:
+        watching = self._lock_watch is not None and (not self.pool.started or self._watch_running_pool)
+        if self._scheduler.stopping or watching or not self.pool.shares_out_an_unknown_end:
             return chunk, False
         try:
             follower = next(fresh, None)
-        except _JournalUnreadable:
+        except _JournalUnreadable:  # bulkpool's own failure: raised at once; this chunk was read
+            self._ahead = (chunk, asked)
             raise
-        except Exception as error:
+        except Exception as error:  # the input's: this chunk goes out first
             self._ahead = error
             return chunk, False
+        except BaseException:  # a second Ctrl-C while reading: this chunk was read
+            self._ahead = (chunk, asked)
+            raise
         if follower is None:
             return chunk, True
         self._ahead = (follower, self._asked)

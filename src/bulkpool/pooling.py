@@ -43,9 +43,9 @@ from bulkpool.sizing import (
     FIRST_CHUNK,
     MEASURING_FIRST_CHUNK,
     PROBE_CHUNKS,
-    PROBE_SECONDS,
     REMOTE_TARGET_SECONDS,
     STALE_SHARE,
+    WARM_CHUNK_SECONDS,
     Choice,
     ChunkSizer,
     Limits,
@@ -155,7 +155,7 @@ class Pool:
         items = len(chunk)
         # The measuring worker's first chunk also opened its database connection: left
         # out of the choice, unless the chunk is long enough for that not to matter.
-        if self.pace.chunks or timings.total >= PROBE_SECONDS:
+        if self.pace.chunks or timings.total >= WARM_CHUNK_SECONDS:
             self._deciding.add(items, timings)
         self.pace.add(items, timings)
         if self._choosing_transactions and self._deciding.chunks >= PROBE_CHUNKS:

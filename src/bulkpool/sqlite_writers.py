@@ -8,26 +8,32 @@ waiter sleeps: the measured I/O cell ran at 0.82x the hand-written script so.
 
 So the workers of one run queue for it themselves, on an ``flock`` of a file of the run's
 own (``WriterQueue``): a worker takes the queue just before it takes SQLite's lock, and
-leaves it when its transaction ends; the kernel wakes the next waiter the moment it is left,
-and frees it if its holder dies, however it dies. The queue only orders the run's own
-workers: SQLite's lock still guards the database, and its busy handler still waits for any
-other writer (the caller, another program).
+leaves it when its transaction ends; a waiting worker looks again at least every
+millisecond, and the kernel frees the queue if its holder dies, however it dies. The queue
+only orders the run's own workers: SQLite's lock still guards the database, and its busy
+handler still waits for any other writer (the caller's journal writes, another program) --
+which, as the lock now passes from worker to worker at once, finds it free less often.
 
 Where a transaction takes the lock that holds other writers back:
 
 - at ``BEGIN IMMEDIATE`` (a chunk's transaction);
-- in a ``BEGIN DEFERRED`` transaction (one heavy item's), at its first write in WAL mode,
-  where readers never hold a writer back; at its first statement in rollback-journal mode,
-  where a reader in a transaction keeps every writer from committing (``holds_back_writers``).
+- in a ``BEGIN DEFERRED`` transaction (one heavy item's), at its first statement that may
+  write in WAL mode (anything but a read or a savepoint), where readers never hold a writer
+  back; at its first statement in rollback-journal mode, where a reader in a transaction
+  keeps every writer from committing (``holds_back_writers``).
 
-A worker never waits for the queue while it holds an SQLite lock (it takes the queue before
-the statement that takes the lock), so the queue adds no deadlock that SQLite would not see.
+A worker takes the queue before the statement that takes SQLite's lock, so it does not wait
+for the queue while holding that lock -- unless something wrote past Django's cursor (the
+raw ``sqlite3`` connection), and then the queue's holder waits for SQLite's lock in turn.
+So no worker waits in the queue longer than ``PATIENCE``: then it goes on without it, and
+SQLite's busy handler waits, as it would with no queue at all.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from typing import Any
 
 try:
@@ -35,7 +41,9 @@ try:
 except ImportError:  # not POSIX: no queue, SQLite's busy handler alone
     fcntl = None  # type: ignore[assignment]
 
-_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+PATIENCE = 10.0  # seconds in the queue, at most, before a worker goes on without it
+LOOK_EVERY = 0.001  # seconds, at most, between two looks at a queue held by another worker
+_READS = ("SELECT", "SAVEPOINT", "RELEASE", "EXPLAIN")  # in WAL mode, these take no write lock
 
 
 def in_wal_mode(connection: Any) -> bool:
@@ -50,9 +58,11 @@ def in_wal_mode(connection: Any) -> bool:
 
 
 def holds_back_writers(sql: str, *, wal: bool) -> bool:
-    """Whether this statement, the first of its kind in a deferred transaction, takes a lock
-    that keeps other writers waiting: a write in WAL mode, any statement in rollback-journal mode."""
-    return not wal or sql.lstrip()[:7].upper().startswith(_WRITES)
+    """Whether this statement, the first of its kind in a deferred transaction, may take a
+    lock that keeps other writers waiting: in WAL mode, anything but a read or a savepoint
+    (a ``WITH ... INSERT``, DDL, a statement behind a comment: when unsure, it may write);
+    in rollback-journal mode, any statement."""
+    return not wal or not sql.lstrip()[:9].upper().startswith(_READS)
 
 
 def new_queue(connection: Any) -> str | None:
@@ -75,23 +85,38 @@ def remove_queue(path: str | None) -> None:
 
 
 class WriterQueue:
-    """One worker thread's place in the queue: ``take`` blocks until no other worker of the
-    run holds it; ``leave`` lets the next one in. Each thread opens the file itself: an
-    ``flock`` belongs to an open file, which a forked process or a sibling thread sharing
-    the descriptor would share."""
+    """One worker thread's place in the queue: ``take`` waits until no other worker of the
+    run holds it (``PATIENCE`` at most); ``leave`` lets the next one in. Each thread opens
+    the file itself: an ``flock`` belongs to an open file, which a forked process or a
+    sibling thread sharing the descriptor would share."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.pid = os.getpid()  # a forked child opens its own: the parent's open file is shared
         self.held = False
+        self._passed = False  # this transaction went on without the queue: do not wait again
         self._descriptor = os.open(path, os.O_RDWR | os.O_CLOEXEC)
 
     def take(self) -> None:
-        if not self.held:
-            fcntl.flock(self._descriptor, fcntl.LOCK_EX)
+        if self.held or self._passed:
+            return
+        deadline = time.monotonic() + PATIENCE
+        pause = LOOK_EVERY / 16
+        while True:
+            try:
+                fcntl.flock(self._descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self._passed = True
+                    return
+                time.sleep(pause)
+                pause = min(2 * pause, LOOK_EVERY)
+                continue
             self.held = True
+            return
 
     def leave(self) -> None:
+        self._passed = False
         if self.held:
             self.held = False
             fcntl.flock(self._descriptor, fcntl.LOCK_UN)

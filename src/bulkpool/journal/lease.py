@@ -28,6 +28,7 @@ from bulkpool.errors import RunInProgress
 from bulkpool.status import HEARTBEAT_SECONDS, STALE_AFTER_SECONDS
 
 logger = logging.getLogger("bulkpool")
+RETRY_SECONDS = 0.5  # after a renewal that failed
 
 
 class Lease:
@@ -58,8 +59,11 @@ class Lease:
                     .filter(pk=run_pk, owner=self.owner)
                     .update(heartbeat_at=timezone.now())
                 )
-        except DatabaseError as error:  # the next beat tries again; the lease is generous
+        except DatabaseError as error:  # tried again soon; the lease is generous
             logger.debug("Could not renew the lease of run %r: %s", self.run_id, error)
+            # SQLite: the run's workers pass the write lock from one to the next (sqlite_writers),
+            # so a renewal that gives up at once finds it free only now and then: try again soon.
+            self._renewed -= HEARTBEAT_SECONDS - RETRY_SECONDS
             return
         if not held:
             logger.warning(
