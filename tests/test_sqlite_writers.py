@@ -2,13 +2,12 @@
 instead of sleeping in SQLite's busy handler.
 
 The queue itself is real flocks between real threads and processes (one is SIGKILLed
-holding it); the runs go through ``bulkpool.run`` on the SQLite test database with no busy
-timeout at all, so that a worker that met another's write lock would fail at once.
+holding it); the runs go through ``bulkpool.run`` on the SQLite test database with a busy
+timeout of 5 ms, so that a worker that met another's write lock would fail.
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import signal
 import subprocess
@@ -31,6 +30,7 @@ from bulkpool.sqlite_writers import (
     queue_of,
     remove_queue,
 )
+from bulkpool.transactions import open_transaction
 from tests.testapp.models import Marker
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
@@ -43,32 +43,21 @@ def queue_path(tmp_path: Path) -> str:
     return str(path)
 
 
-def taken_within(queue: WriterQueue, seconds: float) -> bool:
-    """Whether another thread's ``take()`` of ``queue`` returns within ``seconds``."""
-    taken = threading.Event()
-
-    def take() -> None:
-        queue.take()
-        taken.set()
-
-    threading.Thread(target=take, daemon=True).start()
-    return taken.wait(seconds)
-
-
 def test_one_worker_holds_the_queue_and_the_next_gets_it_the_moment_it_is_left(queue_path):
     first, second = WriterQueue(queue_path), WriterQueue(queue_path)
+    waiting = threading.Thread(target=second.take)
     try:
         first.take()
-        assert not taken_within(second, 0.3), "two workers held the queue at once"
+        waiting.start()
+        time.sleep(0.3)
+        assert not second.held, "two workers held the queue at once"
         left = time.monotonic()
         first.leave()
-        deadline = time.monotonic() + 5
-        while not second.held and time.monotonic() < deadline:
-            time.sleep(0.001)
+        waiting.join(5)
         assert second.held
-        assert time.monotonic() - left < 0.5  # woken, not polling
-        assert not taken_within(first, 0.2), "the queue let a second worker in"
+        assert time.monotonic() - left < 0.5  # it looked again at once
     finally:
+        waiting.join(15)
         second.leave()
         first.close()
         second.close()
@@ -84,17 +73,19 @@ time.sleep(60)
 """
 
 
-def test_a_worker_killed_holding_the_queue_frees_it(queue_path):
+def test_a_worker_killed_holding_the_queue_frees_it(queue_path, monkeypatch):
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, queue_path], stdout=subprocess.PIPE, text=True)
     queue = WriterQueue(queue_path)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
-        assert not taken_within(queue, 0.3), "the queue let a second worker in"
+        monkeypatch.setattr("bulkpool.sqlite_writers.PATIENCE", 0.3)
+        queue.take()
+        assert not queue.held, "the queue let a second worker in"
+        queue.leave()  # the transaction that gave up ends
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait(10)
-        deadline = time.monotonic() + 5
-        while not queue.held and time.monotonic() < deadline:
-            time.sleep(0.01)
+        monkeypatch.setattr("bulkpool.sqlite_writers.PATIENCE", 5.0)
+        queue.take()
         assert queue.held, "the queue stayed taken by a dead worker"
     finally:
         holder.kill()
@@ -151,11 +142,11 @@ def mark_slowly(i: int) -> int:
 
 @pytest.fixture
 def no_busy_timeout(monkeypatch):
-    """Workers whose SQLite connections do not wait for the write lock at all: a worker that
-    met another's lock would fail at once with "database is locked"."""
+    """Workers whose SQLite connections wait 5 ms for a lock, much less than a chunk holds
+    the write lock: a worker that met another's would fail with "database is locked"."""
     options = connections.settings["default"].setdefault("OPTIONS", {})
-    monkeypatch.setitem(options, "timeout", 0)
-    monkeypatch.setattr("bulkpool.work.worker.SQLITE_BUSY_TIMEOUT", 0)
+    monkeypatch.setitem(options, "timeout", 0.005)  # a moment's read lock is waited for
+    monkeypatch.setattr("bulkpool.work.worker.SQLITE_BUSY_TIMEOUT", 0.005)
 
 
 @pytest.mark.vendor("sqlite")
@@ -164,7 +155,7 @@ def no_busy_timeout(monkeypatch):
     ("backend", "atomic"), [("thread", "chunk"), ("process", "chunk"), ("thread", "item")]
 )
 def test_workers_wait_in_the_queue_never_in_sqlite(backend, atomic, no_busy_timeout, monkeypatch):
-    """Four workers writing at once, each chunk holding the lock a while: with no busy
+    """Four workers writing at once, each chunk holding the lock a while: with a 5 ms busy
     timeout, only the queue keeps them from meeting "database is locked" (retried, then
     failed). Every item is written once, none was retried, and the queue's file is gone."""
     made: list[str | None] = []
@@ -183,27 +174,31 @@ def test_workers_wait_in_the_queue_never_in_sqlite(backend, atomic, no_busy_time
     assert len(made) == 1 and made[0] is not None and not os.path.exists(made[0])
 
 
-calls: collections.Counter[int] = collections.Counter()
-
-
-def think_then_mark(i: int) -> int:
-    calls[i] += 1
-    time.sleep(0.01)
-    Marker.objects.create(key=str(i), value=i)
-    return i
-
-
 @pytest.mark.vendor("sqlite")
 @pytest.mark.django_db(transaction=True)
-def test_in_wal_mode_each_item_queues_at_its_first_write(no_busy_timeout, wal_on_sqlite):
-    """Heavy items, each in a transaction of its own that takes the lock at its first write:
-    with no busy timeout, a first write that met another worker's lock would fail at once
-    and run its item again. Queued from the first write on, every item runs once."""
-    calls.clear()
-    report = bulkpool.run(think_then_mark, range(120), backend="thread", workers=4, chunk_size=10)
-    assert (report.ok, report.failed, report.retried) == (120, 0, 0), str(report)
-    assert any("each item in a transaction of its own" in note for note in report.notes), report.notes
-    assert set(calls) == set(range(120)) and set(calls.values()) == {1}, calls
+@pytest.mark.parametrize("mode", ["rollback journal", "WAL"])
+def test_a_deferred_transaction_queues_from_the_statement_that_holds_writers_back(mode, queue_path, request):
+    """One heavy item's transaction: in WAL mode a read takes no write lock, so the item
+    queues at its first write; in rollback-journal mode its read already keeps every other
+    writer from committing, so it queues there. It leaves the queue when it ends."""
+    if mode == "WAL":
+        request.getfixturevalue("wal_on_sqlite")
+    connection = connections["default"]
+    try:
+        with open_transaction("default", deferred=True, writer_queue=queue_path):
+            queue = queue_of(connection, queue_path)
+            assert queue is not None and not queue.held
+            Marker.objects.filter(key="nothing").exists()
+            assert queue.held == (mode == "rollback journal")
+            Marker.objects.create(key="1", value=1)
+            assert queue.held
+        assert not queue.held
+        with open_transaction("default", writer_queue=queue_path):  # a chunk's: from BEGIN on
+            assert queue.held
+        assert not queue.held
+    finally:
+        close_queue(connection)
+    assert Marker.objects.count() == 1
 
 
 def test_a_waiter_that_runs_out_of_patience_goes_on_without_the_queue(queue_path, monkeypatch):
