@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import subprocess
@@ -415,6 +416,45 @@ def test_a_chunk_read_ahead_when_the_run_stops_is_counted_as_read_and_not_run(wa
     assert report.stopped_early and report.ok == 0
     assert report.total == len(pulled) < 5000
     assert report.not_run == len(pulled) - report.failed > 0
+
+
+def interrupted_at(index: int):
+    yield from range(index)
+    raise KeyboardInterrupt  # Ctrl-C while the input is read: the run breaks off there
+
+
+@pytestmark_db
+def test_ctrl_c_while_a_chunk_is_read_ahead_counts_the_chunk_read_before_it(wal_on_sqlite):
+    """Reading the chunk after the first (items 10..) is where Ctrl-C lands: the first chunk
+    was read, so the report counts it, among the items not run."""
+    with pytest.raises(bulkpool.RunInterrupted) as interrupted:
+        bulkpool.run(jobs.identity, interrupted_at(15), backend="thread", workers=2)
+    report = interrupted.value.report
+    assert (report.total, report.done, report.not_run) == (10, 0, 10), str(report)
+
+
+@pytestmark_db
+def test_a_resume_refused_with_a_chunk_read_ahead_counts_and_rejects_as_without_it(tmp_path, wal_on_sqlite):
+    """The first chunk of a resume differs from the journal's: refused there, the chunk read
+    ahead is dropped with it -- nothing counted, and the rejects file holds the earlier
+    attempt's failures, each once."""
+    first = numbers_then_broken(45, [])
+    with pytest.raises(bulkpool.InputFailed):
+        bulkpool.run(jobs.fail_multiples_of_7, first, backend="process", workers=2, run_id="refused")
+    changed = (1003 if i == 3 else i for i in numbers_then_broken(45, []))
+    rejects = tmp_path / "rejects.jsonl"
+    with pytest.raises(bulkpool.ResumeRefused) as refused:
+        bulkpool.run(
+            jobs.fail_multiples_of_7,
+            changed,
+            backend="process",
+            workers=2,
+            run_id="refused",
+            rejects=str(rejects),
+        )
+    assert (refused.value.report.total, refused.value.report.done) == (0, 0)
+    indexes = [json.loads(line)["index"] for line in rejects.read_text().splitlines()]
+    assert indexes == [0, 7, 14, 21, 28, 35, 42]
 
 
 @pytestmark_db
