@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -94,6 +95,22 @@ def test_a_worker_killed_holding_the_queue_frees_it(queue_path, monkeypatch):
             holder.stdout.close()
         queue.leave()
         queue.close()
+
+
+@pytest.mark.vendor("sqlite")
+@pytest.mark.django_db
+def test_the_queue_file_of_a_caller_that_was_killed_is_removed_by_the_next_run():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = Path(tempfile.gettempdir()) / f"bulkpool-sqlite-writer-{dead.pid}-test.lock"
+    orphan.touch()
+    mine = new_queue(connections["default"])
+    try:
+        assert mine is not None and f"-{os.getpid()}-" in mine
+        assert not orphan.exists()
+    finally:
+        remove_queue(mine)
+        orphan.unlink(missing_ok=True)
 
 
 def test_what_holds_other_writers_back_depends_on_the_journal_mode():

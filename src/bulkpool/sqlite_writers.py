@@ -31,9 +31,11 @@ SQLite's busy handler waits, as it would with no queue at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 try:
@@ -44,6 +46,7 @@ except ImportError:  # not POSIX: no queue, SQLite's busy handler alone
 PATIENCE = 10.0  # seconds in the queue, at most, before a worker goes on without it
 LOOK_EVERY = 0.001  # seconds, at most, between two looks at a queue held by another worker
 _READS = ("SELECT", "SAVEPOINT", "RELEASE", "EXPLAIN")  # in WAL mode, these take no write lock
+_PREFIX = "bulkpool-sqlite-writer-"  # then the caller's pid
 
 
 def in_wal_mode(connection: Any) -> bool:
@@ -68,12 +71,32 @@ def holds_back_writers(sql: str, *, wal: bool) -> bool:
 def new_queue(connection: Any) -> str | None:
     """A queue file for the workers of one run on ``connection``'s database: its path, or
     None where there is nothing to queue for (not an SQLite file) or no ``flock``.
-    The run removes it (``remove_queue``) when its workers have stopped."""
+    The run removes it (``remove_queue``) when its workers have stopped; the files of runs
+    whose caller was killed are removed by the next run of this machine."""
     if fcntl is None or connection.vendor != "sqlite" or connection.is_in_memory_db():
         return None
-    descriptor, path = tempfile.mkstemp(prefix="bulkpool-sqlite-writer-", suffix=".lock")
+    _remove_orphans()
+    descriptor, path = tempfile.mkstemp(prefix=f"{_PREFIX}{os.getpid()}-", suffix=".lock")
     os.close(descriptor)
     return path
+
+
+def _remove_orphans() -> None:
+    for path in Path(tempfile.gettempdir()).glob(f"{_PREFIX}*-*.lock"):
+        pid = path.name[len(_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):  # another's, or gone meanwhile
+                path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def remove_queue(path: str | None) -> None:
