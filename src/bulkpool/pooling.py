@@ -17,9 +17,9 @@ chunk sizer; the engine only asks it:
     read(items) / measured(...)  a chunk was read from the input / came back with its timings
     close(stopped=, cancel=)     the notes on what was chosen, then stop the executor
 
-On SQLite, the workers of a pool that may hold more than one queue for the write lock
-(``sqlite_writers``): the pool makes the queue's file when it starts, and removes it when
-it stops.
+On SQLite, when the pool may have more than one worker, its workers queue for the write
+lock (``sqlite_writers``): the pool makes the queue's file when it starts, and removes it
+when it stops.
 
 Nothing here knows the journal, the input or the report: what it chose goes to ``note``.
 """
