@@ -221,7 +221,9 @@ def test_the_first_write_is_measured(journal_mode):
 
 
 def think_then_mark_failing_at_100(i: int) -> int:
-    time.sleep(0.01)
+    # 30 ms: the choice must hold where a COMMIT takes 20 ms (a busy CI disk's fsync), and
+    # the first chunks' wait for each other's lock makes chunk transactions look parallel
+    time.sleep(0.03)
     if i == 100:
         raise ValueError("100 is refused")
     Marker.objects.create(key=str(i), value=i)
