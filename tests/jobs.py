@@ -213,6 +213,12 @@ def write_marker_pid(i: int) -> int:
     return i
 
 
+def wait_then_write_marker_pid(seconds: float, i: int) -> int:
+    """Wait as for a slow service, then write_marker_pid."""
+    time.sleep(seconds)
+    return write_marker_pid(i)
+
+
 def wait_then_pass(seconds: float, i: int) -> int:
     """prepare: wait as for a slow service (outside any transaction), then pass the item on."""
     time.sleep(seconds)

@@ -32,6 +32,7 @@ from bulkpool.sizing import (
     choose_workers,
     cpu_quota,
     measuring_width,
+    shared_out,
 )
 from bulkpool.work.timing import runnable_seconds
 from tests import jobs
@@ -102,8 +103,19 @@ def test_heavy_items_get_chunks_of_about_the_target_time():
 def test_with_a_pool_the_rest_of_a_known_input_is_shared_out():
     sizer = ChunkSizer()
     sizer.next(Pace())
-    assert sizer.next(pace(0.00001), left=400, workers=2) == 50  # 400 items / (2 workers * 4 chunks)
-    assert sizer.next(pace(0.00001), left=200, workers=2) == 25
+    assert sizer.next(pace(0.001), left=400, workers=2) == 50  # 400 items / (2 workers * 4 chunks)
+    assert sizer.next(pace(0.001), left=200, workers=2) == 25
+
+
+def test_light_items_are_not_shared_out_in_chunks_shorter_than_a_tenth_of_the_target():
+    """Each chunk costs a COMMIT and a round trip: the last items of a run are not cut into
+    single items, but into chunks of 20 ms at least (a tenth of the 0.2 s target)."""
+    assert shared_out(200, workers=2) == 25  # no pace yet: 200 items / (2 workers * 4 chunks)
+    assert shared_out(200, workers=2, per_item=0.001) == 25  # 20 ms: 20 items, fewer than 25
+    assert shared_out(7, workers=2) == 1
+    assert shared_out(7, workers=2, per_item=0.001) == 20  # the 7 go out as one chunk
+    assert shared_out(7, workers=2, per_item=0.03) == 1  # 30 ms items: one each
+    assert shared_out(7, workers=2, per_item=0.001, target=0.5) == 50  # a broker's target: 50 ms
 
 
 def test_a_fixed_chunk_size_is_kept():
@@ -358,11 +370,27 @@ def test_a_serial_run_with_a_known_length_is_not_shared_out_among_cpus():
 def test_the_end_of_an_input_is_shared_out_among_the_workers_whether_its_length_was_known_or_not(items):
     """A list's length shares its last items out among the workers from the start; a
     generator's end is known once a chunk read comes short, and that chunk is then shared
-    out the same way (sent whole, its 7 items would run on one worker, the other idle)."""
-    report = bulkpool.run(jobs.write_marker_pid, items, backend="process", workers=2, run_id="ends")
+    out the same way (sent whole, its 7 items of 30 ms would run on one worker, the other
+    idle)."""
+    func = functools.partial(jobs.wait_then_write_marker_pid, 0.03)
+    report = bulkpool.run(func, items, backend="process", workers=2, run_id="ends")
     assert report.ok == 7
     sizes = list(RunChunk.objects.filter(run__run_id="ends").order_by("start").values_list("size", flat=True))
     assert sizes == [1] * 7  # 7 items / (2 workers x 4 pieces each), rounded up
+
+
+@pytestmark_db
+def test_the_end_of_a_run_of_light_items_is_not_cut_into_single_items():
+    """Light items: the pieces the end of a run is shared out in take a tenth of the
+    target's time at least, not a COMMIT for each of the last few items (without that
+    floor, the last 8 of these 300 items would go out one by one)."""
+    report = bulkpool.run(
+        jobs.write_marker_pid, list(range(300)), backend="process", workers=2, run_id="light"
+    )
+    assert report.ok == 300 and Marker.objects.count() == 300
+    sizes = sizes_of("light")
+    assert sum(sizes) == 300
+    assert sizes.count(1) <= 1, sizes  # perhaps the last, a remainder
 
 
 def sizes_of(run_id: str) -> list[int]:
@@ -375,11 +403,11 @@ def sizes_of(run_id: str) -> list[int]:
 def test_a_generator_that_ends_just_after_a_full_chunk_has_that_chunk_shared_out_too(count, wal_on_sqlite):
     """The engine reads a chunk ahead: the full first chunk (10 items) is known to be the
     input's last but 2 (or its last) before it is sent, so it is shared out as well -- sent
-    whole, it would keep one worker busy while the other ran 2 items and waited. (SQLite in
-    WAL mode: in rollback-journal mode the engine does not read ahead, see below.)"""
-    report = bulkpool.run(
-        jobs.write_marker_pid, (i for i in range(count)), backend="process", workers=2, run_id="ahead"
-    )
+    whole, it would keep one worker busy while the other ran 2 items and waited. Items of
+    30 ms, so that no piece is held to a tenth of the target. (SQLite in WAL mode: in
+    rollback-journal mode the engine does not read ahead, see below.)"""
+    func = functools.partial(jobs.wait_then_write_marker_pid, 0.03)
+    report = bulkpool.run(func, (i for i in range(count)), backend="process", workers=2, run_id="ahead")
     assert report.ok == count
     assert sizes_of("ahead") == [2, 2, 2, 2, 2] + [1] * (count - 10)  # 10 items / 8 pieces, rounded up
 

@@ -141,7 +141,7 @@ class Pool:
         for a chunk's time while the others had nothing left to do."""
         if not self.shares_out_an_unknown_end:
             return [piece]  # one worker, the user's size, or a known length already shared out
-        size = shared_out(len(piece), self.workers)
+        size = shared_out(len(piece), self.workers, per_item=self.pace.per_item, target=self.sizer.target)
         starts = range(piece.start, piece.end, size)
         return [piece.piece(start, min(start + size, piece.end)) for start in starts]
 

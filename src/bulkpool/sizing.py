@@ -13,7 +13,8 @@ the worker), and the next choice is made from the pace so far:
     Commits stay rare (light work gets chunks of hundreds of items) and transactions short
     (heavy work gets a few): joblib's auto-batching, with the ceiling its users ask for.
     With a pool and an input of known length, chunks are also small enough to share the
-    rest of the input out evenly.
+    rest of the input out evenly -- down to a tenth of the target (``SHARE_FLOOR``), not to
+    single items whose COMMITs would cost more than the wait they save.
 
 ``workers="auto"`` (thread and process backends)
     The pool starts with one worker -- never the caller, whose process an item may kill --
@@ -63,6 +64,7 @@ CEILING = 1000  # items: what a chunk holds in memory, and the most a redo repea
 TARGET_SECONDS = 0.2  # a chunk's time: commits rare, transactions short, Ctrl-C quick to drain
 REMOTE_TARGET_SECONDS = 0.5  # on workers elsewhere (celery): a broker's round trip is dearer
 BALANCE = 4  # with a pool, chunks per worker still to come when the input's length is known
+SHARE_FLOOR = 0.1  # ...but no chunk shared out under this share of the target time
 PROBE_CHUNKS = 2  # chunks measured on the first worker before the pool is chosen...
 PROBE_ITEMS = 50  # ...holding this many items at least...
 PROBE_SECONDS = 0.1  # ...or seconds of them, whichever comes first (5 ms items: 20 of them)
@@ -153,7 +155,7 @@ class ChunkSizer:
                 growth = max(growth, self.target / GROWTH / max(per_item, 1e-7))
             size = min(size, growth)
         if left is not None and workers > 1:
-            size = min(size, shared_out(left, workers))
+            size = min(size, shared_out(left, workers, per_item=per_item, target=self.target))
         self._last = max(1, min(int(size), CEILING))
         return self._last
 
@@ -172,10 +174,18 @@ class ChunkSizer:
         return f"chunk_size=auto: chunks of {sizes} items, each about {self.target:g} s at the pace measured"
 
 
-def shared_out(items: int, workers: int) -> int:
+def shared_out(
+    items: int, workers: int, *, per_item: float | None = None, target: float = TARGET_SECONDS
+) -> int:
     """The chunk size that shares the last ``items`` of a run out among ``workers``:
-    ``BALANCE`` chunks each, so none finishes much after the others."""
-    return max(1, math.ceil(items / (workers * BALANCE)))
+    ``BALANCE`` chunks each, so none finishes much after the others -- but, at the pace
+    ``per_item`` measured, none shorter than ``SHARE_FLOOR`` of the ``target`` time. A
+    chunk costs a COMMIT and a round trip whatever it holds: cut to an item or two for
+    light work, the end of a run costs more than a worker finishing 20 ms after another."""
+    size = math.ceil(items / (workers * BALANCE))
+    if per_item:
+        size = max(size, int(SHARE_FLOOR * target / per_item))
+    return max(1, size)
 
 
 @dataclass(frozen=True)
