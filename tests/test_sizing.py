@@ -334,7 +334,7 @@ def test_sqlite_light_work_stays_on_one_worker_whatever_its_length():
     """SQLite's one writer: 5,000 light items stay on one worker (more would only queue)."""
     report = bulkpool.run(jobs.write_marker_pid, range(5_000))
     assert report.ok == 5_000
-    assert len(writers()) == 1 and os.getpid() not in writers()
+    assert len(writers()) == 1 and os.getpid() not in writers(), report.notes
     assert any("SQLite writes one transaction at a time" in note for note in report.notes)
 
 
