@@ -84,3 +84,31 @@ def test_the_ratios_tabulate_the_json_without_matplotlib(results):
     server = results["databases"]["sqlite"]["server"]
     assert text.index("### Issue 9's targets") < text.index("### Untuned bulkpool against")
     assert f"| {server} | trivial, 30 | `loop_atomic500` (" in text
+
+
+@pytest.mark.vendor("sqlite")
+def test_alternating_compares_the_values_of_a_constant_round_by_round():
+    """bench.alternating: the reference and a row per value of the constant."""
+    command = [sys.executable, "-m", "bench.alternating", "--constant", "sizing.SHARE_FLOOR"]
+    command += ["--values", "0,0.1", "--rounds", "2", "--items", str(ITEMS)]
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    rows = [line.split("|")[1].strip() for line in finished.stdout.splitlines() if line.startswith("| ")]
+    assert rows == ["sizing.SHARE_FLOOR", "(reference)", "0", "0.1"], finished.stdout
+
+
+@pytest.mark.vendor("sqlite")
+def test_alternating_refuses_a_constant_bulkpool_does_not_have():
+    command = [sys.executable, "-m", "bench.alternating", "--constant", "sizing.NO_SUCH", "--values", "1"]
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 1
+    assert "bulkpool.sizing.NO_SUCH does not exist" in finished.stderr
+
+
+@pytest.mark.vendor("sqlite")
+def test_alternating_sets_a_constant_where_other_modules_imported_it_too():
+    """``from bulkpool.sizing import PROBE_CHUNKS`` binds the name in pooling as well: both are set."""
+    from bench.alternating import _homes
+
+    homes = {module.__name__ for module, _ in _homes("sizing.PROBE_CHUNKS")}
+    assert {"bulkpool.sizing", "bulkpool.pooling"} <= homes
