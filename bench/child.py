@@ -62,12 +62,12 @@ def measure(name: str, workload_name: str, count: int) -> dict[str, Any]:
     from bench.jobs import WORKLOADS
     from bench.methods import METHODS, UPDATE_METHODS
 
-    _empty_user_tables()
+    empty_user_tables()
     if name in UPDATE_METHODS:
         _fill_user_table(count)
         call = functools.partial(UPDATE_METHODS[name], UPDATED)
     else:
-        call = functools.partial(METHODS[name], WORKLOADS[workload_name], _items(count))
+        call = functools.partial(METHODS[name], WORKLOADS[workload_name], user_rows(count))
     result: dict[str, Any] = {"method": name, "items": count, "load": os.getloadavg()[0]}
     cpu_before = _cpu_seconds()
     start = time.perf_counter()
@@ -89,12 +89,12 @@ def measure(name: str, workload_name: str, count: int) -> dict[str, Any]:
     return result
 
 
-def _items(count: int) -> Iterator[dict[str, str]]:
+def user_rows(count: int) -> Iterator[dict[str, str]]:
     for i in range(count):
         yield {"username": f"user{i:07d}", "email": f"user{i}@example.com"}
 
 
-def _empty_user_tables() -> None:
+def empty_user_tables() -> None:
     from django.core.management.color import no_style
     from django.db import connection
 
@@ -109,7 +109,7 @@ def _fill_user_table(count: int) -> None:
     from django.db import connections
 
     user = get_user_model()
-    user.objects.bulk_create((user(**item) for item in _items(count)), batch_size=1000)
+    user.objects.bulk_create((user(**item) for item in user_rows(count)), batch_size=1000)
     connections.close_all()  # process workers must not inherit this connection
 
 

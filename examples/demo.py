@@ -4,7 +4,7 @@
 
 Each user's post_save receiver creates a Profile (bulk_create would skip it). Every
 1,000th row repeats the username of the row before, so the report shows how failures are
-isolated: of the two rows, the one that commits second fails alone (the later one when
+isolated: of the two rows, the one written second fails alone (the later one when
 serial; either one when a pool runs both at once), and every other row of its chunk is
 still written.
 """

@@ -88,27 +88,44 @@ def test_the_ratios_tabulate_the_json_without_matplotlib(results):
 
 @pytest.mark.vendor("sqlite")
 def test_alternating_compares_the_values_of_a_constant_round_by_round():
-    """bench.alternating: the reference and a row per value of the constant."""
+    """bench.alternating: the reference and a row per value, each with its two ratios."""
     command = [sys.executable, "-m", "bench.alternating", "--constant", "sizing.SHARE_FLOOR"]
-    command += ["--values", "0,0.1", "--rounds", "2", "--items", str(ITEMS)]
+    command += ["--values", "0.1,0", "--rounds", "2", "--items", str(ITEMS)]
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
-    rows = [line.split("|")[1].strip() for line in finished.stdout.splitlines() if line.startswith("| ")]
-    assert rows == ["sizing.SHARE_FLOOR", "(reference)", "0", "0.1"], finished.stdout
+    rows = [line.split("|")[1:-1] for line in finished.stdout.splitlines() if line.startswith("| ")]
+    assert [row[0].strip() for row in rows] == ["sizing.SHARE_FLOOR", "(loop_atomic500)", "0.1", "0"]
+    assert rows[2][3].strip() == "1.00"  # the first value against itself, every round
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows[2:]), finished.stdout
 
 
 @pytest.mark.vendor("sqlite")
-def test_alternating_refuses_a_constant_bulkpool_does_not_have():
-    command = [sys.executable, "-m", "bench.alternating", "--constant", "sizing.NO_SUCH", "--values", "1"]
+@pytest.mark.parametrize(
+    ("constant", "said"),
+    [
+        ("sizing.NO_SUCH", "bulkpool.sizing.NO_SUCH is not a constant of bulkpool's"),
+        ("sizing.shared_out", "bulkpool.sizing.shared_out is not a constant of bulkpool's"),
+        ("BALANCE", "--constant: module.NAME, as sizing.BALANCE, not 'BALANCE'"),
+    ],
+)
+def test_alternating_refuses_what_is_not_a_constant_of_bulkpool(constant, said):
+    """A name bulkpool does not have, a function, or no module: said in one line, before any run."""
+    command = [sys.executable, "-m", "bench.alternating", "--constant", constant, "--values", "1"]
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert finished.returncode == 1
-    assert "bulkpool.sizing.NO_SUCH does not exist" in finished.stderr
+    assert finished.returncode != 0 and "Traceback" not in finished.stderr
+    assert said in finished.stderr
 
 
 @pytest.mark.vendor("sqlite")
-def test_alternating_sets_a_constant_where_other_modules_imported_it_too():
-    """``from bulkpool.sizing import PROBE_CHUNKS`` binds the name in pooling as well: both are set."""
-    from bench.alternating import _homes
+def test_alternating_rebinds_a_constant_where_other_modules_imported_it_and_names_its_copies():
+    """``from bulkpool.sizing import PROBE_CHUNKS`` binds the name in pooling too: both are
+    rebound. TARGET_SECONDS was also copied into ChunkSizer's default: named, as rebinding
+    cannot reach it."""
+    from bench.alternating import _copies, _homes
 
-    homes = {module.__name__ for module, _ in _homes("sizing.PROBE_CHUNKS")}
-    assert {"bulkpool.sizing", "bulkpool.pooling"} <= homes
+    from bulkpool import sizing
+
+    homes, shipped = _homes("sizing.PROBE_CHUNKS")
+    assert {"bulkpool.sizing", "bulkpool.pooling"} <= {module.__name__ for module, _ in homes}
+    assert shipped is sizing.PROBE_CHUNKS
+    assert "bulkpool.sizing.ChunkSizer.target" in _copies(_homes("sizing.TARGET_SECONDS")[1])

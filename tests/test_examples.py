@@ -23,8 +23,8 @@ def test_demo_writes_every_user_with_its_profile_and_reports_the_duplicates(tmp_
     assert finished.returncode == 0, finished.stderr
     assert "Traceback" not in finished.stderr
     # Rows 999, 1999 and 2999 repeat the username of the row before. Serially the repeat
-    # fails; on a pool the two rows may run at once on two workers, and whichever commits
-    # second fails. Either way each repeated name fails once, and nothing else fails.
+    # fails; on a pool the two rows may run at once on two workers, and whichever is
+    # written second fails. Either way each repeated name fails once, and nothing else fails.
     failed = re.findall(r"- item (\d+) \(\{'username': '(\w+)'.*IntegrityError", finished.stdout)
     assert [name for _, name in failed] == ["user00998", "user01998", "user02998"], finished.stdout
     for index, name in failed:

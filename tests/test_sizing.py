@@ -103,8 +103,24 @@ def test_heavy_items_get_chunks_of_about_the_target_time():
 def test_with_a_pool_the_rest_of_a_known_input_is_shared_out():
     sizer = ChunkSizer()
     sizer.next(Pace())
-    assert sizer.next(pace(0.001), left=400, workers=2) == 50  # 400 items / (2 workers * 4 chunks)
-    assert sizer.next(pace(0.001), left=200, workers=2) == 25
+    assert sizer.next(pace(0.0005), left=400, workers=2) == 50  # 400 items / (2 workers * 4 chunks)
+    assert sizer.next(pace(0.0005), left=200, workers=2) == 40  # 25 each, but 20 ms is 40 items
+
+
+def test_the_end_of_an_input_of_unknown_length_is_held_to_the_same_floor():
+    """The chunk a generator ends in is cut into pieces for every worker (``Pool.share_out``):
+    into 8 of 2 items for 2 workers before anything is measured, but sent whole once the
+    pace says 16 items take 16 ms, under the 20 ms floor."""
+    from bulkpool.executors import ThreadExecutor
+    from bulkpool.options import Options
+    from bulkpool.pooling import Pool
+    from bulkpool.protocol import Chunk
+
+    pool = Pool(ThreadExecutor(workers=2), Options(), length=None, note=lambda _: None)
+    end = Chunk(0, 0, list(range(16)))
+    assert [len(piece) for piece in pool.share_out(end)] == [2] * 8
+    pool.pace.add(50, Timings(work=0.05, total=0.05, cpu=0.05))  # 1 ms an item
+    assert [len(piece) for piece in pool.share_out(end)] == [16]
 
 
 def test_light_items_are_not_shared_out_in_chunks_shorter_than_a_tenth_of_the_target():

@@ -12,9 +12,10 @@ the worker), and the next choice is made from the pace so far:
     their pace: light work gets its big chunks at once) and never past ``CEILING`` items.
     Commits stay rare (light work gets chunks of hundreds of items) and transactions short
     (heavy work gets a few): joblib's auto-batching, with the ceiling its users ask for.
-    With a pool and an input of known length, chunks are also small enough to share the
-    rest of the input out evenly -- down to a tenth of the target (``SHARE_FLOOR``), not to
-    single items whose COMMITs would cost more than the wait they save.
+    With a pool, the end of the input (known from its length, or from a chunk read ahead
+    that came short) is shared out evenly among the workers -- in chunks of a tenth of the
+    target at least once the pace is known (``SHARE_FLOOR``), not in single items whose
+    COMMITs would cost more than the wait they save.
 
 ``workers="auto"`` (thread and process backends)
     The pool starts with one worker -- never the caller, whose process an item may kill --
