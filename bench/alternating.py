@@ -1,7 +1,7 @@
 """One of bulkpool's constants at several values, compared in one process, round by round.
 
     python -m bench.alternating --database postgres --constant sizing.SHARE_FLOOR --values 0.1,0
-        [--items 1000] [--rounds 25] [--method bulkpool_untuned] [--reference loop_atomic500]
+        [--items 1000] [--rounds 25] [--method bulkpool_untuned] [--reference loop_atomic500] [--list]
 
 The matrix runs every method in a fresh process, so each run's noise is its own: on a
 shared machine whose speed swings twofold from one second to the next, a change worth 5%
@@ -10,7 +10,9 @@ constant as bulkpool ships it, then the bulkpool method once per value, the valu
 reverse order every other round. The machine's swings hit all of a round alike, and the
 medians of the per-round ratios hold still where the rates do not. It measures a change to
 the library, not the library against the alternatives: that is the matrix's job. Trivial
-workload only; every run must write every row, or the command stops.
+workload only; the rows come from a generator, as in the matrix, or with ``--list`` in a
+list (a length known up front: the pool shares the whole run out among its workers).
+Every run must write every row, or the command stops.
 
 The constant is rebound in its module and wherever a bulkpool module imported it by name,
 before each run; the workers inherit it when they are forked. A copy made when the code
@@ -52,15 +54,15 @@ def main(argv: list[str]) -> int:
         seconds: dict[str, list[float]] = {label: [] for label in ["reference", *args.values]}
         for round_number in range(args.rounds):
             _rebind(homes, shipped)
-            seconds["reference"].append(_timed(args.reference, args.items))
+            seconds["reference"].append(_timed(args.reference, args.items, args.list))
             for value in args.values if round_number % 2 == 0 else reversed(args.values):
                 _rebind(homes, _number(value))
-                seconds[value].append(_timed(args.method, args.items))
+                seconds[value].append(_timed(args.method, args.items, args.list))
     print(_table(args, seconds))
     return 0
 
 
-def _timed(method: str, count: int) -> float:
+def _timed(method: str, count: int, as_list: bool) -> float:
     """Seconds ``method`` took over ``count`` fresh rows, after checking it wrote them all."""
     from django.contrib.auth import get_user_model
 
@@ -69,8 +71,9 @@ def _timed(method: str, count: int) -> float:
     from bench.methods import METHODS
 
     empty_user_tables()
+    rows = list(user_rows(count)) if as_list else user_rows(count)
     start = time.perf_counter()
-    METHODS[method](WORKLOADS["trivial"], user_rows(count))
+    METHODS[method](WORKLOADS["trivial"], rows)
     elapsed = time.perf_counter() - start
     written = get_user_model().objects.count()
     if written != count:
@@ -83,7 +86,8 @@ def _table(args: argparse.Namespace, seconds: dict[str, list[float]]) -> str:
     first value's time over it (above 1: faster)."""
     reference, first = seconds["reference"], seconds[args.values[0]]
     lines = [
-        f"{args.url or args.database}, {args.items:,} items, {args.rounds} rounds; "
+        f"{args.url or args.database}, {args.items:,} items in a {'list' if args.list else 'generator'}, "
+        f"{args.rounds} rounds; "
         f"{args.method} against {args.reference}",
         f"| {args.constant} | median ms | {args.reference} / it | {args.values[0]} / it |",
         "|---|---:|---:|---:|",
@@ -171,6 +175,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--values", required=True, type=_values, help="0.1,0: the first against the rest")
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--list", action="store_true", help="the rows in a list, not a generator")
     parser.add_argument("--method", default="bulkpool_untuned", choices=sorted(_methods()))
     parser.add_argument("--reference", default="loop_atomic500", choices=sorted(_methods()))
     args = parser.parse_args(argv)
