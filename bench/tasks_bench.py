@@ -26,7 +26,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import django
@@ -102,6 +101,7 @@ def _timed(args: argparse.Namespace, backend: str, workers: int, **tasks: Any) -
     from django.contrib.auth import get_user_model
 
     import bulkpool
+    from bench.child import user_rows
     from bench.jobs import WORKLOADS
 
     user = get_user_model()
@@ -110,7 +110,7 @@ def _timed(args: argparse.Namespace, backend: str, workers: int, **tasks: Any) -
     started = time.perf_counter()
     report = bulkpool.run(
         WORKLOADS[args.workload].job,
-        _items(args.items),
+        user_rows(args.items),
         backend=chosen,
         workers=workers,
         chunk_size=args.chunk_size,
@@ -122,11 +122,6 @@ def _timed(args: argparse.Namespace, backend: str, workers: int, **tasks: Any) -
     if (report.ok, report.failed, written) != (args.items, 0, args.items):
         raise RuntimeError(f"{backend}: {report.ok} ok, {report.failed} failed, {written} rows: {report}")
     return elapsed, getattr(getattr(chosen, "_mailbox", None), "reads", 0)
-
-
-def _items(count: int) -> Iterator[dict[str, str]]:
-    for i in range(count):
-        yield {"username": f"user{i:07d}", "email": f"user{i}@example.com"}
 
 
 def _table(args: argparse.Namespace, rows: list[tuple[int, list[float], list[float], list[int]]]) -> str:
