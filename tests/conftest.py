@@ -12,6 +12,10 @@ Vendor-specific tests are marked ``@pytest.mark.vendor("postgresql")`` (several 
 allowed: ``@pytest.mark.vendor("postgresql", "mysql")``) and skipped on other databases.
 Names are Django's ``connection.vendor``: ``sqlite``, ``postgresql``, ``mysql`` (which
 covers MariaDB).
+
+Every test in ``tests/faults`` is marked ``slow``: ``-m "not slow"`` leaves the fault suite
+out, ``-m slow`` runs it with the other slow tests (``scripts/test`` runs those last, every
+database's at once).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from django.db import DEFAULT_DB_ALIAS, connections
@@ -28,6 +33,7 @@ from pytest_django.plugin import blocking_manager_key
 VENDORS = ("sqlite", "postgresql", "mysql")
 VENDOR_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL", "mysql": "MySQL/MariaDB"}
 DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306}
+FAULTS = Path(__file__).resolve().parent / "faults"
 PROBE_TIMEOUT = 3.0  # seconds; a server on this machine answers in milliseconds
 
 # Requesting any of these means a test touches the database.
@@ -112,10 +118,13 @@ def _needs_database(item: pytest.Item) -> bool:
     return cls is not None and issubclass(cls, TransactionTestCase)
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the markers added here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     vendor = _vendor()
     problem = config.stash.get(unreachable_key, None)
     for item in items:
+        if FAULTS in item.path.parents:
+            item.add_marker(pytest.mark.slow)
         for marker in item.iter_markers("vendor"):
             unknown = sorted(set(marker.args) - set(VENDORS))
             if unknown or not marker.args:

@@ -96,8 +96,9 @@ if importlib.util.find_spec("django_tasks_db") is not None:
     INSTALLED_APPS.append("django_tasks_db")
     TASKS["database"] = {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []}  # any queue
 
-# django-tasks-rq (the backport's: Django 5.2 and before) on Redis, where it is installed.
-RQ_QUEUE = f"bulkpool-tests-{CHECKOUT_ID}"
+# django-tasks-rq (the backport's: Django 5.2 and before) on Redis, where it is installed. A
+# queue per checkout and database: scripts/test runs every database's slow tests at once.
+RQ_QUEUE = f"bulkpool-tests-{CHECKOUT_ID}-{DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}"
 if importlib.util.find_spec("django_tasks_rq") is not None and _TASKS_ROOT == "django_tasks":
     INSTALLED_APPS += ["django_rq", "django_tasks_rq"]
     RQ_QUEUES = {RQ_QUEUE: {"URL": os.environ.get("BULKPOOL_TASKS_REDIS", "redis://127.0.0.1:6379/3")}}
