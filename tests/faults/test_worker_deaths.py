@@ -49,7 +49,10 @@ def test_workers_killed_from_outside(start_method, run_id):
 
 def kill_the_forkserver() -> int:
     """SIGKILL the forkserver ("zygote") once it has forked workers (so it is not still
-    starting, after the previous strike): its workers notice their parent died and exit."""
+    starting, after the previous strike): its workers notice their parent died and exit.
+    A worker it forked runs its command line; a program it runs while it starts does not
+    (``platform.architecture()`` runs ``file``), and killing it then would stop the run,
+    rightly, as a forkserver that cannot start."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         working = [child for child in psutil.Process().children() if _is_working_zygote(child)]
@@ -63,8 +66,9 @@ def kill_the_forkserver() -> int:
 
 def _is_working_zygote(process: psutil.Process) -> bool:
     try:
-        return "zygote" in process.cmdline() and bool(process.children())
-    except psutil.Error:  # gone, or a zombie: the previous strike's
+        workers = [child for child in process.children() if "zygote" in child.cmdline()]
+        return "zygote" in process.cmdline() and bool(workers)
+    except psutil.Error:  # gone, or a zombie: the previous strike's, or a worker of it
         return False
 
 
