@@ -31,7 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from types import ModuleType
 
 from bench.matrix import URLS
@@ -54,16 +54,19 @@ def main(argv: list[str]) -> int:
         seconds: dict[str, list[float]] = {label: [] for label in ["reference", *args.values]}
         for round_number in range(args.rounds):
             _rebind(homes, shipped)
-            seconds["reference"].append(_timed(args.reference, args.items, args.list))
+            seconds["reference"].append(timed_run(args.reference, args.items, args.list))
             for value in args.values if round_number % 2 == 0 else reversed(args.values):
                 _rebind(homes, _number(value))
-                seconds[value].append(_timed(args.method, args.items, args.list))
+                seconds[value].append(timed_run(args.method, args.items, args.list))
     print(_table(args, seconds))
     return 0
 
 
-def _timed(method: str, count: int, as_list: bool) -> float:
-    """Seconds ``method`` took over ``count`` fresh rows, after checking it wrote them all."""
+def timed_run(
+    method: str, count: int, as_list: bool, *, starting: Callable[[], object] = lambda: None
+) -> float:
+    """Seconds ``method`` took over ``count`` fresh rows, after checking it wrote them all;
+    ``starting`` is called just before the clock starts."""
     from django.contrib.auth import get_user_model
 
     from bench.child import empty_user_tables, user_rows
@@ -72,6 +75,7 @@ def _timed(method: str, count: int, as_list: bool) -> float:
 
     empty_user_tables()
     rows = list(user_rows(count)) if as_list else user_rows(count)
+    starting()
     start = time.perf_counter()
     METHODS[method](WORKLOADS["trivial"], rows)
     elapsed = time.perf_counter() - start
@@ -176,15 +180,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--list", action="store_true", help="the rows in a list, not a generator")
-    parser.add_argument("--method", default="bulkpool_untuned", choices=sorted(_methods()))
-    parser.add_argument("--reference", default="loop_atomic500", choices=sorted(_methods()))
+    parser.add_argument("--method", default="bulkpool_untuned", choices=sorted(method_names()))
+    parser.add_argument("--reference", default="loop_atomic500", choices=sorted(method_names()))
     args = parser.parse_args(argv)
     if "." not in args.constant:
         parser.error(f"--constant: module.NAME, as sizing.BALANCE, not {args.constant!r}")
     return args
 
 
-def _methods() -> Collection[str]:
+def method_names() -> Collection[str]:
     from bench.methods import METHODS
 
     return METHODS.keys()

@@ -129,3 +129,23 @@ def test_alternating_rebinds_a_constant_where_other_modules_imported_it_and_name
     assert {"bulkpool.sizing", "bulkpool.pooling"} <= {module.__name__ for module, _ in homes}
     assert shipped is sizing.PROBE_CHUNKS
     assert "bulkpool.sizing.ChunkSizer.target" in _copies(_homes("sizing.TARGET_SECONDS")[1])
+
+
+@pytest.mark.vendor("sqlite")
+def test_timeline_shows_the_pool_start_every_chunk_sent_and_back_and_its_stop():
+    """bench.timeline: the last run's chunks add up to its items, each one back after it
+    was sent, between the executor's start and its stop."""
+    command = [sys.executable, "-m", "bench.timeline", "--items", str(ITEMS), "--rounds", "2", "--list"]
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    stamped = [line.split(None, 1) for line in finished.stdout.splitlines() if line.startswith(" ")]
+    events = [what for _, what in stamped]
+    assert [float(at) for at, _ in stamped] == sorted(float(at) for at, _ in stamped)
+    assert events[0] == "called" and events[-1] == "returned", events
+    start, stop = events.index("process executor: start ended"), events.index("process executor: stop began")
+    sent = [i for i, what in enumerate(events) if what.endswith(" sent")]
+    back = [i for i, what in enumerate(events) if what.endswith(" back (ChunkDone)")]
+    sizes = [sum(int(events[i].split()[2]) for i in indexes) for indexes in (sent, back)]
+    assert sizes == [ITEMS, ITEMS] and len(sent) == len(back) >= 2, events
+    assert start < sent[0] and back[-1] < stop, events
+    assert "bulkpool_fast: median" in finished.stdout and "x bulk_create" in finished.stdout
