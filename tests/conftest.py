@@ -123,7 +123,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     vendor = _vendor()
     problem = config.stash.get(unreachable_key, None)
     for item in items:
-        if FAULTS in item.path.parents:
+        if FAULTS in item.path.resolve().parents:
             item.add_marker(pytest.mark.slow)
         for marker in item.iter_markers("vendor"):
             unknown = sorted(set(marker.args) - set(VENDORS))

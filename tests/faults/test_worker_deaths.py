@@ -66,10 +66,16 @@ def kill_the_forkserver() -> int:
 
 def _is_working_zygote(process: psutil.Process) -> bool:
     try:
-        workers = [child for child in process.children() if "zygote" in child.cmdline()]
+        workers = [child for child in process.children() if _is_its_worker(child)]
         return "zygote" in process.cmdline() and bool(workers)
     except psutil.Error:  # gone, or a zombie: the previous strike's, or a worker of it
         return False
+
+
+def _is_its_worker(child: psutil.Process) -> bool:
+    """A child running the forkserver's command line for more than a moment: a worker (a
+    program it runs has that command line too, between its fork and its exec)."""
+    return "zygote" in child.cmdline() and time.time() - child.create_time() > 0.1
 
 
 @pytest.mark.django_db(transaction=True)
