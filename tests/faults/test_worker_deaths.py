@@ -66,8 +66,7 @@ def kill_the_forkserver() -> int:
 
 def _is_working_zygote(process: psutil.Process) -> bool:
     try:
-        workers = [child for child in process.children() if _is_its_worker(child)]
-        return "zygote" in process.cmdline() and bool(workers)
+        return "zygote" in process.cmdline() and any(_is_its_worker(child) for child in process.children())
     except psutil.Error:  # gone, or a zombie: the previous strike's, or a worker of it
         return False
 
