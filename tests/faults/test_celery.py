@@ -827,6 +827,9 @@ def test_redis_redelivering_a_dead_nodes_chunks_after_the_run_ended_writes_nothi
         "visibility_timeout": 4,
         "unacked_restore_interval": 1,  # look for messages past it every second, not every 100 s
         "unacked_restore_throttle": 1,
+        # The node is SIGKILLed: if it held the restore mutex then, it stays held this
+        # long (300 s by default), and no node restores the messages within the test.
+        "unacked_mutex_expire": 5,
         "global_keyprefix": prefix,  # the unacked set of this test alone: Redis is shared
     }
     env = {TRANSPORT_OPTIONS: json.dumps(options)}
