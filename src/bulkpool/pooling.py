@@ -153,9 +153,11 @@ class Pool:
     def measured(self, chunk: Chunk, timings: Timings) -> None:
         """A chunk came back, with what it took in its worker."""
         items = len(chunk)
-        # The measuring worker's first chunk also opened its database connection: left
-        # out of the choice, unless the chunk is long enough for that not to matter.
-        if self.pace.chunks or timings.total >= WARM_CHUNK_SECONDS:
+        # Each worker's first chunk also opened its database connection: left out of the
+        # choice, unless the chunk is long enough for that not to matter. (Were only the
+        # pool's first one left out, a second measuring process slow to connect on a loaded
+        # machine could make a light run look heavy enough for more workers.)
+        if not timings.warming or timings.total >= WARM_CHUNK_SECONDS:
             self._deciding.add(items, timings)
         self.pace.add(items, timings)
         if self._choosing_transactions and self._deciding.chunks >= PROBE_CHUNKS:

@@ -170,6 +170,9 @@ class Timings:
     unlocked: float = 0.0
     commits: int = 0  # COMMITs, to price one
     stale: int = 0  # items run again because their first write found a newer snapshot
+    # The first chunk this worker ran in this thread: it also opened the thread's database
+    # connection and filled Django's caches, so its time says little of its items'.
+    warming: bool = False
 
 
 @dataclass

@@ -42,11 +42,12 @@ class ChunkRun:
         *,
         before_commit: Callable[[], None] | None,
         progress: Progress | None = None,
+        warming: bool = False,
     ) -> None:
         self.calls = calls
         self.task = calls.task
         self.chunk = chunk
-        self.clock = Stopwatch()
+        self.clock = Stopwatch(warming=warming)
         self.inputs = Inputs(calls, chunk, self.clock)
         self.caller = ItemCaller(calls, self.clock)
         self.result = ChunkResult(chunk.number, [None] * len(chunk) if self.task.keep_values else None)

@@ -17,7 +17,8 @@ PHASES = ("prepare", "load", "work", "commit")
 class Stopwatch:
     """Seconds spent per phase of one chunk run, and the run's wall and CPU time."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, warming: bool = False) -> None:
+        self._warming = warming
         self._started = time.perf_counter()
         self._cpu_started = time.thread_time()  # this thread's own CPU: the rest was waiting
         self._runnable_started = runnable_seconds()  # ...for I/O, or for a CPU
@@ -87,6 +88,7 @@ class Stopwatch:
             unlocked=self._unlocked,
             commits=self._commits,
             stale=self._stale,
+            warming=self._warming,
         )
 
 

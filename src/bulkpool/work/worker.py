@@ -62,7 +62,8 @@ class Worker:
         self._progress = progress
         self._calls = Calls.bind(task, in_caller_thread=in_caller_thread)
         self._careful = Carefulness()
-        # The chunk each thread is running here, only so that ``committing`` can answer.
+        # The chunk each thread is running here, only so that ``committing`` can answer;
+        # and whether it has run one before (its first one's timings are ``warming``).
         self._running = threading.local()
 
     def start(self) -> None:
@@ -90,7 +91,11 @@ class Worker:
     def run(self, chunk: Chunk) -> ChunkResult:
         """Run the chunk; how each item went is in the result. Never raises, except
         ``KeyboardInterrupt`` in the caller's thread (``in_caller_thread``)."""
-        run = ChunkRun(self._calls, chunk, before_commit=self._before_commit, progress=self._progress)
+        warming = not getattr(self._running, "warmed", False)
+        self._running.warmed = True
+        run = ChunkRun(
+            self._calls, chunk, before_commit=self._before_commit, progress=self._progress, warming=warming
+        )
         self._running.run = run
         try:
             try:
