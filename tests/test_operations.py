@@ -206,6 +206,27 @@ def test_create_unknown_field_fails_that_row_only(backend):
     assert sorted(Author.objects.values_list("name", flat=True)) == ["a0", "a2"]
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("operation", ["create", "upsert"])
+@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
+def test_a_row_that_is_not_a_dict_fails_alone_saying_what_a_row_must_be(operation, fast):
+    """A row of ``create`` or ``upsert`` is a dict of field values: a tuple, a string or an
+    object among them fails alone (on the fast path too: its piece runs again row by row),
+    with a message that says so, and every dict is written."""
+    rows: list[Any] = [{"name": "a0"}, ("name", "a1"), {"name": "a2"}, "a3", {"name": "a4"}]
+    if operation == "create":
+        report = bulkpool.create(Author, rows, fast=fast, backend="process", **RUN)
+    else:
+        report = bulkpool.upsert(Author, rows, unique_fields=["name"], fast=fast, backend="process", **RUN)
+    assert [(f.index, f.exc_type) for f in report.failures] == [(1, "TypeError"), (3, "TypeError")]
+    messages = [failure.message for failure in report.failures]
+    assert messages == [
+        "a row must be a dict of field values, not tuple",
+        "a row must be a dict of field values, not str",
+    ]
+    assert sorted(Author.objects.values_list("name", flat=True)) == ["a0", "a2", "a4"]
+
+
 @pytest.mark.parametrize("backend", EXECUTORS)
 def test_create_with_an_existing_primary_key_fails_instead_of_overwriting(backend):
     """A row naming an existing primary key fails; the existing row is left as it was."""

@@ -47,7 +47,15 @@ from django.db.models import Model, Q
 from django.db.models.signals import m2m_changed, post_save, pre_save
 
 from bulkpool.protocol import BatchFunc
-from bulkpool.rows import CreateRow, DeleteRow, UpdateRow, UpsertRow, split_values, update_fields_for
+from bulkpool.rows import (
+    CreateRow,
+    DeleteRow,
+    UpdateRow,
+    UpsertRow,
+    new_object,
+    row_values,
+    update_fields_for,
+)
 
 
 def why_not(model: type[Model], database: str) -> str | None:
@@ -122,7 +130,8 @@ def concrete_chain(model: type[Model]) -> list[type[Model]]:
 
 @dataclass(frozen=True)
 class FastCreateRow(CreateRow, BatchFunc):
-    """``CreateRow`` (the exact path, per row) with ``batch``: a whole piece of a chunk at once."""
+    """``CreateRow`` (the exact path, per row) with ``batch``: a whole piece of a chunk at once.
+    Its journal identity is ``CreateRow``'s: a run may resume with or without ``fast``."""
 
     def batch(self, rows: list[Any], *state: Any) -> list[Any]:
         model = apps.get_model(self.model)
@@ -130,12 +139,8 @@ class FastCreateRow(CreateRow, BatchFunc):
         objects: list[Model] = []
         m2m_values: list[dict[str, Any]] = []
         for row in rows:
-            if not isinstance(row, Mapping):
-                raise TypeError(f"a row must be a dict of field values, not {type(row).__name__}")
-            plain, m2m = split_values(model, row)
-            obj = model(**plain)
-            if self.validate:
-                obj.full_clean()
+            obj: Any  # Django's private _prepare_related_fields_for_save, which the stubs lack
+            obj, m2m = new_object(model, row, validate=self.validate)
             obj._prepare_related_fields_for_save(operation_name="save")
             objects.append(obj)
             m2m_values.append(m2m)
@@ -151,9 +156,6 @@ class FastCreateRow(CreateRow, BatchFunc):
             _password_changed(obj)
         _add_many_to_many(objects, m2m_values)
         return [obj.pk for obj in objects]
-
-    def journal_identity(self) -> str:
-        return f"create({self.model}, validate={self.validate})"  # the same job as fast=False
 
 
 def insert(model: type[Model], objects: list[Model], using: str) -> None:
@@ -371,9 +373,7 @@ class FastUpsertRow(UpsertRow, BatchFunc):
         model = apps.get_model(self.model)
         planned = []
         for row in rows:
-            if not isinstance(row, Mapping):
-                raise TypeError(f"a row must be a dict of field values, not {type(row).__name__}")
-            plain, m2m = split_values(model, row)
+            plain, m2m = row_values(model, row)
             self.key_of(plain)  # every row has its key
             planned.append((plain, m2m))
         results: list[Any] = [None] * len(rows)

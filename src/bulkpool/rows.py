@@ -30,13 +30,7 @@ class CreateRow:
     database: str
 
     def __call__(self, row: Mapping[str, Any], *state: Any) -> Any:
-        model = apps.get_model(self.model)
-        if not isinstance(row, Mapping):
-            raise TypeError(f"a row must be a dict of field values, not {type(row).__name__}")
-        plain, m2m = split_values(model, row)
-        obj = model(**plain)
-        if self.validate:
-            obj.full_clean()
+        obj, m2m = new_object(apps.get_model(self.model), row, validate=self.validate)
         obj.save(force_insert=True, using=self.database)
         for name, value in m2m.items():
             getattr(obj, name).set(value)
@@ -89,6 +83,23 @@ class DeleteRow:
             obj.delete(using=self.database)
 
 
+def new_object(model: type[Model], row: Any, *, validate: bool) -> tuple[Model, dict[str, Any]]:
+    """The unsaved object a row of ``create`` makes (``full_clean()``-ed with ``validate``),
+    and the many-to-many values to set once it is saved."""
+    plain, m2m = row_values(model, row)
+    obj = model(**plain)
+    if validate:
+        obj.full_clean()
+    return obj, m2m
+
+
+def row_values(model: type[Model], row: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A row of ``create`` or ``upsert`` -- a dict -- as ``split_values`` splits it."""
+    if not isinstance(row, Mapping):
+        raise TypeError(f"a row must be a dict of field values, not {type(row).__name__}")
+    return split_values(model, row)
+
+
 def split_values(model: type[Model], values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``values`` as (what to assign before the save, many-to-many values to set after it)."""
     plain: dict[str, Any] = {}
@@ -137,9 +148,7 @@ class UpsertRow:
 
     def __call__(self, row: Mapping[str, Any], *state: Any) -> tuple[Any, bool]:
         model = apps.get_model(self.model)
-        if not isinstance(row, Mapping):
-            raise TypeError(f"a row must be a dict of field values, not {type(row).__name__}")
-        plain, m2m = split_values(model, row)
+        plain, m2m = row_values(model, row)
         key = self.key_of(plain)
         values = {name: value for name, value in plain.items() if name not in key}
         with transaction.atomic(using=self.database, savepoint=False):  # atomic=False: its own
