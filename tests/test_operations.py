@@ -369,6 +369,12 @@ def test_update_refuses_unknown_names_before_any_row():
         bulkpool.update(Author.objects.all(), values={"nmae": "x"}, backend="serial")
     with pytest.raises(ConfigurationError, match="update_fields: Author has no field named 'emial'"):
         bulkpool.update(Author.objects.all(), rename, update_fields=["emial"], backend="serial")
+    with pytest.raises(
+        ConfigurationError, match="update_fields must be a list of field names, not the string"
+    ):
+        bulkpool.update(Author.objects.all(), rename, update_fields="name", backend="serial")
+    with pytest.raises(ConfigurationError, match="update_fields: 'id' is not a column save\\(\\) can update"):
+        bulkpool.update(Author.objects.all(), rename, update_fields=["id"], backend="serial")
     assert not AuditLog.objects.filter(action="updated").exists()
 
 
