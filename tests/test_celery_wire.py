@@ -5,12 +5,13 @@ from __future__ import annotations
 import datetime
 import decimal
 import functools
+import json
 
 import pytest
 
 from bulkpool import ConfigurationError
 from bulkpool.executors.wire import encode_chunk, job_of, rebuild, reference, task_of
-from bulkpool.protocol import JSON, Chunk
+from bulkpool.protocol import JSON, Chunk, ChunkResult, Timings
 from bulkpool.rows import CreateRow
 from tests.celery_jobs import marker
 
@@ -88,3 +89,14 @@ def test_a_retried_piece_stays_one_across_the_wire():
     chunk = Chunk(3, 40, [{"key": "k40"}], retry=True)
     assert JSON.decode(encode_chunk(chunk)) == chunk
     assert JSON.decode(encode_chunk(Chunk(3, 40, [1]))).retry is False
+
+
+def test_a_results_timings_cross_whole_and_a_newer_workers_extra_timing_is_dropped():
+    """A worker's timings come back as they were sent (``warming`` too); a field that a
+    worker of a later version adds is left out, not a reason to lose the chunk's result."""
+    timings = Timings(work=0.25, total=0.5, cpu=0.125, commits=2, warming=True)
+    result = ChunkResult(7, [1, 2], timings=timings)
+    assert JSON.decode(JSON.encode(result)) == result
+    sent = json.loads(JSON.encode(result))
+    sent["timings"]["measured_in_a_later_version"] = 1.5
+    assert JSON.decode(json.dumps(sent)) == result

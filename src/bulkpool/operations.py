@@ -243,43 +243,44 @@ def _model_of(queryset: Any, operation: str) -> type[Model]:
 
 def _checked_update_fields(model: type[Model], names: Iterable[str]) -> tuple[str, ...]:
     fields = _named_fields(model, names, "update_fields")
-    for name, field in fields.items():
+    for name, field in fields:
         if not field.concrete or field.primary_key:
             raise ConfigurationError(
                 f"update_fields: {name!r} is not a column save() can update "
                 "(many-to-many values go in values=, and are set after the save)."
             )
-    return tuple(fields)
+    return tuple(name for name, _ in fields)
 
 
 def _checked_unique_fields(model: type[Model], names: Iterable[str]) -> tuple[str, ...]:
     """The key of ``upsert``: field names that a unique constraint (or the primary key) covers
     exactly, so that a row's key matches at most one object."""
     fields = _named_fields(model, names, "unique_fields")
-    if not fields:
+    given = tuple(name for name, _ in fields)
+    if not given:
         raise ConfigurationError("unique_fields must name the fields that find a row's object.")
-    for name, field in fields.items():
+    for name, field in fields:
         if not field.concrete:
             raise ConfigurationError(f"unique_fields: {name!r} is not a column of {model.__name__}.")
     keys = unique_keys(model)
-    if frozenset(field.name for field in fields.values()) not in keys:
+    if frozenset(field.name for _, field in fields) not in keys:
         known = "; ".join(", ".join(sorted(key)) for key in sorted(keys, key=sorted))
         raise ConfigurationError(
-            f"unique_fields={list(fields)}: no unique constraint of {model.__name__} covers exactly "
+            f"unique_fields={list(given)}: no unique constraint of {model.__name__} covers exactly "
             f"these fields, so a row's key could match several objects. Its unique keys are: {known}."
         )
-    return tuple(fields)
+    return given
 
 
-def _named_fields(model: type[Model], names: Iterable[str], option: str) -> dict[str, Any]:
-    """The fields an option (``update_fields``, ``unique_fields``) names, by the names it
-    gives: a list of names, each of a field of ``model``."""
+def _named_fields(model: type[Model], names: Iterable[str], option: str) -> list[tuple[str, Any]]:
+    """Each name an option (``update_fields``, ``unique_fields``) gives, in its order, with
+    its field: the option must be a list of names, each of a field of ``model``."""
     if isinstance(names, str):
         raise ConfigurationError(f"{option} must be a list of field names, not the string {names!r}.")
-    fields = {}
+    fields = []
     for name in names:
         try:
-            fields[name] = model._meta.get_field(name)
+            fields.append((name, model._meta.get_field(name)))
         except FieldDoesNotExist:
             raise ConfigurationError(
                 f"{option}: {model.__name__} has no field named {name!r}; its fields are: "

@@ -26,7 +26,7 @@ import traceback
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from bulkpool.errors import ItemError
@@ -170,8 +170,9 @@ class Timings:
     unlocked: float = 0.0
     commits: int = 0  # COMMITs, to price one
     stale: int = 0  # items run again because their first write found a newer snapshot
-    # The first chunk this worker ran in this thread: it also opened the thread's database
-    # connection and filled Django's caches, so its time says little of its items'.
+    # The first chunk this worker ran in this thread since it started or closed its
+    # connections: it also opened a connection and filled Django's caches, so its time says
+    # little of its items'.
     warming: bool = False
 
 
@@ -306,7 +307,7 @@ class JsonCodec:
                 retried=data["retried"],
                 skipped=data["skipped"],
                 callback_errors={int(k): ErrorInfo(**v) for k, v in data["callback_errors"].items()},
-                timings=Timings(**data["timings"]),
+                timings=_timings(data["timings"]),
             )
         return data
 
@@ -328,3 +329,10 @@ class JsonCodec:
 
 PICKLE = PickleCodec()
 JSON = JsonCodec()
+
+
+def _timings(data: dict[str, Any]) -> Timings:
+    """A result's timings, from a worker of this version or another: the fields this one
+    knows (they only size the run; a field added since must not lose a committed chunk's result)."""
+    known = {timing.name for timing in fields(Timings)}
+    return Timings(**{name: value for name, value in data.items() if name in known})

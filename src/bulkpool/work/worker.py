@@ -9,7 +9,8 @@
                                                    ours, or a BaseException from our callers)
         <-- ChunkRun.finish(): the ChunkResult; the ChunkRun is dropped
 
-Between chunks a Worker changes only its ``Carefulness`` (under a lock), so threads may
+Between chunks a Worker changes only its ``Carefulness`` (under a lock) and, per thread,
+whether that thread's next chunk is its first on a new connection (``Timings.warming``), so threads may
 call ``run()`` on one instance at once, each on its own Django connection (Django's
 connections are per thread): the Celery executor caches one Worker per job and process,
 whatever the pool.
@@ -79,6 +80,7 @@ class Worker:
         if self.task.own_connections:
             close_queue(connections[self.task.database])
             connections.close_all()
+        self._running.warmed = False  # this thread's next chunk opens a connection again
 
     @property
     def committing(self) -> bool:
