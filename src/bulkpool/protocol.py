@@ -331,8 +331,10 @@ PICKLE = PickleCodec()
 JSON = JsonCodec()
 
 
+_TIMINGS = frozenset(timing.name for timing in fields(Timings))
+
+
 def _timings(data: dict[str, Any]) -> Timings:
     """A result's timings, from a worker of this version or another: the fields this one
     knows (they only size the run; a field added since must not lose a committed chunk's result)."""
-    known = {timing.name for timing in fields(Timings)}
-    return Timings(**{name: value for name, value in data.items() if name in known})
+    return Timings(**{name: value for name, value in data.items() if name in _TIMINGS})

@@ -10,7 +10,7 @@
         <-- ChunkRun.finish(): the ChunkResult; the ChunkRun is dropped
 
 Between chunks a Worker changes only its ``Carefulness`` (under a lock) and, per thread,
-whether that thread's next chunk is its first on a new connection (``Timings.warming``), so threads may
+whether that thread's next chunk opens a connection (``Timings.warming``), so threads may
 call ``run()`` on one instance at once, each on its own Django connection (Django's
 connections are per thread): the Celery executor caches one Worker per job and process,
 whatever the pool.
