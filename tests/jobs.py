@@ -145,6 +145,31 @@ def setup_fails_once_flagged(flag_path: str) -> None:
         raise RuntimeError("setup refuses: the flag file exists")
 
 
+def hang_in_the_first_setup(flag_path: str) -> None:
+    """A worker setup that, the first time, writes its pid to ``flag_path`` and hangs
+    (until killed); every later setup returns at once."""
+    if os.path.exists(flag_path):
+        return
+    with open(flag_path, "w") as file:
+        file.write(str(os.getpid()))
+    time.sleep(120)
+
+
+def pid_with_state(i: int, state: None) -> int:
+    """The pid of the worker that ran the item (a job with a setup is passed its state)."""
+    return os.getpid()
+
+
+def setup_that_ends_its_process(log_path: str, how: str) -> None:
+    """A worker setup that notes each start in ``log_path``, then ends its own process:
+    ``"killed"`` with SIGKILL, ``"exit"`` with exit code 3 (no word to the parent either way)."""
+    with open(log_path, "a") as file:
+        file.write(f"{os.getpid()}\n")
+    if how == "killed":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(3)
+
+
 def write_marker_with_state_then_die_at(flag_path: str, target: int, i: int, state: None) -> int:
     """With ``setup_fails_once_flagged``: at item ``target``, set the flag, then die (SIGKILL)."""
     if i == target:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import pickle
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -214,6 +216,62 @@ def test_chunk_the_worker_cannot_unpickle_is_lost_and_the_worker_goes_on():
     assert "could not read the chunk it was sent (ValueError: this item cannot be" in lost.reason
     assert lost.in_doubt is False
     assert isinstance(found[1], ChunkDone)
+
+
+def wait_for_pid(flag: Path, within: float = 60.0) -> int:
+    """The pid a worker wrote to ``flag`` (see ``jobs.hang_in_the_first_setup``)."""
+    deadline = time.monotonic() + within
+    while not (flag.exists() and flag.read_text()):
+        assert time.monotonic() < deadline, f"no worker wrote {flag.name} within {within}s"
+        time.sleep(0.02)
+    return int(flag.read_text())
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("start_method", "victim"),
+    [("fork", "worker"), ("spawn", "worker"), ("forkserver", "worker"), ("forkserver", "forkserver")],
+)
+def test_a_worker_killed_while_it_starts_is_started_again(start_method, victim, tmp_path, caplog):
+    """A worker SIGKILLed in its setup, before it is ready (or its forkserver, then): another
+    starts in its place and runs the chunks; the log says what happened."""
+    flag = tmp_path / "first-setup"
+    executor = ProcessExecutor(start_method=start_method)
+    task = make_task(
+        func=jobs.pid_with_state, setup=functools.partial(jobs.hang_in_the_first_setup, str(flag))
+    )
+    with concurrent.futures.ThreadPoolExecutor(1) as starting:
+        started = starting.submit(executor.start, task, 1)
+        hanging = psutil.Process(wait_for_pid(flag))
+        (hanging if victim == "worker" else hanging.parent()).kill()
+        started.result(timeout=120)
+    try:
+        executor.submit(chunks(1)[0])
+        done = collect(executor, 1)[0]
+        workers = [handle.pid for handle in executor._handles]
+    finally:
+        executor.stop()
+    assert isinstance(done, ChunkDone)
+    assert len(workers) == 1
+    assert done.result.values == workers * 3  # run by the worker started in the killed one's place
+    assert hanging.pid not in workers
+    assert "exited before it was ready" in caplog.text
+    assert "Starting it again (attempt 2 of 3)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("how", "starts", "ended"), [("killed", 3, "killed by signal SIGKILL"), ("exit", 1, "exit code 3")]
+)
+def test_a_worker_that_cannot_start_stops_after_its_attempts(how, starts, ended, tmp_path):
+    """A worker killed in every setup is started three times, then the error says so; one
+    that exits with a code of its own (a failed import, say) would exit again: started once."""
+    log = tmp_path / "starts"
+    executor = ProcessExecutor(start_method="fork")
+    task = make_task(setup=functools.partial(jobs.setup_that_ends_its_process, str(log), how))
+    with pytest.raises(bulkpool.WorkerStartupError, match=f"exited before it was ready \\({ended}\\)"):
+        executor.start(task, 1)
+    assert len(log.read_text().split()) == starts
+    assert executor._handles == []
 
 
 def test_process_task_checks_values_only_when_they_are_kept():

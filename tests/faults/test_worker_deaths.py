@@ -51,8 +51,8 @@ def kill_the_forkserver() -> int:
     """SIGKILL the forkserver ("zygote") once it has forked workers (so it is not still
     starting, after the previous strike): its workers notice their parent died and exit.
     A worker it forked runs its command line; a program it runs while it starts does not
-    (``platform.architecture()`` runs ``file``), and killing it then would stop the run,
-    rightly, as a forkserver that cannot start."""
+    (``platform.architecture()`` runs ``file``). A strike may still land while it forks
+    a replacement: the worker that was starting is started again (``START_ATTEMPTS``)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         working = [child for child in psutil.Process().children() if _is_working_zygote(child)]

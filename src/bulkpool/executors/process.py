@@ -26,6 +26,7 @@ and under spawn/forkserver its workers re-run the caller's ``__main__``.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import pickle
@@ -52,7 +53,16 @@ START_METHODS = ("fork", "forkserver", "spawn")
 START_TIMEOUT = 120.0  # seconds for a worker to import Django and run setup
 STOP_TIMEOUT = 30.0  # seconds for a worker to close its connections and exit
 AHEAD = 2  # chunks submitted per worker: one running, one ready in the parent to send when it ends
+START_ATTEMPTS = 3  # starts of a worker that keeps dying silently before it is ready
 _LAUNCH_CODE = "from bulkpool.executors.process_worker import main; main()"
+
+logger = logging.getLogger("bulkpool")
+
+
+class _DiedStarting(WorkerStartupError):
+    """A worker (or the forkserver) ended before it was ready without saying why: killed
+    from outside, most likely, or its forkserver was. Unlike a setup that raised, which
+    says so, this is worth starting again."""
 
 
 @dataclass(eq=False)
@@ -135,19 +145,12 @@ class ProcessExecutor(Executor):
         self._bootstrap = self._bootstrap_for(task)
         self._local_events: list[Event] = []
         self._zygote: tuple[subprocess.Popen[bytes], Connection, socket.socket] | None = None
-        if self.start_method == "forkserver":
-            self._zygote = self._start_zygote()
         self._size = workers
         self._handles: list[_WorkerHandle] = []
         self._ready: deque[tuple[Chunk, bytes]] = deque()  # submitted, pickled, not sent yet
-        launched: list[_WorkerHandle] = []
         try:
-            launched.extend(self._launch() for _ in range(workers))
-            for handle in launched:
-                self._await_ready(handle)
-                self._handles.append(handle)
-        except BaseException:
-            self._handles = launched  # those still starting too: Ctrl-C during a long setup
+            self._replace_the_dead()
+        except BaseException:  # Ctrl-C during a long setup, too
             self.stop(cancel=True)
             raise
 
@@ -282,8 +285,10 @@ class ProcessExecutor(Executor):
         handle.pid = detail
 
     def _send_to_zygote(self, child_end: Connection) -> None:
-        """Have the zygote fork a worker on ``child_end``; start a new zygote if it died."""
-        assert self._zygote is not None
+        """Have the zygote fork a worker on ``child_end``; start the zygote first if there is
+        none yet or it died."""
+        if self._zygote is None:
+            self._zygote = self._start_zygote()
         try:
             socket.send_fds(self._zygote[2], [b"F"], [child_end.fileno()])
         except OSError:  # it died: bury it, start another
@@ -293,10 +298,23 @@ class ProcessExecutor(Executor):
 
     def _replace_the_dead(self) -> None:
         """Top the pool up to its size: only when work is sent (or the pool grows), so none
-        starts while draining. The workers start side by side; one that fails to start
-        takes those still starting with it."""
-        launched = [self._launch() for _ in range(self._size - len(self._handles))]
+        starts while draining. A worker killed while it started (or whose forkserver was)
+        is started again, ``START_ATTEMPTS`` times in all; a setup that raised is not."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._top_up()
+                return
+            except _DiedStarting as error:
+                if attempt == START_ATTEMPTS:
+                    raise
+                logger.warning("%s Starting it again (attempt %d of %d).", error, attempt + 1, START_ATTEMPTS)
+
+    def _top_up(self) -> None:
+        """Start the missing workers side by side; one that fails to start takes those
+        still starting with it."""
+        launched: list[_WorkerHandle] = []
         try:
+            launched.extend(self._launch() for _ in range(self._size - len(self._handles)))
             for handle in launched:
                 self._await_ready(handle)
                 self._handles.append(handle)
@@ -347,8 +365,11 @@ def _first_message(conn: Connection, ended: Callable[[], str]) -> tuple[str, Any
     try:
         message: tuple[str, Any] = conn.recv()
     except (EOFError, OSError):
-        raise WorkerStartupError(
-            f"A worker process exited before it was ready ({ended()}); its error output, if any, is above."
+        how = ended()
+        # An exit code is the process's own doing (an import that failed), which a new start repeats.
+        died = WorkerStartupError if how.startswith("exit code") else _DiedStarting
+        raise died(
+            f"A worker process exited before it was ready ({how}); its error output, if any, is above."
         ) from None
     return message
 
