@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import threading
@@ -162,11 +163,12 @@ def pid_with_state(i: int, state: None) -> int:
 
 def setup_that_ends_its_process(log_path: str, how: str) -> None:
     """A worker setup that notes each start in ``log_path``, then ends its own process:
-    ``"killed"`` with SIGKILL, ``"exit"`` with exit code 3 (no word to the parent either way)."""
+    ``"exit"`` with exit code 3, else with the signal named (no word to the parent either way)."""
     with open(log_path, "a") as file:
         file.write(f"{os.getpid()}\n")
-    if how == "killed":
-        os.kill(os.getpid(), signal.SIGKILL)
+    if how != "exit":
+        faulthandler.disable()  # pytest's would print a traceback for a SIGSEGV
+        os.kill(os.getpid(), getattr(signal, how))
     os._exit(3)
 
 

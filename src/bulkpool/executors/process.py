@@ -52,17 +52,21 @@ from bulkpool.protocol import PICKLE, Chunk, ChunkDone, ChunkLost, ChunkResult, 
 START_METHODS = ("fork", "forkserver", "spawn")
 START_TIMEOUT = 120.0  # seconds for a worker to import Django and run setup
 STOP_TIMEOUT = 30.0  # seconds for a worker to close its connections and exit
+EXIT_WAIT = 5.0  # seconds for a process whose pipe closed to end, so that it says how
 AHEAD = 2  # chunks submitted per worker: one running, one ready in the parent to send when it ends
-START_ATTEMPTS = 3  # starts of a worker that keeps dying silently before it is ready
+START_ATTEMPTS = 3  # starts in all of a worker that keeps being killed before it is ready
+# How a process killed from outside ends (the OOM killer, kill, a closed terminal); a crash
+# (SIGSEGV, SIGABRT) or an exit code of its own would happen again. A forkserver's worker
+# ends unseen by us ("exited"): its parent died, most likely.
+_KILLED = {f"killed by signal {name}" for name in ("SIGKILL", "SIGTERM", "SIGHUP")} | {"exited"}
 _LAUNCH_CODE = "from bulkpool.executors.process_worker import main; main()"
 
 logger = logging.getLogger("bulkpool")
 
 
 class _DiedStarting(WorkerStartupError):
-    """A worker (or the forkserver) ended before it was ready without saying why: killed
-    from outside, most likely, or its forkserver was. Unlike a setup that raised, which
-    says so, this is worth starting again."""
+    """A worker or the forkserver was killed before it was ready (or a worker's forkserver
+    was): unlike a setup that raised, worth starting again."""
 
 
 @dataclass(eq=False)
@@ -279,7 +283,7 @@ class ProcessExecutor(Executor):
         return _WorkerHandle(parent_end, reap, pid)
 
     def _await_ready(self, handle: _WorkerHandle) -> None:
-        kind, detail = _first_message(handle.conn, lambda: handle.reap(0))
+        kind, detail = _first_message(handle.conn, handle.reap)
         if kind == "failed":
             raise WorkerStartupError("A worker process failed to start.", detail)
         handle.pid = detail
@@ -299,24 +303,31 @@ class ProcessExecutor(Executor):
     def _replace_the_dead(self) -> None:
         """Top the pool up to its size: only when work is sent (or the pool grows), so none
         starts while draining. A worker killed while it started (or whose forkserver was)
-        is started again, ``START_ATTEMPTS`` times in all; a setup that raised is not."""
+        is started again, ``START_ATTEMPTS`` starts in all; a setup that raised is not."""
         for attempt in range(1, START_ATTEMPTS + 1):
             try:
                 self._top_up()
                 return
             except _DiedStarting as error:
                 if attempt == START_ATTEMPTS:
-                    raise
-                logger.warning("%s Starting it again (attempt %d of %d).", error, attempt + 1, START_ATTEMPTS)
+                    raise WorkerStartupError(f"{error} It was started {START_ATTEMPTS} times.") from None
+                logger.warning("%s Starting it again (start %d of %d).", error, attempt + 1, START_ATTEMPTS)
 
     def _top_up(self) -> None:
-        """Start the missing workers side by side; one that fails to start takes those
-        still starting with it."""
+        """Start the missing workers side by side. One that fails to start takes those still
+        starting with it; one that was killed lets them finish, and is raised after."""
         launched: list[_WorkerHandle] = []
+        killed: _DiedStarting | None = None
         try:
             launched.extend(self._launch() for _ in range(self._size - len(self._handles)))
-            for handle in launched:
-                self._await_ready(handle)
+            for handle in list(launched):
+                try:
+                    self._await_ready(handle)
+                except _DiedStarting as error:  # reaped: nothing left to kill
+                    killed = killed or error
+                    handle.conn.close()
+                    launched.remove(handle)
+                    continue
                 self._handles.append(handle)
         except BaseException:
             for handle in launched:
@@ -325,6 +336,8 @@ class ProcessExecutor(Executor):
                     handle.conn.close()  # a forkserver worker still starting exits on the hang-up
                     handle.reap(STOP_TIMEOUT)
             raise
+        if killed is not None:
+            raise killed
 
     def _bury(self, dead: _WorkerHandle) -> list[Event]:
         """Reap a dead worker and hand back its chunks; ``submit`` starts its replacement."""
@@ -352,23 +365,29 @@ class ProcessExecutor(Executor):
         popen = _spawn_interpreter(["zygote", *map(str, fds)], fds)
         child_end.close()
         its_socket.close()
-        parent_end.send_bytes(self._bootstrap)
-        kind, detail = _first_message(parent_end, lambda: _reap_popen(popen, 0))
-        if kind == "failed":
-            raise WorkerStartupError("The forkserver process failed to start.", detail)
+        try:
+            parent_end.send_bytes(self._bootstrap)
+            kind, detail = _first_message(parent_end, lambda timeout: _reap_popen(popen, timeout))
+            if kind == "failed":
+                raise WorkerStartupError("The forkserver process failed to start.", detail)
+        except BaseException:  # killed, timed out, Ctrl-C: leave nothing running or open
+            our_socket.close()
+            parent_end.close()
+            popen.kill()
+            popen.wait()
+            raise
         return popen, parent_end, our_socket
 
 
-def _first_message(conn: Connection, ended: Callable[[], str]) -> tuple[str, Any]:
+def _first_message(conn: Connection, ended: Callable[[float], str]) -> tuple[str, Any]:
+    """The process's first message; raise if it ended first (``ended`` waits to say how)."""
     if not conn.poll(START_TIMEOUT):
         raise WorkerStartupError(f"A worker process did not start within {START_TIMEOUT:.0f}s.")
     try:
         message: tuple[str, Any] = conn.recv()
     except (EOFError, OSError):
-        how = ended()
-        # An exit code is the process's own doing (an import that failed), which a new start repeats.
-        died = WorkerStartupError if how.startswith("exit code") else _DiedStarting
-        raise died(
+        how = ended(EXIT_WAIT)  # its pipe closes a moment before it can be reaped
+        raise (_DiedStarting if how in _KILLED else WorkerStartupError)(
             f"A worker process exited before it was ready ({how}); its error output, if any, is above."
         ) from None
     return message
