@@ -249,7 +249,9 @@ def test_a_worker_killed_while_it_starts_is_started_again(start_method, victim, 
     with concurrent.futures.ThreadPoolExecutor(1) as starting:
         started = starting.submit(executor.start, task, size)
         hanging = psutil.Process(wait_for_pid(flag))
-        (hanging if victim == "worker" else hanging.parent()).kill()
+        target = hanging if victim == "worker" else hanging.parent()
+        assert target is not None
+        target.kill()
         started.result(timeout=120)
     try:
         executor.submit(chunks(1)[0])
@@ -259,7 +261,7 @@ def test_a_worker_killed_while_it_starts_is_started_again(start_method, victim, 
         executor.stop()
     assert isinstance(done, ChunkDone)
     assert len(set(workers)) == size
-    (ran_on,) = set(done.result.values)  # the chunk ran on one worker: a new one, or the other
+    (ran_on,) = set(done.result.values or [])  # the chunk ran on one worker: a new one, or the other
     assert ran_on in workers
     assert hanging.pid not in workers
     assert "exited before it was ready" in caplog.text
