@@ -148,11 +148,13 @@ def setup_fails_once_flagged(flag_path: str) -> None:
 
 def hang_in_the_first_setup(flag_path: str) -> None:
     """A worker setup that, the first time, writes its pid to ``flag_path`` and hangs
-    (until killed); every later setup returns at once."""
-    if os.path.exists(flag_path):
+    (until killed); every later setup, even one beside it, returns at once."""
+    try:
+        flag = os.open(flag_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # one setup wins
+    except FileExistsError:
         return
-    with open(flag_path, "w") as file:
-        file.write(str(os.getpid()))
+    os.write(flag, str(os.getpid()).encode())
+    os.close(flag)
     time.sleep(120)
 
 
