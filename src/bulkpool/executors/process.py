@@ -55,10 +55,6 @@ STOP_TIMEOUT = 30.0  # seconds for a worker to close its connections and exit
 EXIT_WAIT = 5.0  # seconds for a process whose pipe closed to end, so that it says how
 AHEAD = 2  # chunks submitted per worker: one running, one ready in the parent to send when it ends
 START_ATTEMPTS = 3  # starts in all of a worker that keeps being killed before it is ready
-# How a process killed from outside ends (the OOM killer, kill, a closed terminal); a crash
-# (SIGSEGV, SIGABRT) or an exit code of its own would happen again. A forkserver's worker
-# ends unseen by us ("exited"): its parent died, most likely.
-_KILLED = {f"killed by signal {name}" for name in ("SIGKILL", "SIGTERM", "SIGHUP")} | {"exited"}
 _LAUNCH_CODE = "from bulkpool.executors.process_worker import main; main()"
 
 logger = logging.getLogger("bulkpool")
@@ -467,6 +463,12 @@ def _describe_exit(code: int | None) -> str:
     if code < 0:
         return f"killed by signal {signal.Signals(-code).name}"
     return f"exit code {code}"
+
+
+# How a process killed from outside ends (the OOM killer, kill, a closed terminal); a crash
+# (SIGSEGV, SIGABRT) or an exit code of its own would happen again. A forkserver's worker
+# ends unseen by us ("exited"): its parent died, most likely.
+_KILLED = {_describe_exit(-signum) for signum in (signal.SIGKILL, signal.SIGTERM, signal.SIGHUP)} | {"exited"}
 
 
 def _unpicklable_chunk(chunk: Chunk, error: Exception) -> ChunkResult:
